@@ -1,1 +1,8 @@
+pub mod build;
 pub mod config;
+pub mod convert;
+pub mod jsonpath;
+pub mod map;
+pub mod message;
+pub mod template;
+pub mod validate;

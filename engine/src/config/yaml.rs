@@ -61,6 +61,23 @@ impl Node {
         }
     }
 
+    /// The node at a JSON pointer (`/properties/id/type`), if the tree has it.
+    pub fn at_pointer(&self, pointer: &str) -> Option<&Node> {
+        if pointer.is_empty() {
+            return Some(self);
+        }
+        let mut cur = self;
+        for token in pointer.strip_prefix('/')?.split('/') {
+            let token = token.replace("~1", "/").replace("~0", "~");
+            cur = match &cur.value {
+                NodeValue::Map(_) => cur.get(&token)?,
+                NodeValue::Seq(items) => items.get(token.parse::<usize>().ok()?)?,
+                _ => return None,
+            };
+        }
+        Some(cur)
+    }
+
     /// The value stored under `key` in a mapping.
     pub fn get(&self, key: &str) -> Option<&Node> {
         self.entries()?.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v)
@@ -269,6 +286,15 @@ enum Frame {
 /// Parses one YAML document into a [`Node`] tree. Every problem is returned, not only the first:
 /// duplicate keys, unset variables, a second document. A syntax error stops the parse.
 pub fn parse(file: &SourceFile, env: &dyn Env) -> Result<Node, Vec<Diagnostic>> {
+    parse_with(file, Some(env))
+}
+
+/// Parses JSON or YAML without `${VAR}` substitution (JSON Schemas, test data): for positions only.
+pub fn parse_plain(file: &SourceFile) -> Result<Node, Vec<Diagnostic>> {
+    parse_with(file, None)
+}
+
+fn parse_with(file: &SourceFile, env: Option<&dyn Env>) -> Result<Node, Vec<Diagnostic>> {
     let lines = LineIndex::new(&file.text);
     let mut diags = Vec::new();
     let mut stack: Vec<Frame> = Vec::new();
@@ -410,7 +436,10 @@ fn remember(anchors: &mut HashMap<usize, Node>, anchor: usize, node: &Node) {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn scalar_node(file: &SourceFile, span: Span, text: &str, style: ScalarStyle, plain: bool, env: &dyn Env, path: &str, diags: &mut Vec<Diagnostic>) -> Node {
+fn scalar_node(file: &SourceFile, span: Span, text: &str, style: ScalarStyle, plain: bool, env: Option<&dyn Env>, path: &str, diags: &mut Vec<Diagnostic>) -> Node {
+    let Some(env) = env else {
+        return Node { span, value: NodeValue::Scalar(Scalar { text: text.to_string(), plain, written: None }) };
+    };
     match interpolate(text, env) {
         Ok(None) => Node { span, value: NodeValue::Scalar(Scalar { text: text.to_string(), plain, written: None }) },
         Ok(Some(sub)) => Node { span, value: NodeValue::Scalar(Scalar { text: sub, plain, written: Some(text.to_string()) }) },

@@ -1,0 +1,136 @@
+//! What building a pipeline needs besides its own YAML: the file it came from (for diagnostics and
+//! relative paths), and caches shared by every pipeline of one load (schemas, tables, scripts).
+
+use crate::config::{yaml::Env, DiagCode, Diagnostic, SourceFile, Span, Spanned};
+use crate::jsonpath::{CompiledPath, Condition, PathError};
+use crate::map::lookup::LookupTable;
+use crate::template::Template;
+use crate::validate::{schema_root, SchemaStore};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Caches shared across the pipelines of one load: each file is read and compiled once.
+pub struct Shared {
+    pub env: Box<dyn Env + Send + Sync>,
+    schema_stores: Mutex<HashMap<PathBuf, Arc<SchemaStore>>>,
+    tables: Mutex<HashMap<PathBuf, Arc<LookupTable>>>,
+}
+
+impl Shared {
+    pub fn new(env: Box<dyn Env + Send + Sync>) -> Self {
+        Shared { env, schema_stores: Mutex::new(HashMap::new()), tables: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn with_process_env() -> Self {
+        Shared::new(Box::new(crate::config::yaml::ProcessEnv))
+    }
+}
+
+/// The file being built and the shared caches.
+pub struct BuildContext<'a> {
+    pub file: SourceFile,
+    pub dir: PathBuf,
+    pub shared: &'a Shared,
+}
+
+impl<'a> BuildContext<'a> {
+    pub fn new(file: SourceFile, shared: &'a Shared) -> Self {
+        let dir = file.path.parent().map(Path::to_path_buf).unwrap_or_default();
+        BuildContext { file, dir, shared }
+    }
+
+    /// A context for another file (a field map referenced by a pipeline).
+    pub fn for_file(&self, file: SourceFile) -> BuildContext<'a> {
+        BuildContext::new(file, self.shared)
+    }
+
+    /// Paths in a pipeline are relative to the pipeline file's folder.
+    pub fn resolve(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() { p.to_path_buf() } else { self.dir.join(p) }
+    }
+
+    pub fn diag(&self, code: DiagCode, span: Span, key_path: &str, message: impl Into<String>) -> Diagnostic {
+        Diagnostic::new(code, &self.file, span, key_path, message)
+    }
+
+    /// The span of character `column` (1-based) inside a scalar value, skipping an opening quote.
+    pub fn span_inside(&self, value: Span, column: usize, len: usize) -> Span {
+        let quoted = self.file.text.get(value.offset..).and_then(|t| t.chars().next()).is_some_and(|c| c == '"' || c == '\'');
+        self.file.span_at(value.line, value.column + usize::from(quoted) + column.saturating_sub(1), len.max(1))
+    }
+
+    /// A referenced file that must exist.
+    pub fn existing_file(&self, p: &Spanned<String>, key_path: &str, what: &str) -> Result<PathBuf, Diagnostic> {
+        let path = self.resolve(&p.value);
+        if path.is_file() {
+            Ok(path)
+        } else {
+            Err(self
+                .diag(DiagCode::FileNotFound, p.span, key_path, format!("{what} `{}` does not exist", p.value))
+                .hint(format!("paths are relative to the folder of {} (looked for {})", self.file.path.display(), path.display())))
+        }
+    }
+
+    fn path_error(&self, at: &Spanned<String>, key_path: &str, e: PathError) -> Diagnostic {
+        self.diag(DiagCode::JsonPathSyntax, self.span_inside(at.span, e.column, 1), key_path, e.message)
+            .hint("JSONPath (RFC 9535): `$.field`, `$.list[0]`, `$.list[*].sku`, `$.list[?@.qty > 1]`; `$root.x` reads the whole message inside `each`")
+    }
+
+    pub fn jsonpath(&self, at: &Spanned<String>, key_path: &str) -> Result<CompiledPath, Diagnostic> {
+        CompiledPath::compile(&at.value).map_err(|e| self.path_error(at, key_path, e))
+    }
+
+    pub fn condition(&self, at: &Spanned<String>, key_path: &str) -> Result<Condition, Diagnostic> {
+        Condition::compile(&at.value).map_err(|e| self.path_error(at, key_path, e))
+    }
+
+    pub fn template(&self, at: &Spanned<String>, key_path: &str) -> Result<Template, Diagnostic> {
+        Template::compile(&at.value).map_err(|e| self.path_error(at, key_path, e))
+    }
+
+    /// The schema store of the `schemas/` folder holding `schema_file`.
+    pub fn schema_store(&self, schema_file: &Path) -> Arc<SchemaStore> {
+        let root = schema_root(schema_file);
+        let mut stores = self.shared.schema_stores.lock().expect("schema store cache");
+        stores.entry(root.clone()).or_insert_with(|| Arc::new(SchemaStore::open(&root))).clone()
+    }
+
+    pub fn lookup_table(&self, p: &Spanned<String>, key_path: &str) -> Result<Arc<LookupTable>, Vec<Diagnostic>> {
+        let path = self.existing_file(p, key_path, "lookup table").map_err(|d| vec![d])?;
+        let key = std::path::absolute(&path).unwrap_or(path.clone());
+        if let Some(t) = self.shared.tables.lock().expect("table cache").get(&key) {
+            return Ok(t.clone());
+        }
+        let table = Arc::new(LookupTable::load(&path)?);
+        self.shared.tables.lock().expect("table cache").insert(key, table.clone());
+        Ok(table)
+    }
+}
+
+/// Collects the results of many fallible builds, keeping every diagnostic.
+#[derive(Default)]
+pub struct Diags(pub Vec<Diagnostic>);
+
+impl Diags {
+    pub fn take<T>(&mut self, r: Result<T, Diagnostic>) -> Option<T> {
+        r.map_err(|d| self.0.push(d)).ok()
+    }
+
+    pub fn take_all<T>(&mut self, r: Result<T, Vec<Diagnostic>>) -> Option<T> {
+        r.map_err(|d| self.0.extend(d)).ok()
+    }
+
+    pub fn push(&mut self, d: Diagnostic) {
+        self.0.push(d)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn finish<T>(self, v: T) -> Result<T, Vec<Diagnostic>> {
+        if self.0.is_empty() { Ok(v) } else { Err(self.0) }
+    }
+}

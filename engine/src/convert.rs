@@ -1,0 +1,410 @@
+//! Value conversions shared by field maps, scripts and checks: decimal money in the four shapes
+//! channels send, integers from strings, and dates normalised to RFC 3339 UTC.
+
+use chrono::{DateTime, FixedOffset, NaiveDate, NaiveDateTime, NaiveTime, SecondsFormat, TimeZone, Utc};
+use rust_decimal::Decimal;
+use serde_json::{Number, Value};
+
+/// A short description of a JSON value for messages ("string \"abc\"", "number 4.5", "an object").
+pub fn describe(v: &Value) -> String {
+    match v {
+        Value::Null => "null".into(),
+        Value::Bool(b) => format!("boolean {b}"),
+        Value::Number(n) => format!("number {n}"),
+        Value::String(s) if s.chars().count() > 40 => format!("string \"{}…\"", s.chars().take(40).collect::<String>()),
+        Value::String(s) => format!("string \"{s}\""),
+        Value::Array(_) => "a list".into(),
+        Value::Object(_) => "an object".into(),
+    }
+}
+
+/// A decimal from a decimal string ("19.99", "1.5E3") or a JSON number (via its shortest exact
+/// text, so 1397.3 is 1397.3, not 1397.2999999999999545).
+pub fn decimal_from(v: &Value) -> Result<Decimal, String> {
+    match v {
+        Value::String(s) => parse_decimal(s),
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Ok(Decimal::from(i))
+            } else if let Some(u) = n.as_u64() {
+                Ok(Decimal::from(u))
+            } else {
+                parse_decimal(&n.to_string())
+            }
+        }
+        other => Err(format!("expected a decimal number, found {}", describe(other))),
+    }
+}
+
+pub fn parse_decimal(s: &str) -> Result<Decimal, String> {
+    let t = s.trim();
+    let t = t.strip_prefix('+').unwrap_or(t);
+    if t.contains(',') {
+        return Err(format!("\"{s}\" is not a decimal number: remove the thousands separator (`,`), the decimal separator is `.`"));
+    }
+    if t.contains(['e', 'E']) {
+        return Decimal::from_scientific(t).map_err(|_| format!("\"{s}\" is not a decimal number"));
+    }
+    Decimal::from_str_exact(t).map_err(|_| format!("\"{s}\" is not a decimal number"))
+}
+
+/// The number of minor-unit digits of an ISO 4217 currency (2 for USD, 0 for JPY, 3 for KWD).
+pub fn currency_exponent(code: &str) -> Result<u32, String> {
+    let c = iso_currency::Currency::from_code(code).ok_or_else(|| format!("\"{code}\" is not an ISO 4217 currency code"))?;
+    Ok(u32::from(c.exponent().unwrap_or(2)))
+}
+
+/// How many decimal places money may carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// At most the currency's minor units (2 for USD, 0 for JPY); more is an error.
+    #[default]
+    Currency,
+    /// Keep every digit sent (unit prices in fractions of a cent).
+    Keep,
+}
+
+/// An amount in a currency.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Money {
+    pub amount: Decimal,
+    pub currency: String,
+}
+
+impl Money {
+    pub fn to_json(&self) -> Value {
+        let mut m = serde_json::Map::with_capacity(2);
+        m.insert("amount".into(), Value::String(self.amount.to_string()));
+        m.insert("currency".into(), Value::String(self.currency.clone()));
+        Value::Object(m)
+    }
+
+    /// Reads canonical money `{amount, currency}`.
+    pub fn from_canonical(v: &Value) -> Option<Money> {
+        let o = v.as_object()?;
+        Some(Money { amount: parse_decimal(o.get("amount")?.as_str()?).ok()?, currency: o.get("currency")?.as_str()?.to_string() })
+    }
+}
+
+const AMOUNT_KEYS: [&str; 4] = ["amount", "Amount", "value", "Value"];
+const CURRENCY_KEYS: [&str; 6] = ["currency", "currency_code", "currencyCode", "CurrencyCode", "Currency", "currency_iso"];
+
+/// Money from a decimal string, a JSON number, integer minor units (`minor_units`), or an object
+/// such as `{Amount, CurrencyCode}`, `{amount, currency_code}`, `{value, currency}`, `{amount, currency}`.
+/// An object's own currency wins over `currency` (the order currency).
+pub fn money_from(v: &Value, currency: Option<&str>, minor_units: bool, precision: Precision) -> Result<Money, String> {
+    let (amount_v, own_currency) = match v {
+        Value::Object(o) => {
+            let amount = AMOUNT_KEYS.iter().find_map(|k| o.get(*k)).ok_or_else(|| {
+                format!("expected a money object with an amount (`{}`), found keys {}", AMOUNT_KEYS.join("`, `"), keys_of(o))
+            })?;
+            let cur = CURRENCY_KEYS.iter().find_map(|k| o.get(*k)).and_then(Value::as_str);
+            (amount, cur)
+        }
+        other => (other, None),
+    };
+    let code = own_currency.or(currency).ok_or("no currency: set `currency:` on this field (a code like USD or a path like $root.currency)")?;
+    let code = code.trim().to_ascii_uppercase();
+    let exponent = currency_exponent(&code)?;
+    let mut amount = if minor_units {
+        match amount_v {
+            Value::Number(n) if n.as_i64().is_some() => Decimal::new(n.as_i64().unwrap_or_default(), exponent),
+            Value::String(s) => {
+                let i: i64 = s.trim().parse().map_err(|_| format!("\"{s}\" is not a whole number of minor units"))?;
+                Decimal::new(i, exponent)
+            }
+            other => return Err(format!("expected a whole number of minor units, found {}", describe(other))),
+        }
+    } else {
+        decimal_from(amount_v)?
+    };
+    if amount.scale() < exponent {
+        amount.rescale(exponent);
+    } else if amount.scale() > exponent && precision == Precision::Currency {
+        let normalized = amount.normalize();
+        if normalized.scale() > exponent {
+            return Err(format!("{amount} {code} has more decimal places than {code} allows ({exponent})"));
+        }
+        amount.rescale(exponent);
+    }
+    Ok(Money { amount, currency: code })
+}
+
+fn keys_of(o: &serde_json::Map<String, Value>) -> String {
+    let k: Vec<&str> = o.keys().map(String::as_str).take(6).collect();
+    format!("`{}`", k.join("`, `"))
+}
+
+/// An integer from a JSON integer, an integral decimal, or a string of digits ("2", "-1", "2.0").
+pub fn integer_from(v: &Value) -> Result<Value, String> {
+    match v {
+        Value::Number(n) if n.is_i64() || n.is_u64() => Ok(v.clone()),
+        Value::Number(_) | Value::String(_) => {
+            let d = decimal_from(v).map_err(|_| format!("expected a whole number, found {}", describe(v)))?;
+            if !d.fract().is_zero() {
+                return Err(format!("expected a whole number, found {}", describe(v)));
+            }
+            let d = d.trunc();
+            i64::try_from(d).map(Value::from).map_err(|_| format!("{d} is too large for a whole number"))
+        }
+        other => Err(format!("expected a whole number, found {}", describe(other))),
+    }
+}
+
+/// A JSON number from a decimal string or number, refusing values a JSON number would round.
+pub fn number_from(v: &Value) -> Result<Value, String> {
+    if let Value::Number(_) = v {
+        return Ok(v.clone());
+    }
+    let d = decimal_from(v)?;
+    decimal_to_number(d)
+}
+
+/// A decimal as a JSON number, when it fits exactly (integers, or up to 15 significant digits).
+pub fn decimal_to_number(d: Decimal) -> Result<Value, String> {
+    let d = d.normalize();
+    if d.scale() == 0 {
+        if let Ok(i) = i64::try_from(d) {
+            return Ok(Value::from(i));
+        }
+    }
+    let text = d.to_string();
+    let f: f64 = text.parse().map_err(|_| format!("{d} is not a number"))?;
+    let back = Number::from_f64(f).ok_or_else(|| format!("{d} is not a finite number"))?;
+    match parse_decimal(&back.to_string()) {
+        Ok(b) if b == d => Ok(Value::Number(back)),
+        _ => Err(format!("{d} cannot be written exactly as a JSON number; keep it as a decimal string")),
+    }
+}
+
+/// A string from a string, number or boolean (integer ids keep every digit).
+pub fn string_from(v: &Value) -> Result<Value, String> {
+    match v {
+        Value::String(_) => Ok(v.clone()),
+        Value::Number(n) => Ok(Value::String(n.to_string())),
+        Value::Bool(b) => Ok(Value::String(b.to_string())),
+        other => Err(format!("expected text, found {}", describe(other))),
+    }
+}
+
+/// A boolean from a boolean, `"true"`/`"false"`, `"yes"`/`"no"`, `"1"`/`"0"` (any case) or 1/0.
+pub fn boolean_from(v: &Value) -> Result<Value, String> {
+    let b = match v {
+        Value::Bool(b) => *b,
+        Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
+            "true" | "yes" | "y" | "1" | "t" => true,
+            "false" | "no" | "n" | "0" | "f" => false,
+            _ => return Err(format!("expected true or false, found {}", describe(v))),
+        },
+        Value::Number(n) if n.as_i64() == Some(1) => true,
+        Value::Number(n) if n.as_i64() == Some(0) => false,
+        other => return Err(format!("expected true or false, found {}", describe(other))),
+    };
+    Ok(Value::Bool(b))
+}
+
+/// The timezone naive times are in (store-local POS exports, WooCommerce `date_created`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Zone {
+    Fixed(FixedOffset),
+    Named(chrono_tz::Tz),
+}
+
+impl Zone {
+    pub fn parse(s: &str) -> Result<Zone, String> {
+        let t = s.trim();
+        if t.eq_ignore_ascii_case("utc") || t == "Z" {
+            return Ok(Zone::Fixed(FixedOffset::east_opt(0).expect("zero offset")));
+        }
+        if t.starts_with(['+', '-']) {
+            if let Ok(dt) = DateTime::parse_from_str(&format!("2000-01-01T00:00:00{t}"), "%Y-%m-%dT%H:%M:%S%:z") {
+                return Ok(Zone::Fixed(*dt.offset()));
+            }
+        }
+        t.parse::<chrono_tz::Tz>()
+            .map(Zone::Named)
+            .map_err(|_| format!("\"{s}\" is not a timezone: use an IANA name like America/New_York or an offset like +02:00"))
+    }
+
+    fn localize(&self, naive: NaiveDateTime) -> Result<DateTime<Utc>, String> {
+        let r = match self {
+            Zone::Fixed(o) => o.from_local_datetime(&naive).single().map(|d| d.with_timezone(&Utc)),
+            Zone::Named(tz) => tz.from_local_datetime(&naive).earliest().map(|d| d.with_timezone(&Utc)),
+        };
+        r.ok_or_else(|| format!("{naive} does not exist in the timezone (daylight saving gap)"))
+    }
+}
+
+/// Units of a numeric timestamp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Epoch {
+    Seconds,
+    Milliseconds,
+}
+
+/// Options for reading a date or time.
+#[derive(Debug, Clone, Default)]
+pub struct DateOptions {
+    /// A chrono `strftime` format for odd layouts, e.g. `%m/%d/%Y %H:%M:%S`.
+    pub format: Option<String>,
+    /// For times without an offset. Default UTC.
+    pub timezone: Option<Zone>,
+    /// For numbers; default: milliseconds when above 10^11, else seconds.
+    pub epoch: Option<Epoch>,
+}
+
+/// Reads the date-time formats channels send and returns the instant.
+/// RFC 3339 with `Z` or an offset (with or without fraction), ISO 8601 without an offset (in
+/// `timezone`), RFC 2822, a date alone (midnight), epoch seconds or milliseconds as a number or
+/// string (also in scientific notation, as Amazon's sandbox sends).
+pub fn datetime_from(v: &Value, opts: &DateOptions) -> Result<DateTime<Utc>, String> {
+    let zone = opts.timezone.unwrap_or(Zone::Fixed(FixedOffset::east_opt(0).expect("zero")));
+    match v {
+        Value::Number(_) => epoch_to_datetime(decimal_from(v)?, opts.epoch),
+        Value::String(s) => {
+            let t = s.trim();
+            if let Some(fmt) = &opts.format {
+                if let Ok(d) = DateTime::parse_from_str(t, fmt) {
+                    return Ok(d.with_timezone(&Utc));
+                }
+                if let Ok(n) = NaiveDateTime::parse_from_str(t, fmt) {
+                    return zone.localize(n);
+                }
+                if let Ok(d) = NaiveDate::parse_from_str(t, fmt) {
+                    return zone.localize(d.and_time(NaiveTime::MIN));
+                }
+                return Err(format!("\"{s}\" does not match the format `{fmt}`"));
+            }
+            if let Ok(d) = DateTime::parse_from_rfc3339(t) {
+                return Ok(d.with_timezone(&Utc));
+            }
+            for f in ["%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%d %H:%M:%S%.f%:z", "%Y-%m-%d %H:%M:%S%.f%z"] {
+                if let Ok(d) = DateTime::parse_from_str(t, f) {
+                    return Ok(d.with_timezone(&Utc));
+                }
+            }
+            if let Ok(d) = DateTime::parse_from_rfc2822(t) {
+                return Ok(d.with_timezone(&Utc));
+            }
+            for f in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M"] {
+                if let Ok(n) = NaiveDateTime::parse_from_str(t, f) {
+                    return zone.localize(n);
+                }
+            }
+            if let Ok(d) = NaiveDate::parse_from_str(t, "%Y-%m-%d") {
+                return zone.localize(d.and_time(NaiveTime::MIN));
+            }
+            if !t.is_empty() && t.chars().all(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '+' | '-')) {
+                if let Ok(d) = parse_decimal(t) {
+                    return epoch_to_datetime(d, opts.epoch);
+                }
+            }
+            Err(format!(
+                "\"{s}\" is not a date-time I can read; add `format:` (for example `%m/%d/%Y %H:%M:%S`) to this field"
+            ))
+        }
+        other => Err(format!("expected a date-time, found {}", describe(other))),
+    }
+}
+
+fn epoch_to_datetime(d: Decimal, unit: Option<Epoch>) -> Result<DateTime<Utc>, String> {
+    let unit = unit.unwrap_or(if d.abs() >= Decimal::from(100_000_000_000i64) { Epoch::Milliseconds } else { Epoch::Seconds });
+    let millis = match unit {
+        Epoch::Seconds => d * Decimal::from(1000),
+        Epoch::Milliseconds => d,
+    };
+    let millis = i64::try_from(millis.round()).map_err(|_| format!("{d} is out of range for a timestamp"))?;
+    Utc.timestamp_millis_opt(millis).single().ok_or_else(|| format!("{d} is out of range for a timestamp"))
+}
+
+/// RFC 3339 in UTC with `Z`, keeping fractional seconds only when present.
+pub fn format_datetime(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+/// A calendar date `YYYY-MM-DD`: a date alone stays as written; a date-time becomes its UTC date
+/// unless `timezone` says which local date is meant.
+pub fn date_from(v: &Value, opts: &DateOptions) -> Result<String, String> {
+    if let Value::String(s) = v {
+        if opts.format.is_none() {
+            if let Ok(d) = NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d") {
+                return Ok(d.to_string());
+            }
+        }
+    }
+    let t = datetime_from(v, opts)?;
+    Ok(match opts.timezone {
+        Some(Zone::Fixed(o)) => t.with_timezone(&o).date_naive().to_string(),
+        Some(Zone::Named(tz)) => t.with_timezone(&tz).date_naive().to_string(),
+        None => t.date_naive().to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn m(v: Value, cur: Option<&str>, minor: bool) -> Result<Value, String> {
+        money_from(&v, cur, minor, Precision::Currency).map(|m| m.to_json())
+    }
+
+    #[test]
+    fn money_in_every_shape_channels_send() {
+        assert_eq!(m(json!("199.00"), Some("USD"), false).unwrap(), json!({"amount": "199.00", "currency": "USD"}));
+        assert_eq!(m(json!("41.8"), Some("eur"), false).unwrap(), json!({"amount": "41.80", "currency": "EUR"}));
+        assert_eq!(m(json!(1397.3), Some("USD"), false).unwrap(), json!({"amount": "1397.30", "currency": "USD"}));
+        assert_eq!(m(json!(3), Some("USD"), false).unwrap(), json!({"amount": "3.00", "currency": "USD"}));
+        assert_eq!(m(json!({"amount": 1599, "currency": "USD"}), None, true).unwrap(), json!({"amount": "15.99", "currency": "USD"}));
+        assert_eq!(m(json!({"amount": 500, "currency": "JPY"}), None, true).unwrap(), json!({"amount": "500", "currency": "JPY"}));
+        assert_eq!(m(json!({"CurrencyCode": "EUR", "Amount": "11.01"}), Some("USD"), false).unwrap(), json!({"amount": "11.01", "currency": "EUR"}));
+        assert_eq!(m(json!({"value": "-13.24", "currency": "EUR"}), None, false).unwrap(), json!({"amount": "-13.24", "currency": "EUR"}));
+        assert_eq!(m(json!("10.000"), Some("USD"), false).unwrap(), json!({"amount": "10.00", "currency": "USD"}));
+    }
+
+    #[test]
+    fn money_refuses_what_would_lose_cents() {
+        let e = m(json!("25.99"), Some("JPY"), false).unwrap_err();
+        assert!(e.contains("more decimal places than JPY allows (0)"), "{e}");
+        assert!(m(json!("1,234.50"), Some("USD"), false).unwrap_err().contains("thousands separator"));
+        assert!(m(json!("12"), Some("XYZ"), false).unwrap_err().contains("ISO 4217"));
+        assert!(m(json!("12"), None, false).unwrap_err().contains("no currency"));
+        assert!(m(json!(true), Some("USD"), false).is_err());
+        let kept = money_from(&json!("0.0125"), Some("USD"), false, Precision::Keep).unwrap();
+        assert_eq!(kept.amount.to_string(), "0.0125");
+    }
+
+    #[test]
+    fn integers_numbers_strings_booleans() {
+        assert_eq!(integer_from(&json!("2")).unwrap(), json!(2));
+        assert_eq!(integer_from(&json!("2.0")).unwrap(), json!(2));
+        assert!(integer_from(&json!("2.5")).is_err());
+        assert!(integer_from(&json!("2.5x")).is_err());
+        assert_eq!(number_from(&json!("1397.30")).unwrap(), json!(1397.3));
+        assert!(number_from(&json!("12345678901234567.89")).is_err());
+        assert_eq!(string_from(&json!(820982911946154508u64)).unwrap(), json!("820982911946154508"));
+        assert_eq!(boolean_from(&json!("false")).unwrap(), json!(false));
+        assert_eq!(boolean_from(&json!("Yes")).unwrap(), json!(true));
+    }
+
+    #[test]
+    fn dates_from_every_channel_become_rfc3339_utc() {
+        let o = DateOptions::default();
+        let f = |v: Value, o: &DateOptions| datetime_from(&v, o).map(|t| format_datetime(&t));
+        assert_eq!(f(json!("2008-01-10T11:00:00-05:00"), &o).unwrap(), "2008-01-10T16:00:00Z");
+        assert_eq!(f(json!("2019-05-07T15:42:57.058Z"), &o).unwrap(), "2019-05-07T15:42:57.058Z");
+        assert_eq!(f(json!("Fri, 02 Mar 2012 21:36:24 +0000"), &o).unwrap(), "2012-03-02T21:36:24Z");
+        assert_eq!(f(json!(1568466571000i64), &o).unwrap(), "2019-09-14T13:09:31Z");
+        assert_eq!(f(json!("1.569521782042E9"), &o).unwrap(), "2019-09-26T18:16:22.042Z");
+        assert_eq!(f(json!("2023-09-01"), &o).unwrap(), "2023-09-01T00:00:00Z");
+        let ny = DateOptions { timezone: Some(Zone::parse("America/New_York").unwrap()), ..Default::default() };
+        assert_eq!(f(json!("2017-03-22T16:28:02"), &ny).unwrap(), "2017-03-22T20:28:02Z");
+        let pos = DateOptions { format: Some("%m/%d/%Y %H:%M:%S".into()), timezone: Some(Zone::parse("-05:00").unwrap()), ..Default::default() };
+        assert_eq!(f(json!("11/26/2026 09:14:07"), &pos).unwrap(), "2026-11-26T14:14:07Z");
+        assert!(f(json!("26.11.2026"), &o).unwrap_err().contains("format:"));
+        assert_eq!(date_from(&json!("2008-01-10T23:00:00-05:00"), &o).unwrap(), "2008-01-11");
+        assert_eq!(date_from(&json!("2023-09-01"), &o).unwrap(), "2023-09-01");
+    }
+}
