@@ -119,13 +119,15 @@ pub fn money_from(v: &Value, currency: Option<&str>, minor_units: bool, precisio
     } else {
         decimal_from(amount_v)?
     };
-    if amount.scale() < exponent {
-        amount.rescale(exponent);
-    } else if amount.scale() > exponent && precision == Precision::Currency {
+    if amount.scale() > exponent {
+        // Trailing zeros beyond the currency's minor units carry no information: drop them.
         let normalized = amount.normalize();
-        if normalized.scale() > exponent {
+        if normalized.scale() > exponent && precision == Precision::Currency {
             return Err(format!("{amount} {code} has more decimal places than {code} allows ({exponent})"));
         }
+        amount = normalized;
+    }
+    if amount.scale() < exponent {
         amount.rescale(exponent);
     }
     Ok(Money { amount, currency: code })

@@ -22,6 +22,8 @@ pub struct RawMessage {
     /// Set when the transport already assigned an id (replays, redeliveries).
     pub message_id: Option<String>,
     pub attempt: u32,
+    /// Set when the transport could not decode the bytes (a malformed CSV row): reason and message.
+    pub decode_error: Option<(String, String)>,
 }
 
 impl RawMessage {

@@ -1,4 +1,393 @@
 //! The map stage: an ordered list of steps that turn the input into the output record.
+//! Kinds (see `registry.rs`): `fields` (declarative field map), `script` (Rhai), `lookup` (table),
+//! `validate` (JSON Schema check of the record so far), `reconcile` (order totals to the cent).
 
 pub mod fields;
 pub mod lookup;
+pub mod reconcile;
+pub mod script;
+
+use crate::build::{BuildContext, Diags};
+use crate::config::{parse_node, yaml, DiagCode, Diagnostic, SourceFile, Spanned};
+use crate::jsonpath::{CompiledPath, Scope};
+use crate::message::{reason, Document, ErrorDetail, Failure, Metadata};
+use crate::template::Vars;
+use crate::validate::SchemaCheck;
+use fields::{FieldMap, FieldMapFile, FieldSpec};
+use indexmap::IndexMap;
+use lookup::LookupTable;
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde_json::Value;
+use std::sync::{Arc, OnceLock};
+
+/// What a step sees besides the record: the envelope, and which document its pointers refer to.
+pub struct StepInput<'a> {
+    pub meta: &'a Metadata,
+    pub document: Document,
+    rhai_meta: OnceLock<rhai::Map>,
+}
+
+impl<'a> StepInput<'a> {
+    pub fn new(meta: &'a Metadata, document: Document) -> Self {
+        StepInput { meta, document, rhai_meta: OnceLock::new() }
+    }
+
+    fn rhai_meta(&self) -> &rhai::Map {
+        self.rhai_meta.get_or_init(|| {
+            let m = self.meta;
+            let mut map = rhai::Map::new();
+            for (k, v) in [("message_id", Some(&m.message_id)), ("correlation_id", Some(&m.correlation_id)), ("channel", m.channel.as_ref()), ("idempotency_key", m.idempotency_key.as_ref())] {
+                map.insert(k.into(), v.map_or(rhai::Dynamic::UNIT, |s| s.clone().into()));
+            }
+            map.insert("pipeline".into(), m.pipeline.clone().into());
+            map.insert("pipeline_version".into(), m.pipeline_version.clone().into());
+            map.insert("attempt".into(), rhai::Dynamic::from(i64::from(m.attempt)));
+            map
+        })
+    }
+}
+
+impl Vars for StepInput<'_> {
+    fn var(&self, name: &str) -> Option<&str> {
+        meta_var(self.meta, name)
+    }
+}
+
+/// Envelope values by template variable name.
+pub fn meta_var<'m>(m: &'m Metadata, name: &str) -> Option<&'m str> {
+    match name {
+        "channel" => m.channel.as_deref(),
+        "pipeline" => Some(&m.pipeline),
+        "pipeline_version" => Some(&m.pipeline_version),
+        "message_id" => Some(&m.message_id),
+        "correlation_id" => Some(&m.correlation_id),
+        _ => None,
+    }
+}
+
+/// One map step. Contract: takes the record built so far and returns the next one, or a
+/// [`Failure`] (bad data is an outcome, not an error); it never half-applies.
+pub trait MapStep: Send + Sync {
+    fn apply(&self, record: Value, input: &StepInput) -> Result<Value, Failure>;
+    /// Short description for exception records and logs, e.g. `fields shopify-order`.
+    fn label(&self) -> String;
+    /// The versioned files this step uses: (name, version).
+    fn versions(&self) -> Vec<(String, String)>;
+}
+
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FieldsStepConfig {
+    /// A field map file (`kind: FieldMap`), relative to the pipeline file.
+    #[serde(default)]
+    pub file: Option<Spanned<String>>,
+    /// Or the fields inline (versioned with the pipeline).
+    #[serde(default)]
+    pub fields: Option<IndexMap<String, Spanned<FieldSpec>>>,
+}
+
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScriptStepConfig {
+    /// A Rhai script whose first line is `// version: X`.
+    pub file: Spanned<String>,
+    /// Lookup tables the script reads with `lookup(name, key)`: name -> table file.
+    #[serde(default)]
+    pub tables: IndexMap<String, Spanned<String>>,
+    #[serde(default)]
+    pub limits: Option<script::Limits>,
+}
+
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LookupStepConfig {
+    /// The table file (CSV with a `# version:` first line, or YAML).
+    pub table: Spanned<String>,
+    /// The objects to enrich, e.g. `$.lines[*]` (default: the record itself).
+    #[serde(default)]
+    pub for_each: Option<Spanned<String>>,
+    /// JSONPath of the key inside each object, e.g. `$.sku`.
+    pub key: Spanned<String>,
+    /// The field written into each object, e.g. `item_code`.
+    pub set: String,
+    /// The table column to write (default: the second column).
+    #[serde(default)]
+    pub column: Option<Spanned<String>>,
+    /// Exception reason when a key is not in the table (default `lookup_miss`), e.g. `unknown_sku`.
+    #[serde(default)]
+    pub on_miss: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaStepConfig {
+    /// A JSON Schema file, e.g. `../schemas/canonical/order.schema.json`.
+    pub schema: Spanned<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileStepConfig {
+    /// What to reconcile; only `order` (canonical Order) for now.
+    #[serde(default)]
+    pub model: ReconcileModel,
+    /// Largest difference accepted, as a decimal (default "0": exact to the cent).
+    #[serde(default)]
+    pub tolerance: Option<Spanned<String>>,
+    /// Write derived amounts that are missing: line subtotal/total, order totals (default true).
+    #[serde(default = "yes")]
+    pub fill: bool,
+    /// Exception reason when amounts do not add up (default `totals_mismatch`).
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ReconcileModel {
+    #[default]
+    Order,
+}
+
+/// A map step, picked by `type:`.
+#[derive(Debug, Clone, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum MapStepConfig {
+    /// Declarative field map.
+    Fields(FieldsStepConfig),
+    /// Rhai script.
+    Script(ScriptStepConfig),
+    /// Enrich objects from a lookup table.
+    Lookup(LookupStepConfig),
+    /// Check the record built so far against a JSON Schema.
+    Validate(SchemaStepConfig),
+    /// Check that a canonical Order's amounts add up.
+    Reconcile(ReconcileStepConfig),
+}
+
+impl MapStepConfig {
+    pub fn build(&self, cx: &BuildContext, key_path: &str) -> Result<Box<dyn MapStep>, Vec<Diagnostic>> {
+        match self {
+            MapStepConfig::Fields(c) => build_fields(c, cx, key_path),
+            MapStepConfig::Script(c) => build_script(c, cx, key_path),
+            MapStepConfig::Lookup(c) => build_lookup(c, cx, key_path),
+            MapStepConfig::Validate(c) => {
+                let check = build_schema_check(&c.schema, cx, &format!("{key_path}.schema"), Document::Record).map_err(|d| vec![d])?;
+                Ok(Box::new(SchemaStep { check, name: c.schema.value.clone() }))
+            }
+            MapStepConfig::Reconcile(c) => {
+                let tolerance = match &c.tolerance {
+                    None => rust_decimal::Decimal::ZERO,
+                    Some(t) => crate::convert::parse_decimal(&t.value).map_err(|e| vec![cx.diag(DiagCode::InvalidValue, t.span, &format!("{key_path}.tolerance"), e)])?,
+                };
+                let _ = c.model;
+                Ok(Box::new(reconcile::Reconcile { tolerance, fill: c.fill, reason: c.reason.clone().unwrap_or_else(|| reason::TOTALS_MISMATCH.into()) }))
+            }
+        }
+    }
+}
+
+/// Compiles a JSON Schema reference from a pipeline.
+pub fn build_schema_check(schema: &Spanned<String>, cx: &BuildContext, key_path: &str, document: Document) -> Result<SchemaCheck, Diagnostic> {
+    let path = cx.existing_file(schema, key_path, "schema")?;
+    let store = cx.schema_store(&path);
+    let validator = store.validator(&path).map_err(|e| e.to_diagnostic())?;
+    Ok(SchemaCheck::new(validator, document))
+}
+
+/// Reads and parses an analyst-authored YAML file referenced from `cx.file`.
+pub fn read_yaml<T: serde::de::DeserializeOwned>(cx: &BuildContext, at: &Spanned<String>, key_path: &str, what: &str) -> Result<(T, SourceFile), Vec<Diagnostic>> {
+    let path = cx.existing_file(at, key_path, what).map_err(|d| vec![d])?;
+    let file = SourceFile::read(&path).map_err(|e| vec![cx.diag(DiagCode::FileNotFound, at.span, key_path, format!("cannot read {what}: {e}"))])?;
+    let node = yaml::parse(&file, &*cx.shared.env)?;
+    let value = parse_node(&node, &file, &[])?;
+    Ok((value, file))
+}
+
+struct FieldsStep {
+    map: FieldMap,
+    inline: bool,
+}
+
+impl MapStep for FieldsStep {
+    fn apply(&self, record: Value, input: &StepInput) -> Result<Value, Failure> {
+        self.map.apply(&record, input, input.document)
+    }
+    fn label(&self) -> String {
+        format!("fields {}", self.map.name)
+    }
+    fn versions(&self) -> Vec<(String, String)> {
+        if self.inline { Vec::new() } else { vec![(self.map.name.clone(), self.map.version.clone())] }
+    }
+}
+
+fn build_fields(c: &FieldsStepConfig, cx: &BuildContext, key_path: &str) -> Result<Box<dyn MapStep>, Vec<Diagnostic>> {
+    match (&c.file, &c.fields) {
+        (Some(file), None) => {
+            let (f, source): (FieldMapFile, SourceFile) = read_yaml(cx, file, &format!("{key_path}.file"), "field map")?;
+            let fcx = cx.for_file(source);
+            let map = FieldMap::compile(&f.name, &f.version, &f.fields, "fields", &fcx)?;
+            Ok(Box::new(FieldsStep { map, inline: false }))
+        }
+        (None, Some(fields)) => {
+            let map = FieldMap::compile("inline", "", fields, &format!("{key_path}.fields"), cx)?;
+            Ok(Box::new(FieldsStep { map, inline: true }))
+        }
+        _ => Err(vec![Diagnostic::new(DiagCode::Conflict, &cx.file, crate::config::Span::default(), key_path, "a `fields` step takes either `file:` or inline `fields:`").hint("use one of them")]),
+    }
+}
+
+struct ScriptStep {
+    script: script::Script,
+    tables: Vec<(String, String)>,
+}
+
+impl MapStep for ScriptStep {
+    fn apply(&self, record: Value, input: &StepInput) -> Result<Value, Failure> {
+        self.script.apply(&record, input.rhai_meta(), input.document)
+    }
+    fn label(&self) -> String {
+        format!("script {}", self.script.name)
+    }
+    fn versions(&self) -> Vec<(String, String)> {
+        std::iter::once((self.script.name.clone(), self.script.version.clone())).chain(self.tables.iter().cloned()).collect()
+    }
+}
+
+fn build_script(c: &ScriptStepConfig, cx: &BuildContext, key_path: &str) -> Result<Box<dyn MapStep>, Vec<Diagnostic>> {
+    let mut diags = Diags::default();
+    let mut tables = script::ScriptTables::new();
+    for (name, path) in &c.tables {
+        if let Some(t) = diags.take_all(cx.lookup_table(path, &format!("{key_path}.tables.{name}"))) {
+            tables.insert(name.clone(), t);
+        }
+    }
+    let path = cx.existing_file(&c.file, &format!("{key_path}.file"), "script").map_err(|d| vec![d])?;
+    let file = SourceFile::read(&path).map_err(|e| vec![cx.diag(DiagCode::FileNotFound, c.file.span, key_path, format!("cannot read script: {e}"))])?;
+    let versions = tables.values().map(|t| (t.name.clone(), t.version.clone())).collect();
+    let engine = Arc::new(script::sandboxed_engine(c.limits.unwrap_or_default(), Arc::new(tables)));
+    let compiled = diags.take_all(script::Script::compile(&file, engine));
+    diags.finish(())?;
+    Ok(Box::new(ScriptStep { script: compiled.expect("no diagnostics"), tables: versions }))
+}
+
+struct LookupStep {
+    table: Arc<LookupTable>,
+    column: usize,
+    for_each: Option<CompiledPath>,
+    key: CompiledPath,
+    set: String,
+    on_miss: String,
+}
+
+impl MapStep for LookupStep {
+    fn apply(&self, mut record: Value, input: &StepInput) -> Result<Value, Failure> {
+        let targets: Vec<String> = match &self.for_each {
+            Some(p) => p.all_with_pointers(Scope::root(&record)).into_iter().map(|(_, ptr)| ptr).collect(),
+            None => vec![String::new()],
+        };
+        let mut sets = Vec::with_capacity(targets.len());
+        let mut errors = Vec::new();
+        for ptr in targets {
+            let Some(obj) = record.pointer(&ptr) else { continue };
+            let scope = Scope { current: obj, root: &record };
+            let key_ptr = || format!("{ptr}{}", self.key.all_with_pointers(scope).first().map(|p| p.1.clone()).unwrap_or_else(|| self.key.nominal_pointer()));
+            let key = match self.key.first(scope) {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Number(n)) => n.to_string(),
+                _ => {
+                    errors.push(ErrorDetail { pointer: key_ptr(), message: format!("no `{}` to look up in {}", self.key.text(), self.table.name), document: input.document });
+                    continue;
+                }
+            };
+            match self.table.get(&key, self.column) {
+                Some(v) => sets.push((ptr, v.to_string())),
+                None => errors.push(ErrorDetail {
+                    pointer: key_ptr(),
+                    message: format!("\"{key}\" is not in lookup table {} (version {})", self.table.name, self.table.version),
+                    document: input.document,
+                }),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(Failure::new(self.on_miss.clone(), errors));
+        }
+        for (ptr, v) in sets {
+            if let Some(Value::Object(o)) = record.pointer_mut(&ptr) {
+                o.insert(self.set.clone(), Value::String(v));
+            }
+        }
+        Ok(record)
+    }
+    fn label(&self) -> String {
+        format!("lookup {}", self.table.name)
+    }
+    fn versions(&self) -> Vec<(String, String)> {
+        vec![(self.table.name.clone(), self.table.version.clone())]
+    }
+}
+
+fn build_lookup(c: &LookupStepConfig, cx: &BuildContext, key_path: &str) -> Result<Box<dyn MapStep>, Vec<Diagnostic>> {
+    let mut diags = Diags::default();
+    let table = diags.take_all(cx.lookup_table(&c.table, &format!("{key_path}.table")));
+    let for_each = c.for_each.as_ref().and_then(|p| diags.take(cx.jsonpath(p, &format!("{key_path}.for_each"))));
+    let key = diags.take(cx.jsonpath(&c.key, &format!("{key_path}.key")));
+    let column = match (&table, &c.column) {
+        (Some(t), Some(col)) => match t.column_index(&col.value) {
+            Some(i) => Some(i),
+            None => {
+                let names: Vec<&str> = t.columns.iter().map(String::as_str).collect();
+                diags.push(
+                    cx.diag(DiagCode::InvalidValue, col.span, &format!("{key_path}.column"), format!("the table has no column `{}`", col.value))
+                        .expected(crate::config::diag::one_of(&names))
+                        .hint_opt(crate::config::diag::suggestion(&col.value, names.iter().copied())),
+                );
+                None
+            }
+        },
+        _ => Some(1),
+    };
+    diags.finish(())?;
+    Ok(Box::new(LookupStep {
+        table: table.expect("no diagnostics"),
+        column: column.expect("no diagnostics"),
+        for_each,
+        key: key.expect("no diagnostics"),
+        set: c.set.clone(),
+        on_miss: c.on_miss.clone().unwrap_or_else(|| reason::LOOKUP_MISS.into()),
+    }))
+}
+
+struct SchemaStep {
+    check: SchemaCheck,
+    name: String,
+}
+
+impl MapStep for SchemaStep {
+    fn apply(&self, record: Value, _input: &StepInput) -> Result<Value, Failure> {
+        self.check.check(&record).map(|()| record)
+    }
+    fn label(&self) -> String {
+        format!("validate {}", self.name)
+    }
+    fn versions(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+}
+
+impl MapStep for reconcile::Reconcile {
+    fn apply(&self, record: Value, input: &StepInput) -> Result<Value, Failure> {
+        reconcile::Reconcile::apply(self, record, input.document)
+    }
+    fn label(&self) -> String {
+        "reconcile order".into()
+    }
+    fn versions(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+}

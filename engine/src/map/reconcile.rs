@@ -1,0 +1,268 @@
+//! Reconciliation of a canonical Order to the cent: line subtotals (quantity x unit price), line
+//! totals, and the order's subtotal, discount, shipping, tax and grand total. A record that does
+//! not add up fails with every difference listed; nothing that does not reconcile passes silently.
+
+use crate::convert::{self, Money};
+use crate::message::{reason, Document, ErrorDetail, Failure};
+use rust_decimal::Decimal;
+use serde_json::{Map, Value};
+
+/// Options of the `reconcile` step.
+#[derive(Debug, Clone)]
+pub struct Reconcile {
+    /// Largest difference accepted (default 0: exact to the cent).
+    pub tolerance: Decimal,
+    /// Write the derived amounts that are missing (line subtotal and total, order totals).
+    pub fill: bool,
+    /// Exception reason for amounts that do not add up.
+    pub reason: String,
+}
+
+struct Check<'a> {
+    errors: Vec<ErrorDetail>,
+    currency: &'a str,
+    tolerance: Decimal,
+    currency_errors: usize,
+}
+
+impl Check<'_> {
+    fn money(&mut self, v: Option<&Value>, pointer: &str) -> Option<Decimal> {
+        let v = v?;
+        match Money::from_canonical(v) {
+            Some(m) if m.currency == self.currency => Some(m.amount),
+            Some(m) => {
+                self.currency_errors += 1;
+                self.errors.push(ErrorDetail::record(pointer, format!("{} {} is not in the order currency {}", m.amount, m.currency, self.currency)));
+                None
+            }
+            None => {
+                self.errors.push(ErrorDetail::record(pointer, format!("expected money {{amount, currency}}, found {}", convert::describe(v))));
+                None
+            }
+        }
+    }
+
+    fn sum(&mut self, list: Option<&Value>, key: &str, pointer: &str) -> Option<Decimal> {
+        let items = list?.as_array()?;
+        let mut total = Decimal::ZERO;
+        for (i, item) in items.iter().enumerate() {
+            total += self.money(item.get(key), &format!("{pointer}/{i}/{key}")).unwrap_or_default();
+        }
+        Some(total)
+    }
+
+    /// Compares a stated amount with the computed one; returns whether they agree.
+    fn compare(&mut self, stated: Option<Decimal>, computed: Decimal, pointer: &str, how: impl FnOnce() -> String) -> bool {
+        match stated {
+            Some(s) if (s - computed).abs() > self.tolerance => {
+                self.errors.push(ErrorDetail::record(pointer, format!("{} says {s} {}, but {} = {computed}", pointer.rsplit('/').next().unwrap_or(""), self.currency, how())));
+                false
+            }
+            _ => true,
+        }
+    }
+}
+
+fn set_money(obj: &mut Map<String, Value>, key: &str, amount: Decimal, currency: &str) -> Result<(), String> {
+    if !obj.contains_key(key) {
+        let m = convert::money_from(&Value::String(amount.to_string()), Some(currency), false, convert::Precision::Keep)?;
+        obj.insert(key.to_string(), m.to_json());
+    }
+    Ok(())
+}
+
+fn quantity(v: Option<&Value>) -> Option<Decimal> {
+    convert::decimal_from(v?).ok()
+}
+
+impl Reconcile {
+    pub fn apply(&self, mut record: Value, document: Document) -> Result<Value, Failure> {
+        let fail = |errors: Vec<ErrorDetail>, r: &str| Failure::new(r.to_string(), errors.into_iter().map(|mut e| {
+            e.document = document;
+            e
+        }).collect());
+        let Some(order) = record.as_object() else {
+            return Err(fail(vec![ErrorDetail::record("", "reconcile expects a canonical Order object")], &self.reason));
+        };
+        let Some(currency) = order.get("currency").and_then(Value::as_str).map(str::to_string) else {
+            return Err(fail(vec![ErrorDetail::record("/currency", "the order has no currency")], &self.reason));
+        };
+        let mut c = Check { errors: Vec::new(), currency: &currency, tolerance: self.tolerance, currency_errors: 0 };
+        let include_tax = order.get("prices_include_tax").and_then(Value::as_bool).unwrap_or(false);
+        let empty = Vec::new();
+        let lines = order.get("lines").and_then(Value::as_array).unwrap_or(&empty);
+        if lines.is_empty() {
+            c.errors.push(ErrorDetail::record("/lines", "the order has no lines"));
+        }
+
+        // Lines: subtotal = quantity x unit price; total = subtotal - discount.
+        let mut derived: Vec<(Decimal, Decimal)> = Vec::with_capacity(lines.len());
+        let (mut subtotal, mut line_discounts, mut line_taxes, mut any_tax_detail) = (Decimal::ZERO, Decimal::ZERO, Decimal::ZERO, false);
+        for (i, line) in lines.iter().enumerate() {
+            let p = format!("/lines/{i}");
+            let qty = quantity(line.get("quantity"));
+            let unit = c.money(line.get("unit_price"), &format!("{p}/unit_price"));
+            let (Some(qty), Some(unit)) = (qty, unit) else {
+                if qty.is_none() {
+                    c.errors.push(ErrorDetail::record(format!("{p}/quantity"), "the line has no quantity"));
+                }
+                if line.get("unit_price").is_none() {
+                    c.errors.push(ErrorDetail::record(format!("{p}/unit_price"), "the line has no unit price"));
+                }
+                derived.push((Decimal::ZERO, Decimal::ZERO));
+                continue;
+            };
+            let line_sub = qty * unit;
+            let stated_sub = c.money(line.get("subtotal"), &format!("{p}/subtotal"));
+            c.compare(stated_sub, line_sub, &format!("{p}/subtotal"), || format!("quantity {qty} x unit price {unit}"));
+            let discount = c.money(line.get("discount"), &format!("{p}/discount")).unwrap_or_default();
+            let line_total = line_sub - discount;
+            let stated_total = c.money(line.get("total"), &format!("{p}/total"));
+            c.compare(stated_total, line_total, &format!("{p}/total"), || format!("subtotal {line_sub} - discount {discount}"));
+            if line.get("taxes").and_then(Value::as_array).is_some_and(|t| !t.is_empty()) {
+                any_tax_detail = true;
+            }
+            line_taxes += c.sum(line.get("taxes"), "amount", &format!("{p}/taxes")).unwrap_or_default();
+            subtotal += line_sub;
+            line_discounts += discount;
+            derived.push((line_sub, line_total));
+        }
+
+        // Order-level discounts not already allocated to lines.
+        let mut order_discounts = Decimal::ZERO;
+        let mut any_discount_detail = line_discounts != Decimal::ZERO;
+        if let Some(ds) = order.get("discounts").and_then(Value::as_array) {
+            for (i, d) in ds.iter().enumerate() {
+                if d.get("scope").and_then(Value::as_str) != Some("line") {
+                    order_discounts += c.money(d.get("amount"), &format!("/discounts/{i}/amount")).unwrap_or_default();
+                    any_discount_detail = true;
+                }
+            }
+        }
+        let (mut shipping, mut shipping_taxes, mut any_shipping_detail) = (Decimal::ZERO, Decimal::ZERO, false);
+        if let Some(ss) = order.get("shipping").and_then(Value::as_array) {
+            for (i, s) in ss.iter().enumerate() {
+                any_shipping_detail = true;
+                shipping += c.money(s.get("amount"), &format!("/shipping/{i}/amount")).unwrap_or_default();
+                shipping -= c.money(s.get("discount"), &format!("/shipping/{i}/discount")).unwrap_or_default();
+                if s.get("taxes").and_then(Value::as_array).is_some_and(|t| !t.is_empty()) {
+                    any_tax_detail = true;
+                }
+                shipping_taxes += c.sum(s.get("taxes"), "amount", &format!("/shipping/{i}/taxes")).unwrap_or_default();
+            }
+        }
+        let order_taxes = c.sum(order.get("taxes"), "amount", "/taxes");
+        let totals = order.get("totals");
+        let stated = |c: &mut Check, k: &str| c.money(totals.and_then(|t| t.get(k)), &format!("/totals/{k}"));
+        let (s_sub, s_disc, s_ship, s_tax, s_total) = (stated(&mut c, "subtotal"), stated(&mut c, "discount"), stated(&mut c, "shipping"), stated(&mut c, "tax"), stated(&mut c, "total"));
+
+        c.compare(s_sub, subtotal, "/totals/subtotal", || format!("the sum of {} line subtotal(s)", lines.len()));
+        let discount = if any_discount_detail { line_discounts + order_discounts } else { s_disc.unwrap_or_default() };
+        c.compare(s_disc, discount, "/totals/discount", || format!("line discounts {line_discounts} + order discounts {order_discounts}"));
+        let shipping = if any_shipping_detail { shipping } else { s_ship.unwrap_or_default() };
+        c.compare(s_ship, shipping, "/totals/shipping", || "the sum of the shipping charges".to_string());
+        let detail_tax = line_taxes + shipping_taxes;
+        let tax = if any_tax_detail {
+            if let Some(ot) = order_taxes {
+                c.compare(Some(ot), detail_tax, "/taxes", || format!("line taxes {line_taxes} + shipping taxes {shipping_taxes}"));
+            }
+            detail_tax
+        } else {
+            order_taxes.or(s_tax).unwrap_or_default()
+        };
+        c.compare(s_tax, tax, "/totals/tax", || format!("line taxes {line_taxes} + shipping taxes {shipping_taxes}"));
+        let total = subtotal - discount + shipping + if include_tax { Decimal::ZERO } else { tax };
+        match s_total {
+            None => c.errors.push(ErrorDetail::record("/totals/total", "the order has no grand total to reconcile")),
+            Some(_) => {
+                c.compare(s_total, total, "/totals/total", || {
+                    let tax_part = if include_tax { "(tax included in prices)".to_string() } else { format!("+ tax {tax}") };
+                    format!("subtotal {subtotal} - discount {discount} + shipping {shipping} {tax_part}")
+                });
+            }
+        }
+
+        if !c.errors.is_empty() {
+            let r = if c.currency_errors > 0 { "currency_mismatch" } else { self.reason.as_str() };
+            return Err(fail(c.errors, r));
+        }
+        if self.fill {
+            let fill = |record: &mut Value| -> Result<(), String> {
+                let order = record.as_object_mut().ok_or("not an object")?;
+                if let Some(lines) = order.get_mut("lines").and_then(Value::as_array_mut) {
+                    for (line, (sub, tot)) in lines.iter_mut().zip(&derived) {
+                        if let Some(l) = line.as_object_mut() {
+                            set_money(l, "subtotal", *sub, &currency)?;
+                            set_money(l, "total", *tot, &currency)?;
+                        }
+                    }
+                }
+                let totals = order.entry("totals").or_insert_with(|| Value::Object(Map::new()));
+                if let Some(t) = totals.as_object_mut() {
+                    set_money(t, "subtotal", subtotal, &currency)?;
+                    set_money(t, "discount", discount, &currency)?;
+                    set_money(t, "shipping", shipping, &currency)?;
+                    set_money(t, "tax", tax, &currency)?;
+                }
+                Ok(())
+            };
+            fill(&mut record).map_err(|m| fail(vec![ErrorDetail::record("", m)], reason::INVALID_VALUE))?;
+        }
+        Ok(record)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn m(a: &str) -> Value {
+        json!({"amount": a, "currency": "USD"})
+    }
+
+    fn rec() -> Reconcile {
+        Reconcile { tolerance: Decimal::ZERO, fill: true, reason: reason::TOTALS_MISMATCH.into() }
+    }
+
+    #[test]
+    fn a_consistent_order_passes_and_gets_its_derived_amounts() {
+        let order = json!({"currency": "USD", "lines": [
+            {"quantity": 2, "unit_price": m("10.00"), "discount": m("1.00"), "taxes": [{"amount": m("1.14")}]},
+            {"quantity": 1, "unit_price": m("5.50"), "taxes": [{"amount": m("0.33")}]}],
+            "discounts": [{"code": "X", "amount": m("1.00"), "scope": "line"}, {"code": "Y", "amount": m("2.00"), "scope": "order"}],
+            "shipping": [{"amount": m("8.50"), "taxes": [{"amount": m("0.51")}]}],
+            "totals": {"total": m("32.98")}});
+        let out = rec().apply(order, Document::Record).unwrap();
+        assert_eq!(out["lines"][0]["subtotal"], m("20.00"));
+        assert_eq!(out["lines"][0]["total"], m("19.00"));
+        assert_eq!(out["totals"], json!({"total": m("32.98"), "subtotal": m("25.50"), "discount": m("3.00"), "shipping": m("8.50"), "tax": m("1.98")}));
+    }
+
+    #[test]
+    fn every_difference_is_reported_with_its_pointer() {
+        // The Shopify REST fixture: 3 x 199.00 lines, but a subtotal of 398.00.
+        let order = json!({"currency": "USD", "lines": [
+            {"quantity": 1, "unit_price": m("199.00")}, {"quantity": 1, "unit_price": m("199.00")}, {"quantity": 1, "unit_price": m("199.00"), "subtotal": m("199.01")}],
+            "totals": {"subtotal": m("398.00"), "tax": m("11.94"), "total": m("409.94")}});
+        let f = rec().apply(order, Document::Record).unwrap_err();
+        assert_eq!(f.reason, "totals_mismatch");
+        let pointers: Vec<&str> = f.errors.iter().map(|e| e.pointer.as_str()).collect();
+        assert_eq!(pointers, ["/lines/2/subtotal", "/totals/subtotal", "/totals/total"]);
+        assert_eq!(f.errors[1].message, "subtotal says 398.00 USD, but the sum of 3 line subtotal(s) = 597.00");
+    }
+
+    #[test]
+    fn tolerance_tax_inclusive_prices_and_foreign_currencies() {
+        let order = json!({"currency": "EUR", "prices_include_tax": true, "lines": [{"quantity": 3, "unit_price": {"amount": "3.33", "currency": "EUR"}}],
+            "totals": {"tax": {"amount": "1.60", "currency": "EUR"}, "total": {"amount": "10.00", "currency": "EUR"}}});
+        let mut r = rec();
+        assert!(r.apply(order.clone(), Document::Record).is_err());
+        r.tolerance = Decimal::new(1, 2);
+        assert!(r.apply(order, Document::Record).is_ok());
+        let gbp = json!({"currency": "JPY", "lines": [{"quantity": 1, "unit_price": {"amount": "26", "currency": "JPY"}, "taxes": [{"amount": {"amount": "41.99", "currency": "GBP"}}]}], "totals": {"total": {"amount": "26", "currency": "JPY"}}});
+        let f = rec().apply(gbp, Document::Record).unwrap_err();
+        assert_eq!(f.reason, "currency_mismatch");
+        assert_eq!(f.errors[0].pointer, "/lines/0/taxes/0/amount");
+    }
+}

@@ -1,0 +1,350 @@
+//! Rhai scripts for what a field map cannot say. Compiled once at load, run sandboxed: bounded
+//! operations, call depth, expression depth and sizes; no `eval`, no modules, no file or network
+//! access (Rhai has none unless registered). Helpers for decimal money and dates are registered.
+//!
+//! A script sees `input` (the record so far) and `meta` (channel, pipeline, ids); its last
+//! expression is the new record. `fail(reason, message)` or `fail(reason, pointer, message)`
+//! sends the message to exceptions with that reason.
+
+use super::lookup::LookupTable;
+use crate::config::{DiagCode, Diagnostic, SourceFile};
+use crate::convert::{self, DateOptions, Precision, Zone};
+use crate::message::{reason, Document, ErrorDetail, Failure};
+use rhai::{Dynamic, Engine, EvalAltResult, ImmutableString, Position, Scope, AST};
+use rust_decimal::Decimal;
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Sandbox limits, per message.
+#[derive(Debug, Clone, Copy, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Most operations one run may take (stops runaway loops). Default 1,000,000.
+    #[serde(default = "default_ops")]
+    pub max_operations: u64,
+    /// Deepest function call nesting. Default 32.
+    #[serde(default = "default_calls")]
+    pub max_call_depth: usize,
+    /// Longest string, in bytes. Default 1 MiB.
+    #[serde(default = "default_string")]
+    pub max_string_size: usize,
+    /// Largest list or map. Default 100,000 items.
+    #[serde(default = "default_items")]
+    pub max_collection_size: usize,
+}
+
+fn default_ops() -> u64 {
+    1_000_000
+}
+fn default_calls() -> usize {
+    32
+}
+fn default_string() -> usize {
+    1 << 20
+}
+fn default_items() -> usize {
+    100_000
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_operations: default_ops(), max_call_depth: default_calls(), max_string_size: default_string(), max_collection_size: default_items() }
+    }
+}
+
+const FAIL_TAG: &str = "__switchyard_fail";
+
+fn runtime_error(msg: impl Into<String>) -> Box<EvalAltResult> {
+    EvalAltResult::ErrorRuntime(Dynamic::from(msg.into()), Position::NONE).into()
+}
+
+fn fail_value(reason: &str, pointer: &str, message: &str) -> Box<EvalAltResult> {
+    let mut m = rhai::Map::new();
+    m.insert(FAIL_TAG.into(), Dynamic::TRUE);
+    m.insert("reason".into(), reason.into());
+    m.insert("pointer".into(), pointer.into());
+    m.insert("message".into(), message.into());
+    EvalAltResult::ErrorRuntime(Dynamic::from_map(m), Position::NONE).into()
+}
+
+/// A Rhai value as JSON; decimals become decimal strings (money never turns into a float).
+pub fn dynamic_to_json(d: &Dynamic) -> Result<Value, String> {
+    if d.is_unit() {
+        return Ok(Value::Null);
+    }
+    if let Ok(b) = d.as_bool() {
+        return Ok(Value::Bool(b));
+    }
+    if let Ok(i) = d.as_int() {
+        return Ok(Value::from(i));
+    }
+    if let Ok(f) = d.as_float() {
+        return serde_json::Number::from_f64(f).map(Value::Number).ok_or_else(|| format!("{f} is not a finite number"));
+    }
+    if let Some(dec) = d.clone().try_cast::<Decimal>() {
+        return Ok(Value::String(dec.to_string()));
+    }
+    if d.is_string() {
+        return Ok(Value::String(d.clone().into_string().unwrap_or_default()));
+    }
+    if let Ok(c) = d.as_char() {
+        return Ok(Value::String(c.to_string()));
+    }
+    if d.is_map() {
+        let map = d.read_lock::<rhai::Map>().ok_or("unreadable map")?;
+        let mut out = Map::with_capacity(map.len());
+        for (k, v) in map.iter() {
+            out.insert(k.to_string(), dynamic_to_json(v)?);
+        }
+        return Ok(Value::Object(out));
+    }
+    if d.is_array() {
+        let arr = d.read_lock::<rhai::Array>().ok_or("unreadable list")?;
+        return arr.iter().map(dynamic_to_json).collect::<Result<Vec<_>, _>>().map(Value::Array);
+    }
+    Err(format!("a script can output text, numbers, booleans, lists and maps, not a `{}`", d.type_name()))
+}
+
+fn json_arg(d: &Dynamic) -> Result<Value, Box<EvalAltResult>> {
+    if let Some(dec) = d.clone().try_cast::<Decimal>() {
+        return Ok(Value::String(dec.to_string()));
+    }
+    dynamic_to_json(d).map_err(runtime_error)
+}
+
+fn to_decimal(d: &Dynamic) -> Result<Decimal, Box<EvalAltResult>> {
+    if let Some(dec) = d.clone().try_cast::<Decimal>() {
+        return Ok(dec);
+    }
+    let v = json_arg(d)?;
+    let amount = match &v {
+        Value::Object(o) => o.get("amount").or_else(|| o.get("Amount")).cloned().unwrap_or(Value::Null),
+        _ => v,
+    };
+    convert::decimal_from(&amount).map_err(runtime_error)
+}
+
+fn money(amount: &Dynamic, currency: &str, precision: Precision) -> Result<Dynamic, Box<EvalAltResult>> {
+    let v = json_arg(amount)?;
+    let m = convert::money_from(&v, Some(currency), false, precision).map_err(runtime_error)?;
+    let mut out = rhai::Map::new();
+    out.insert("amount".into(), m.amount.to_string().into());
+    out.insert("currency".into(), m.currency.into());
+    Ok(Dynamic::from_map(out))
+}
+
+fn to_utc(v: &Dynamic, opts: &DateOptions) -> Result<ImmutableString, Box<EvalAltResult>> {
+    let t = convert::datetime_from(&json_arg(v)?, opts).map_err(runtime_error)?;
+    Ok(convert::format_datetime(&t).into())
+}
+
+/// Tables a script may read with `lookup(name, key)` or `lookup(name, key, column)`.
+pub type ScriptTables = HashMap<String, Arc<LookupTable>>;
+
+/// A sandboxed engine with Switchyard's helpers registered.
+pub fn sandboxed_engine(limits: Limits, tables: Arc<ScriptTables>) -> Engine {
+    let mut e = Engine::new();
+    e.set_max_operations(limits.max_operations)
+        .set_max_call_levels(limits.max_call_depth)
+        .set_max_expr_depths(64, 32)
+        .set_max_string_size(limits.max_string_size)
+        .set_max_array_size(limits.max_collection_size)
+        .set_max_map_size(limits.max_collection_size)
+        .set_max_variables(1_000)
+        .set_max_functions(200)
+        .set_strict_variables(true);
+    e.disable_symbol("eval");
+    e.on_print(|s| tracing::info!(target: "switchyard::script", "{s}"));
+    e.on_debug(|s, _, pos| tracing::debug!(target: "switchyard::script", line = pos.line(), "{s}"));
+
+    // Decimal money.
+    e.register_fn("dec", |v: Dynamic| to_decimal(&v));
+    e.register_fn("money", |v: Dynamic, c: &str| money(&v, c, Precision::Currency));
+    e.register_fn("money_exact", |v: Dynamic, c: &str| money(&v, c, Precision::Keep));
+    e.register_fn("money_minor", |units: i64, c: &str| -> Result<Dynamic, Box<EvalAltResult>> {
+        let m = convert::money_from(&Value::from(units), Some(c), true, Precision::Currency).map_err(runtime_error)?;
+        money(&Dynamic::from(m.amount), c, Precision::Currency)
+    });
+    e.register_fn("round_money", |v: Dynamic, c: &str| -> Result<Dynamic, Box<EvalAltResult>> {
+        let exp = convert::currency_exponent(&c.to_ascii_uppercase()).map_err(runtime_error)?;
+        let d = to_decimal(&v)?.round_dp_with_strategy(exp, rust_decimal::RoundingStrategy::MidpointAwayFromZero);
+        money(&Dynamic::from(d), c, Precision::Currency)
+    });
+    // Dates.
+    e.register_fn("to_utc", |v: Dynamic| to_utc(&v, &DateOptions::default()));
+    e.register_fn("to_utc", |v: Dynamic, format: &str| to_utc(&v, &DateOptions { format: Some(format.to_string()), ..Default::default() }));
+    e.register_fn("to_utc", |v: Dynamic, format: &str, tz: &str| -> Result<ImmutableString, Box<EvalAltResult>> {
+        let zone = Zone::parse(tz).map_err(runtime_error)?;
+        let format = (!format.is_empty()).then(|| format.to_string());
+        to_utc(&v, &DateOptions { format, timezone: Some(zone), ..Default::default() })
+    });
+    e.register_fn("to_date", |v: Dynamic| -> Result<ImmutableString, Box<EvalAltResult>> {
+        convert::date_from(&json_arg(&v)?, &DateOptions::default()).map(Into::into).map_err(runtime_error)
+    });
+    // Values.
+    e.register_fn("is_blank", |v: Dynamic| v.is_unit() || v.clone().into_string().is_ok_and(|s| s.trim().is_empty()));
+    e.register_fn("fail", |reason: &str, message: &str| -> Result<Dynamic, Box<EvalAltResult>> { Err(fail_value(reason, "", message)) });
+    e.register_fn("fail", |reason: &str, pointer: &str, message: &str| -> Result<Dynamic, Box<EvalAltResult>> { Err(fail_value(reason, pointer, message)) });
+    let t = tables.clone();
+    e.register_fn("lookup", move |name: &str, key: &str| -> Result<Dynamic, Box<EvalAltResult>> {
+        let table = t.get(name).ok_or_else(|| runtime_error(format!("no lookup table named `{name}` in this step's `tables:`")))?;
+        Ok(table.get(key, 1).map_or(Dynamic::UNIT, |v| v.into()))
+    });
+    let t = tables;
+    e.register_fn("lookup", move |name: &str, key: &str, column: &str| -> Result<Dynamic, Box<EvalAltResult>> {
+        let table = t.get(name).ok_or_else(|| runtime_error(format!("no lookup table named `{name}` in this step's `tables:`")))?;
+        let col = table.column_index(column).ok_or_else(|| runtime_error(format!("lookup table `{name}` has no column `{column}`")))?;
+        Ok(table.get(key, col).map_or(Dynamic::UNIT, |v| v.into()))
+    });
+    e
+}
+
+/// The script's header: `// version: 1.0.0` (required) and optionally `// name: ...`.
+fn header(text: &str, key: &str) -> Option<String> {
+    text.lines()
+        .take_while(|l| l.trim_start().starts_with("//") || l.trim().is_empty())
+        .find_map(|l| l.trim_start().trim_start_matches('/').trim().strip_prefix(key).and_then(|r| r.strip_prefix(':')).map(|v| v.trim().to_string()))
+        .filter(|v| !v.is_empty())
+}
+
+/// The variables every script and condition may use, declared so that strict-variable mode can
+/// reject a misspelt name at load time.
+pub fn declared_scope() -> Scope<'static> {
+    let mut scope = Scope::new();
+    scope.push("input", Dynamic::UNIT);
+    scope.push_constant("meta", Dynamic::from_map(rhai::Map::new()));
+    scope
+}
+
+/// A Rhai compile error as a diagnostic at the script's line and column.
+pub fn parse_error_diag(file: &SourceFile, e: &rhai::ParseError) -> Diagnostic {
+    let pos = e.position();
+    let span = file.span_at(pos.line().unwrap_or(1), pos.position().unwrap_or(1), 1);
+    Diagnostic::new(DiagCode::ScriptSyntax, file, span, "", format!("script does not compile: {}", e.err_type()))
+}
+
+/// A compiled script step.
+pub struct Script {
+    pub name: String,
+    pub version: String,
+    engine: Arc<Engine>,
+    ast: AST,
+}
+
+impl std::fmt::Debug for Script {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Script({}@{})", self.name, self.version)
+    }
+}
+
+impl Script {
+    pub fn compile(file: &SourceFile, engine: Arc<Engine>) -> Result<Script, Vec<Diagnostic>> {
+        let Some(version) = header(&file.text, "version") else {
+            return Err(vec![Diagnostic::new(DiagCode::InvalidFile, file, file.span_at(1, 1, 1), "", "a script must declare its version in a first-line comment")
+                .expected("`// version: 1.0.0`")
+                .hint("versions are stamped on every output, so a change to the script is traceable")]);
+        };
+        let name = header(&file.text, "name").unwrap_or_else(|| file.path.file_stem().map(|s| s.to_string_lossy().trim_end_matches(".rhai").to_string()).unwrap_or_default());
+        let ast = engine.compile_with_scope(&declared_scope(), &*file.text).map_err(|e| vec![parse_error_diag(file, &e)])?;
+        Ok(Script { name, version, engine, ast })
+    }
+
+    /// Runs the script on `record`; `meta` is visible as `meta`.
+    pub fn apply(&self, record: &Value, meta: &rhai::Map, document: Document) -> Result<Value, Failure> {
+        let input = rhai::serde::to_dynamic(record).map_err(|e| Failure::one(reason::SCRIPT_ERROR, ErrorDetail { pointer: String::new(), message: e.to_string(), document }))?;
+        let mut scope = Scope::new();
+        scope.push("input", input);
+        scope.push_constant("meta", Dynamic::from_map(meta.clone()));
+        let out = self.engine.eval_ast_with_scope::<Dynamic>(&mut scope, &self.ast).map_err(|e| self.failure(*e, document))?;
+        if out.is_unit() {
+            return Err(Failure::one(
+                reason::SCRIPT_ERROR,
+                ErrorDetail { pointer: String::new(), message: format!("script {} returned nothing: end it with the record to output", self.name), document },
+            ));
+        }
+        dynamic_to_json(&out).map_err(|m| Failure::one(reason::SCRIPT_ERROR, ErrorDetail { pointer: String::new(), message: m, document }))
+    }
+
+    fn failure(&self, e: EvalAltResult, document: Document) -> Failure {
+        if let EvalAltResult::ErrorRuntime(v, _) = &e {
+            if let Some(m) = v.read_lock::<rhai::Map>() {
+                if m.contains_key(FAIL_TAG) {
+                    let get = |k: &str| m.get(k).and_then(|v| v.clone().into_string().ok()).unwrap_or_default();
+                    return Failure::one(get("reason"), ErrorDetail { pointer: get("pointer"), message: get("message"), document });
+                }
+            }
+        }
+        let pos = e.position();
+        let at = match (pos.line(), pos.position()) {
+            (Some(l), Some(c)) => format!(" at line {l}, column {c}"),
+            (Some(l), None) => format!(" at line {l}"),
+            _ => String::new(),
+        };
+        let mut text = e.to_string();
+        if let Some(i) = text.rfind(" (line ") {
+            text.truncate(i);
+        }
+        Failure::one(reason::SCRIPT_ERROR, ErrorDetail { pointer: String::new(), message: format!("script {} failed{at}: {text}", self.name), document })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn script(text: &str) -> Result<Script, Vec<Diagnostic>> {
+        let engine = Arc::new(sandboxed_engine(Limits::default(), Arc::new(ScriptTables::new())));
+        Script::compile(&SourceFile::new("t.rhai", text), engine)
+    }
+
+    fn run(text: &str, input: Value) -> Result<Value, Failure> {
+        script(text).unwrap().apply(&input, &rhai::Map::new(), Document::Input)
+    }
+
+    #[test]
+    fn computes_money_with_decimals_and_dates() {
+        let out = run(
+            "// version: 1.0.0\nlet line_total = dec(input.price);\nlet unit = line_total / input.qty;\n#{ unit: money_exact(unit, \"USD\"), total: money(line_total + dec(\"0.10\"), \"USD\"), at: to_utc(input.at) }",
+            json!({"price": "17.95", "qty": 2, "at": "2019-05-07T15:42:57.058Z"}),
+        )
+        .unwrap();
+        assert_eq!(out, json!({"at": "2019-05-07T15:42:57.058Z", "total": {"amount": "18.05", "currency": "USD"}, "unit": {"amount": "8.975", "currency": "USD"}}));
+    }
+
+    #[test]
+    fn fail_sends_a_reason_and_pointer() {
+        let f = run("// version: 1\nif input.items.len() == 0 { fail(\"no_items\", \"/items\", \"order has no items\") }\ninput", json!({"items": []})).unwrap_err();
+        assert_eq!(f, Failure::one("no_items", ErrorDetail { pointer: "/items".into(), message: "order has no items".into(), document: Document::Input }));
+    }
+
+    #[test]
+    fn runtime_errors_give_the_line_and_money_errors_are_caught() {
+        let f = run("// version: 1\nlet x = 1;\nlet y = input.missing.deeper;\n", json!({})).unwrap_err();
+        assert_eq!(f.reason, "script_error");
+        assert!(f.errors[0].message.contains("line 3"), "{:?}", f.errors);
+        let f = run("// version: 1\nmoney(\"25.99\", \"JPY\")", json!({})).unwrap_err();
+        assert!(f.errors[0].message.contains("more decimal places than JPY allows"), "{:?}", f.errors);
+    }
+
+    #[test]
+    fn sandbox_stops_runaway_scripts_and_eval() {
+        let f = run("// version: 1\nloop { }", json!({})).unwrap_err();
+        assert!(f.errors[0].message.to_lowercase().contains("too many operations"), "{:?}", f.errors);
+        let f = run("// version: 1\nfn r(n) { r(n + 1) }\nr(0)", json!({})).unwrap_err();
+        assert!(f.errors[0].message.to_lowercase().contains("stack overflow") || f.errors[0].message.contains("call"), "{:?}", f.errors);
+        let errs = script("// version: 1\neval(\"1\")").unwrap_err();
+        assert_eq!(errs[0].code, DiagCode::ScriptSyntax);
+    }
+
+    #[test]
+    fn compile_errors_point_at_the_script_line_and_a_version_is_required() {
+        let errs = script("// version: 1\nlet a = 1;\nlet b = ;\n").unwrap_err();
+        assert_eq!((errs[0].code, errs[0].span.line), (DiagCode::ScriptSyntax, 3));
+        let errs = script("// version: 1\nlet a = inptu;\n").unwrap_err();
+        assert!(errs[0].message.contains("inptu"), "{errs:?}");
+        let errs = script("let a = 1; a").unwrap_err();
+        assert!(errs[0].message.contains("version"));
+    }
+}

@@ -1,0 +1,128 @@
+//! Finding pipeline files and loading them, collecting every diagnostic of every file.
+
+use super::{Pipeline, PipelineConfig};
+use crate::build::{BuildContext, Shared};
+use crate::config::{parse_node, yaml, DiagCode, Diagnostic, SourceFile, Span};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Pipeline test files sit beside their pipeline: `orders.yaml` and `orders.test.yaml`.
+pub fn is_test_file(p: &Path) -> bool {
+    let n = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    n.ends_with(".test.yaml") || n.ends_with(".test.yml")
+}
+
+fn is_yaml(p: &Path) -> bool {
+    matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+}
+
+/// Whether a YAML file found in a folder is a pipeline (other YAML, such as field maps, is skipped).
+fn looks_like_pipeline(p: &Path) -> bool {
+    let Ok(file) = SourceFile::read(p) else { return true };
+    match yaml::parse_plain(&file) {
+        Ok(node) => match node.get("kind").and_then(|k| k.as_str()) {
+            Some(kind) => kind == "Pipeline",
+            None => node.get("apiVersion").is_some() || node.get("source").is_some(),
+        },
+        Err(_) => true,
+    }
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>, pick: &dyn Fn(&Path) -> bool) -> std::io::Result<()> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?.flatten().map(|e| e.path()).collect();
+    entries.sort();
+    for p in entries {
+        let hidden = p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.') || n == "target");
+        if hidden {
+            continue;
+        }
+        if p.is_dir() {
+            walk(&p, out, pick)?;
+        } else if pick(&p) {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// The pipeline files named by `paths` (files, or folders searched recursively).
+pub fn discover(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_file() {
+            out.push(p.clone());
+        } else if p.is_dir() {
+            walk(p, &mut out, &|f| is_yaml(f) && !is_test_file(f) && looks_like_pipeline(f)).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+        } else {
+            return Err(format!("{} does not exist", p.display()));
+        }
+    }
+    Ok(out)
+}
+
+/// The test files named by `paths` (test files, pipelines with a test file beside them, folders).
+pub fn discover_tests(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_file() {
+            if is_test_file(p) {
+                out.push(p.clone());
+            } else {
+                let stem = p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+                let t = p.with_file_name(format!("{stem}.test.yaml"));
+                if t.is_file() {
+                    out.push(t);
+                }
+            }
+        } else if p.is_dir() {
+            walk(p, &mut out, &|f| is_test_file(f)).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+        } else {
+            return Err(format!("{} does not exist", p.display()));
+        }
+    }
+    Ok(out)
+}
+
+/// Loads and builds one pipeline file.
+pub fn load_file(path: &Path, shared: &Shared) -> Result<Pipeline, Vec<Diagnostic>> {
+    let file = SourceFile::read(path).map_err(|e| vec![Diagnostic::new(DiagCode::FileNotFound, &SourceFile::new(path, ""), Span::new(1, 1, 0, 0), "", format!("cannot read pipeline: {e}"))])?;
+    let node = yaml::parse(&file, &*shared.env)?;
+    let config: PipelineConfig = parse_node(&node, &file, &[])?;
+    let cx = BuildContext::new(file, shared);
+    Pipeline::build(&config, &cx)
+}
+
+/// The result of loading several pipeline files.
+#[derive(Default)]
+pub struct Loaded {
+    pub files: Vec<PathBuf>,
+    pub pipelines: Vec<Pipeline>,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// Loads every pipeline under `paths`; pipelines with problems are left out and their
+/// diagnostics returned. Two pipelines with one name are an error.
+pub fn load_all(paths: &[PathBuf], shared: &Shared) -> Result<Loaded, String> {
+    let files = discover(paths)?;
+    let mut loaded = Loaded { files: files.clone(), ..Default::default() };
+    let mut names: HashMap<String, PathBuf> = HashMap::new();
+    for f in &files {
+        match load_file(f, shared) {
+            Ok(p) => {
+                if let Some(first) = names.get(&p.name) {
+                    let file = SourceFile::read(f).unwrap_or_else(|_| SourceFile::new(f, ""));
+                    let span = yaml::parse_plain(&file).ok().and_then(|n| n.get("name").map(|v| v.span)).unwrap_or_default();
+                    loaded.diagnostics.push(
+                        Diagnostic::new(DiagCode::Conflict, &file, span, "name", format!("pipeline name `{}` is already used by {}", p.name, first.display()))
+                            .hint("pipeline names are unique: they name queues, exception records and metrics"),
+                    );
+                    continue;
+                }
+                names.insert(p.name.clone(), f.clone());
+                loaded.pipelines.push(p);
+            }
+            Err(d) => loaded.diagnostics.extend(d),
+        }
+    }
+    Ok(loaded)
+}

@@ -1,0 +1,353 @@
+//! A pipeline: its YAML format, how it is built (structure, then context: files, JSONPaths,
+//! scripts, schemas), and how it processes one message: parse -> validate -> map -> route.
+
+pub mod load;
+
+use crate::build::{BuildContext, Diags};
+use crate::config::{DiagCode, Diagnostic, Spanned};
+use crate::jsonpath::{CompiledPath, Scope};
+use crate::map::fields::ApiVersion;
+use crate::map::{build_schema_check, MapStep, MapStepConfig, StepInput};
+use crate::message::{reason, Document, ErrorDetail, ExceptionRecord, Failure, Metadata, OriginalPayload, Output, RawMessage, Stage};
+use crate::registry::{Component, SinkConfig, SourceConfig, ValidateStepConfig};
+use crate::route::{RouteConfig, Router};
+use crate::template::Template;
+use crate::validate::SchemaCheck;
+use chrono::Utc;
+use indexmap::IndexMap;
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde_json::Value;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+pub enum PipelineKind {
+    Pipeline,
+}
+
+/// Where a value of the envelope comes from: a JSONPath, a header, or a template.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ValueFrom {
+    #[serde(default)]
+    pub path: Option<Spanned<String>>,
+    /// A transport header or property, e.g. `x-correlation-id`.
+    #[serde(default)]
+    pub header: Option<String>,
+    #[serde(default)]
+    pub template: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnvelopeConfig {
+    /// Where the correlation id comes from; generated when absent or empty.
+    #[serde(default)]
+    pub correlation_id: Option<ValueFrom>,
+    /// Template of the idempotency key, e.g. `{channel}:{$.id}`. A message without one fails.
+    #[serde(default)]
+    pub idempotency_key: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExceptionPolicy {
+    /// Remediation hint per reason code, copied onto each exception record with that reason.
+    #[serde(default)]
+    pub hints: IndexMap<String, String>,
+    /// Hint for reasons without their own.
+    #[serde(default)]
+    pub default_hint: Option<String>,
+}
+
+/// A pipeline file.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "Switchyard pipeline", description = "One pipeline: source -> validate -> map -> route -> sinks.")]
+pub struct PipelineConfig {
+    #[serde(rename = "apiVersion")]
+    pub api_version: ApiVersion,
+    pub kind: PipelineKind,
+    /// Unique name: lowercase letters, digits, `-` and `_`.
+    pub name: Spanned<String>,
+    /// Version of this pipeline, stamped on every output.
+    pub version: String,
+    pub description: String,
+    /// Who answers for this pipeline (team or person).
+    pub owner: String,
+    /// The channel its messages come from (shopify, amazon, pos ...), stamped on every message.
+    #[serde(default)]
+    pub channel: Option<String>,
+    pub source: Component<SourceConfig>,
+    #[serde(default)]
+    pub envelope: EnvelopeConfig,
+    /// Checks of the message as received.
+    #[serde(default)]
+    pub validate: Vec<Component<ValidateStepConfig>>,
+    /// Steps that build the output record, in order.
+    #[serde(default)]
+    pub map: Vec<Component<MapStepConfig>>,
+    /// Which sinks get the record; may be left out when there is one sink.
+    #[serde(default)]
+    pub route: Option<RouteConfig>,
+    /// Named outputs.
+    pub sinks: IndexMap<String, Component<SinkConfig>>,
+    #[serde(default)]
+    pub exceptions: ExceptionPolicy,
+}
+
+enum Correlation {
+    Generated,
+    Path(CompiledPath),
+    Header(String),
+    Template(Template),
+}
+
+/// A built pipeline, ready to process messages.
+pub struct Pipeline {
+    pub name: String,
+    pub version: String,
+    pub description: String,
+    pub owner: String,
+    pub channel: Option<String>,
+    pub file: PathBuf,
+    /// Folder of the pipeline file: relative source paths start here.
+    pub dir: PathBuf,
+    pub source: SourceConfig,
+    pub sinks: Vec<(String, SinkConfig)>,
+    correlation: Correlation,
+    idempotency_key: Option<Template>,
+    validate: Vec<SchemaCheck>,
+    steps: Vec<Box<dyn MapStep>>,
+    router: Router,
+    hints: IndexMap<String, String>,
+    default_hint: Option<String>,
+    pub mapping_versions: Arc<IndexMap<String, String>>,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Pipeline({}@{})", self.name, self.version)
+    }
+}
+
+/// What became of one message.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The record, and the sinks (indexes into `Pipeline::sinks`) it goes to.
+    Routed { output: Output, sinks: Vec<usize> },
+    Failed(Box<ExceptionRecord>),
+}
+
+fn valid_name(s: &str) -> bool {
+    s.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+}
+
+impl Pipeline {
+    /// Builds a pipeline from its parsed config: resolves every component and compiles every
+    /// JSONPath, template, schema and script. Every problem is reported.
+    pub fn build(config: &PipelineConfig, cx: &BuildContext) -> Result<Pipeline, Vec<Diagnostic>> {
+        let mut diags = Diags::default();
+        let file = &cx.file;
+        if !valid_name(&config.name.value) {
+            diags.push(cx.diag(DiagCode::InvalidValue, config.name.span, "name", format!("`{}` is not a valid pipeline name", config.name.value)).expected("lowercase letters, digits, `-` and `_`, e.g. `shopify-orders`"));
+        }
+        let source = diags.take_all(config.source.resolve(file));
+        if let Some(SourceConfig::File(f)) = &source {
+            let path = cx.resolve(&f.path.value);
+            if !path.exists() {
+                diags.push(cx.diag(DiagCode::FileNotFound, f.path.span, "source.path", format!("source path `{}` does not exist", f.path.value)).hint(format!("paths are relative to the folder of {}", file.path.display())));
+            }
+        }
+        let mut sinks = Vec::new();
+        for (name, c) in &config.sinks {
+            if !valid_name(name) {
+                diags.push(cx.diag(DiagCode::InvalidValue, c.raw.node.span, &format!("sinks.{name}"), format!("`{name}` is not a valid sink name")).expected("lowercase letters, digits, `-` and `_`"));
+            }
+            if let Some(s) = diags.take_all(c.resolve(file)) {
+                sinks.push((name.clone(), s));
+            }
+        }
+        if config.sinks.is_empty() {
+            diags.push(cx.diag(DiagCode::MissingKey, config.name.span, "sinks", "the pipeline declares no sinks").hint("add at least one under `sinks:`"));
+        }
+        let correlation = match &config.envelope.correlation_id {
+            None => Some(Correlation::Generated),
+            Some(v) => match (&v.path, &v.header, &v.template) {
+                (Some(p), None, None) => diags.take(cx.jsonpath(p, "envelope.correlation_id.path")).map(Correlation::Path),
+                (None, Some(h), None) => Some(Correlation::Header(h.to_ascii_lowercase())),
+                (None, None, Some(t)) => diags.take(cx.template(t, "envelope.correlation_id.template")).map(Correlation::Template),
+                _ => {
+                    diags.push(cx.diag(DiagCode::Conflict, config.name.span, "envelope.correlation_id", "give exactly one of `path`, `header` or `template`"));
+                    None
+                }
+            },
+        };
+        let idempotency_key = config.envelope.idempotency_key.as_ref().and_then(|t| diags.take(cx.template(t, "envelope.idempotency_key")));
+        let mut validate = Vec::new();
+        for (i, c) in config.validate.iter().enumerate() {
+            if let Some(ValidateStepConfig::JsonSchema(s)) = diags.take_all(c.resolve(file)) {
+                if let Some(check) = diags.take(build_schema_check(&s.schema, cx, &format!("validate[{i}].schema"), Document::Input)) {
+                    validate.push(check);
+                }
+            }
+        }
+        let mut steps = Vec::new();
+        for (i, c) in config.map.iter().enumerate() {
+            if let Some(step) = diags.take_all(c.resolve(file)) {
+                if let Some(built) = diags.take_all(step.build(cx, &format!("map[{i}]"))) {
+                    steps.push(built);
+                }
+            }
+        }
+        let sink_names: Vec<String> = config.sinks.keys().cloned().collect();
+        let router = match &config.route {
+            Some(r) => diags.take_all(Router::build(r, &sink_names, cx)),
+            None if sink_names.len() <= 1 => diags.take_all(Router::build(&RouteConfig { default: sink_names.first().map(|s| Spanned::new(crate::route::SinkRefs::One(s.clone()))), ..Default::default() }, &sink_names, cx)),
+            None => {
+                diags.push(cx.diag(DiagCode::MissingKey, config.name.span, "route", "the pipeline has several sinks but no `route:`").hint("add `route:` with rules naming the sinks, or a `default:`"));
+                None
+            }
+        };
+        let mut versions = IndexMap::new();
+        for s in &steps {
+            for (n, v) in s.versions() {
+                versions.insert(n, v);
+            }
+        }
+        if !diags.is_empty() {
+            return Err(diags.0);
+        }
+        Ok(Pipeline {
+            name: config.name.value.clone(),
+            version: config.version.clone(),
+            description: config.description.clone(),
+            owner: config.owner.clone(),
+            channel: config.channel.clone(),
+            file: file.path.clone(),
+            dir: cx.dir.clone(),
+            source: source.expect("no diagnostics"),
+            sinks,
+            correlation: correlation.expect("no diagnostics"),
+            idempotency_key,
+            validate,
+            steps,
+            router: router.expect("no diagnostics"),
+            hints: config.exceptions.hints.clone(),
+            default_hint: config.exceptions.default_hint.clone(),
+            mapping_versions: Arc::new(versions),
+        })
+    }
+
+    fn metadata(&self, raw: &RawMessage) -> Metadata {
+        let message_id = raw.message_id.clone().unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        Metadata {
+            correlation_id: message_id.clone(),
+            message_id,
+            idempotency_key: None,
+            channel: self.channel.clone(),
+            received_at: raw.received_at.unwrap_or_else(Utc::now),
+            pipeline: self.name.clone(),
+            pipeline_version: self.version.clone(),
+            mapping_versions: self.mapping_versions.clone(),
+            attempt: raw.attempt.max(1),
+            origin: raw.origin.clone(),
+        }
+    }
+
+    /// Processes one message. Bad data never errors: it comes back as [`Outcome::Failed`].
+    pub fn process(&self, raw: RawMessage) -> Outcome {
+        let mut meta = self.metadata(&raw);
+        if let Some((r, message)) = &raw.decode_error {
+            return self.failed(meta, &raw.body, Stage::Source, None, Failure::one(r.clone(), ErrorDetail::input("", message.clone())));
+        }
+        let input = match raw.parsed {
+            Some(ref v) => v.clone(),
+            None => match serde_json::from_slice::<Value>(&raw.body) {
+                Ok(v) => v,
+                Err(e) => {
+                    let f = Failure::one(reason::INVALID_JSON, ErrorDetail::input("", format!("not valid JSON: {e}")));
+                    return self.failed(meta, &raw.body, Stage::Source, None, f);
+                }
+            },
+        };
+        // Envelope: correlation id and idempotency key come from the input as received.
+        let scope = Scope::root(&input);
+        let correlation = match &self.correlation {
+            Correlation::Generated => None,
+            Correlation::Path(p) => p.first(scope).and_then(|v| match v {
+                Value::String(s) => Some(s.clone()),
+                Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            }),
+            Correlation::Header(h) => raw.headers.get(h).cloned(),
+            Correlation::Template(t) => t.render(scope, &crate::map::StepInput::new(&meta, Document::Input)),
+        };
+        if let Some(c) = correlation.filter(|c| !c.is_empty()) {
+            meta.correlation_id = c;
+        }
+        if let Some(t) = &self.idempotency_key {
+            match t.render(scope, &StepInput::new(&meta, Document::Input)) {
+                Some(k) => meta.idempotency_key = Some(k),
+                None => {
+                    let pointer = t.first_path().map(|p| p.nominal_pointer()).unwrap_or_default();
+                    let f = Failure::one(reason::MISSING_REQUIRED_FIELD, ErrorDetail::input(pointer, "the idempotency key cannot be built: a value it needs is missing"));
+                    return self.failed(meta, &raw.body, Stage::Source, Some("envelope.idempotency_key".into()), f);
+                }
+            }
+        }
+        for (i, check) in self.validate.iter().enumerate() {
+            if let Err(f) = check.check(&input) {
+                return self.failed(meta, &raw.body, Stage::Validate, Some(format!("validate[{i}]")), f);
+            }
+        }
+        let mut record = input;
+        for (i, step) in self.steps.iter().enumerate() {
+            let document = if i == 0 { Document::Input } else { Document::Record };
+            let step_input = StepInput::new(&meta, document);
+            record = match step.apply(record, &step_input) {
+                Ok(r) => r,
+                Err(f) => return self.failed(meta, &raw.body, Stage::Map, Some(format!("map[{i}] {}", step.label())), f),
+            };
+        }
+        match self.router.route(&mut record) {
+            Ok(sinks) => Outcome::Routed { output: Output { metadata: meta, payload: record }, sinks },
+            Err(f) => self.failed(meta, &raw.body, Stage::Route, None, f),
+        }
+    }
+
+    /// The exception record of a message that failed a stage, with the configured hint.
+    pub fn failed(&self, meta: Metadata, body: &[u8], stage: Stage, step: Option<String>, failure: Failure) -> Outcome {
+        Outcome::Failed(Box::new(self.exception(meta, body, stage, step, failure)))
+    }
+
+    pub fn exception(&self, meta: Metadata, body: &[u8], stage: Stage, step: Option<String>, failure: Failure) -> ExceptionRecord {
+        let hint = self.hints.get(&failure.reason).or(self.default_hint.as_ref()).cloned();
+        ExceptionRecord {
+            exception_id: uuid::Uuid::now_v7().to_string(),
+            pipeline: meta.pipeline,
+            pipeline_version: meta.pipeline_version,
+            stage,
+            step,
+            reason: failure.reason,
+            errors: failure.errors,
+            hint,
+            message_id: meta.message_id,
+            correlation_id: meta.correlation_id,
+            idempotency_key: meta.idempotency_key,
+            channel: meta.channel,
+            received_at: meta.received_at,
+            failed_at: Utc::now(),
+            attempt: meta.attempt,
+            origin: meta.origin,
+            mapping_versions: meta.mapping_versions,
+            original: OriginalPayload::from_bytes(body),
+        }
+    }
+
+    pub fn sink_name(&self, index: usize) -> &str {
+        &self.sinks[index].0
+    }
+}

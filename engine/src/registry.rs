@@ -1,0 +1,158 @@
+//! The registry: every kind of source, validate step, map step and sink, keyed by its `type:`.
+//! A plain `match` per stage; adding a kind means adding a line here and its module.
+
+use crate::config::de::{display_path, RawNode};
+use crate::config::diag::{one_of, suggestion};
+use crate::config::yaml::{Node, NodeValue};
+use crate::config::{parse_node, DiagCode, Diagnostic, PathPart, SourceFile};
+use crate::map::MapStepConfig;
+use crate::sink::{file::FileSinkConfig, stdout::StdoutSinkConfig};
+use crate::source::{file::FileSourceConfig, stdin::StdinSourceConfig};
+use schemars::JsonSchema;
+use serde::de::DeserializeOwned;
+use std::marker::PhantomData;
+
+/// A source, picked by `type:`.
+#[derive(Debug, Clone, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum SourceConfig {
+    /// A file or folder of JSON, NDJSON or CSV files.
+    File(FileSourceConfig),
+    /// Standard input.
+    Stdin(StdinSourceConfig),
+}
+
+/// A sink, picked by `type:`.
+#[derive(Debug, Clone, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum SinkConfig {
+    /// An NDJSON file under the data directory.
+    File(FileSinkConfig),
+    /// Standard output.
+    Stdout(StdoutSinkConfig),
+}
+
+/// A validate step, picked by `type:`.
+#[derive(Debug, Clone, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ValidateStepConfig {
+    /// Check the message against a JSON Schema (draft 2020-12 unless `$schema` says otherwise).
+    JsonSchema(crate::map::SchemaStepConfig),
+}
+
+/// A config chosen by its `type:` key.
+pub trait Tagged: Sized {
+    /// What the analyst calls it: "source", "map step", "sink".
+    const WHAT: &'static str;
+    const TYPES: &'static [&'static str];
+    /// Parses the node (without its `type` key) as the config of kind `ty`, one of `TYPES`.
+    fn parse_type(ty: &str, node: &Node, file: &SourceFile, prefix: &[PathPart]) -> Result<Self, Vec<Diagnostic>>;
+}
+
+fn p<T: DeserializeOwned>(node: &Node, file: &SourceFile, prefix: &[PathPart]) -> Result<T, Vec<Diagnostic>> {
+    parse_node(node, file, prefix)
+}
+
+impl Tagged for SourceConfig {
+    const WHAT: &'static str = "source";
+    const TYPES: &'static [&'static str] = &["file", "stdin"];
+    fn parse_type(ty: &str, node: &Node, file: &SourceFile, prefix: &[PathPart]) -> Result<Self, Vec<Diagnostic>> {
+        Ok(match ty {
+            "file" => SourceConfig::File(p(node, file, prefix)?),
+            "stdin" => SourceConfig::Stdin(p(node, file, prefix)?),
+            _ => unreachable!("checked against TYPES"),
+        })
+    }
+}
+
+impl Tagged for SinkConfig {
+    const WHAT: &'static str = "sink";
+    const TYPES: &'static [&'static str] = &["file", "stdout"];
+    fn parse_type(ty: &str, node: &Node, file: &SourceFile, prefix: &[PathPart]) -> Result<Self, Vec<Diagnostic>> {
+        Ok(match ty {
+            "file" => SinkConfig::File(p(node, file, prefix)?),
+            "stdout" => SinkConfig::Stdout(p(node, file, prefix)?),
+            _ => unreachable!("checked against TYPES"),
+        })
+    }
+}
+
+impl Tagged for ValidateStepConfig {
+    const WHAT: &'static str = "validate step";
+    const TYPES: &'static [&'static str] = &["json_schema"];
+    fn parse_type(ty: &str, node: &Node, file: &SourceFile, prefix: &[PathPart]) -> Result<Self, Vec<Diagnostic>> {
+        Ok(match ty {
+            "json_schema" => ValidateStepConfig::JsonSchema(p(node, file, prefix)?),
+            _ => unreachable!("checked against TYPES"),
+        })
+    }
+}
+
+impl Tagged for MapStepConfig {
+    const WHAT: &'static str = "map step";
+    const TYPES: &'static [&'static str] = &["fields", "script", "lookup", "validate", "reconcile"];
+    fn parse_type(ty: &str, node: &Node, file: &SourceFile, prefix: &[PathPart]) -> Result<Self, Vec<Diagnostic>> {
+        Ok(match ty {
+            "fields" => MapStepConfig::Fields(p(node, file, prefix)?),
+            "script" => MapStepConfig::Script(p(node, file, prefix)?),
+            "lookup" => MapStepConfig::Lookup(p(node, file, prefix)?),
+            "validate" => MapStepConfig::Validate(p(node, file, prefix)?),
+            "reconcile" => MapStepConfig::Reconcile(p(node, file, prefix)?),
+            _ => unreachable!("checked against TYPES"),
+        })
+    }
+}
+
+/// A `type:`-tagged component as written, resolved in a second phase so that its keys keep their
+/// positions (serde's tagged enums would lose them).
+#[derive(Debug, Clone)]
+pub struct Component<T> {
+    pub raw: RawNode,
+    _kind: PhantomData<T>,
+}
+
+impl<'de, T> serde::Deserialize<'de> for Component<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Component { raw: RawNode::deserialize(d)?, _kind: PhantomData })
+    }
+}
+
+impl<T: JsonSchema> JsonSchema for Component<T> {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        T::schema_name()
+    }
+    fn schema_id() -> std::borrow::Cow<'static, str> {
+        T::schema_id()
+    }
+    fn json_schema(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        T::json_schema(g)
+    }
+}
+
+impl<T: Tagged> Component<T> {
+    /// Reads `type:` and parses the rest as that kind's config.
+    pub fn resolve(&self, file: &SourceFile) -> Result<T, Vec<Diagnostic>> {
+        let node = &self.raw.node;
+        let at = display_path(&self.raw.path);
+        let entries = match &node.value {
+            NodeValue::Map(e) => e,
+            NodeValue::Poison => return Err(Vec::new()),
+            _ => {
+                return Err(vec![Diagnostic::new(DiagCode::WrongType, file, node.span, at, format!("wrong type: found {}", node.describe()))
+                    .expected(format!("a mapping with `type:` ({})", one_of(T::TYPES)))]);
+            }
+        };
+        let Some(ty_node) = node.get("type") else {
+            return Err(vec![Diagnostic::new(DiagCode::MissingKey, file, node.span, format!("{at}.type"), format!("the {} has no `type:`", T::WHAT))
+                .expected(one_of(T::TYPES))]);
+        };
+        let ty = ty_node.as_str().unwrap_or("");
+        if !T::TYPES.contains(&ty) {
+            return Err(vec![Diagnostic::new(DiagCode::UnknownType, file, ty_node.span, format!("{at}.type"), format!("unknown {} type `{ty}`", T::WHAT))
+                .expected(one_of(T::TYPES))
+                .hint_opt(suggestion(ty, T::TYPES.iter().copied()))]);
+        }
+        let rest = Node { span: node.span, value: NodeValue::Map(entries.iter().filter(|(k, _)| k.as_str() != Some("type")).cloned().collect()) };
+        T::parse_type(ty, &rest, file, &self.raw.path)
+    }
+}

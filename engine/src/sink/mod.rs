@@ -1,0 +1,53 @@
+//! Sinks: named outputs that routes refer to. Kinds (see `registry.rs`): `file` (NDJSON under the
+//! data directory), `stdout`.
+
+pub mod file;
+pub mod stdout;
+
+use crate::message::Output;
+use async_trait::async_trait;
+use schemars::JsonSchema;
+use serde::Deserialize;
+use std::path::PathBuf;
+
+/// What a sink writes for each message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputFormat {
+    /// `{"metadata": {...}, "payload": {...}}`: ids, versions and times travel with the record.
+    #[default]
+    Envelope,
+    /// The payload alone.
+    Payload,
+}
+
+impl OutputFormat {
+    pub fn render(self, output: &Output) -> Vec<u8> {
+        let r = match self {
+            OutputFormat::Envelope => serde_json::to_vec(output),
+            OutputFormat::Payload => serde_json::to_vec(&output.payload),
+        };
+        r.expect("JSON values always serialize")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("cannot write {}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// A running sink. Contract: `write` returns only when the message is accepted by the sink's
+/// medium (for files: handed to the OS; `flush` makes it durable).
+#[async_trait]
+pub trait Sink: Send + Sync {
+    async fn write(&self, output: &Output) -> Result<(), SinkError>;
+    async fn flush(&self) -> Result<(), SinkError>;
+    /// Where the output goes, for summaries.
+    fn describe(&self) -> String;
+}
+
+/// What a runtime sink needs from the engine.
+pub struct SinkContext {
+    pub data_dir: PathBuf,
+}
