@@ -6,7 +6,9 @@
 //! query. Inside `each:` blocks `$` is the current element; `$root` reaches the whole message.
 
 use crate::message::escape_pointer_token;
-use jsonpath_rust::parser::model::{JpQuery, Segment, Selector};
+use jsonpath_rust::parser::model::{Comparable, Comparison, Filter, FilterAtom, FnArg, JpQuery, Literal, Segment, Selector, SingularQuery, SingularQuerySegment, Test, TestFunction};
+use regex::Regex;
+use std::collections::HashMap;
 use jsonpath_rust::parser::parse_json_path;
 use jsonpath_rust::query::js_path_process;
 use serde_json::Value;
@@ -301,12 +303,14 @@ pub fn normalized_to_pointer(path: &str) -> String {
 }
 
 /// A condition written as an RFC 9535 filter expression, e.g. `$.ship_to.country == 'US'` or
-/// `@.total > 100 && match(@.channel, 'amazon.*')`. Both `$` and `@` are the message.
+/// `@.total > 100 && match(@.channel, 'amazon.*')`. As in field maps, `$` (like `@`) is the current
+/// value (the message, or the element inside `each`) and `$root` is the whole message.
 #[derive(Clone)]
 pub struct Condition {
     text: String,
-    /// `$[?expr]` with every `$` of the expression turned into `@`, run on `[message]`.
-    query: JpQuery,
+    filter: Filter,
+    /// `match()`/`search()` patterns, compiled at load.
+    regexes: HashMap<String, Regex>,
 }
 
 impl fmt::Debug for Condition {
@@ -315,12 +319,16 @@ impl fmt::Debug for Condition {
     }
 }
 
-/// Replaces the root identifier `$` by `@` outside string literals.
-fn relative_to_current(expr: &str) -> String {
+/// Rewrites our convention into RFC 9535 terms outside string literals: `$root` -> `$` (the
+/// query root) and `$` -> `@` (the current value).
+fn to_rfc_roots(expr: &str) -> String {
     let mut out = String::with_capacity(expr.len());
     let mut quote: Option<char> = None;
     let mut escaped = false;
-    for c in expr.chars() {
+    let chars: Vec<char> = expr.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
         match quote {
             Some(q) => {
                 if escaped {
@@ -332,12 +340,110 @@ fn relative_to_current(expr: &str) -> String {
                 }
                 out.push(c);
             }
-            None => {
-                if c == '\'' || c == '"' {
-                    quote = Some(c);
-                }
-                out.push(if c == '$' { '@' } else { c });
+            None if c == '\'' || c == '"' => {
+                quote = Some(c);
+                out.push(c);
             }
+            None if c == '$' => {
+                let is_root = chars[i + 1..].starts_with(&['r', 'o', 'o', 't']) && !chars.get(i + 5).is_some_and(|n| n.is_alphanumeric() || *n == '_');
+                if is_root {
+                    out.push('$');
+                    i += 4;
+                } else {
+                    out.push('@');
+                }
+            }
+            None => out.push(c),
+        }
+        i += 1;
+    }
+    out
+}
+
+fn collect_patterns(f: &Filter, out: &mut Vec<String>) {
+    match f {
+        Filter::Or(v) | Filter::And(v) => v.iter().for_each(|x| collect_patterns(x, out)),
+        Filter::Atom(FilterAtom::Filter { expr, .. }) => collect_patterns(expr, out),
+        Filter::Atom(FilterAtom::Test { expr, .. }) => patterns_in_test(expr, out),
+        Filter::Atom(FilterAtom::Comparison(c)) => {
+            let (a, b) = c.vals();
+            for x in [a, b] {
+                if let Comparable::Function(func) = x {
+                    patterns_in_fn(func, out);
+                }
+            }
+        }
+    }
+}
+
+fn patterns_in_test(t: &Test, out: &mut Vec<String>) {
+    match t {
+        Test::Function(f) => patterns_in_fn(f, out),
+        Test::RelQuery(segs) => segs.iter().for_each(|s| patterns_in_segment(s, out)),
+        Test::AbsQuery(q) => q.segments.iter().for_each(|s| patterns_in_segment(s, out)),
+    }
+}
+
+fn patterns_in_segment(s: &Segment, out: &mut Vec<String>) {
+    match s {
+        Segment::Descendant(inner) => patterns_in_segment(inner, out),
+        Segment::Selector(Selector::Filter(f)) => collect_patterns(f, out),
+        Segment::Selectors(v) => v.iter().for_each(|sel| {
+            if let Selector::Filter(f) = sel {
+                collect_patterns(f, out)
+            }
+        }),
+        Segment::Selector(_) => {}
+    }
+}
+
+fn patterns_in_fn(f: &TestFunction, out: &mut Vec<String>) {
+    if let TestFunction::Match(_, FnArg::Literal(Literal::String(p))) | TestFunction::Search(_, FnArg::Literal(Literal::String(p))) = f {
+        out.push(p.clone());
+    }
+}
+
+/// A value in a filter: a node, a computed value, or nothing (absent).
+#[derive(Debug, Clone, PartialEq)]
+enum Val<'a> {
+    Node(&'a Value),
+    Owned(Value),
+    Nothing,
+}
+
+impl Val<'_> {
+    fn get(&self) -> Option<&Value> {
+        match self {
+            Val::Node(v) => Some(v),
+            Val::Owned(v) => Some(v),
+            Val::Nothing => None,
+        }
+    }
+}
+
+fn slice_indexes(len: usize, start: Option<i64>, end: Option<i64>, step: Option<i64>) -> Vec<usize> {
+    let len = len as i64;
+    let step = step.unwrap_or(1);
+    if step == 0 {
+        return Vec::new();
+    }
+    let norm = |i: i64| if i >= 0 { i } else { len + i };
+    let mut out = Vec::new();
+    if step > 0 {
+        let lo = norm(start.unwrap_or(0)).clamp(0, len);
+        let hi = norm(end.unwrap_or(len)).clamp(0, len);
+        let mut i = lo;
+        while i < hi {
+            out.push(i as usize);
+            i += step;
+        }
+    } else {
+        let hi = norm(start.unwrap_or(len - 1)).clamp(-1, len - 1);
+        let lo = norm(end.unwrap_or(-len - 1)).clamp(-1, len - 1);
+        let mut i = hi;
+        while lo < i {
+            out.push(i as usize);
+            i += step;
         }
     }
     out
@@ -345,27 +451,237 @@ fn relative_to_current(expr: &str) -> String {
 
 impl Condition {
     pub fn compile(text: &str) -> Result<Self, PathError> {
-        let wrapped = format!("$[?{}]", relative_to_current(text));
+        let rfc = to_rfc_roots(text);
+        // Column shift: the `$[?` prefix, and `$root` written 4 characters shorter.
+        let wrapped = format!("$[?{rfc}]");
         let query = parse_json_path(&wrapped).map_err(|e| pest_error(e, -3))?;
-        match query.segments.as_slice() {
-            [Segment::Selector(Selector::Filter(_))] => Ok(Condition { text: text.to_string(), query }),
-            _ => Err(PathError { message: "expected a filter expression such as `$.country == 'US'`".into(), column: 1 }),
+        let filter = match query.segments.into_iter().next() {
+            Some(Segment::Selector(Selector::Filter(f))) => f,
+            _ => return Err(PathError { message: "expected a filter expression such as `$.country == 'US'`".into(), column: 1 }),
+        };
+        let mut patterns = Vec::new();
+        collect_patterns(&filter, &mut patterns);
+        let mut regexes = HashMap::new();
+        for p in patterns {
+            let re = Regex::new(&p).map_err(|e| PathError { message: format!("invalid regular expression `{p}`: {e}"), column: 1 })?;
+            regexes.insert(p, re);
         }
+        Ok(Condition { text: text.to_string(), filter, regexes })
     }
 
     pub fn text(&self) -> &str {
         &self.text
     }
 
-    /// Evaluates the condition. The message is borrowed mutably only to wrap it in a one-element
-    /// list without copying (a filter selects among a list's elements); it is left unchanged.
-    pub fn matches(&self, message: &mut Value) -> bool {
-        let wrapper = Value::Array(vec![std::mem::take(message)]);
-        let matched = js_path_process(&self.query, &wrapper).is_ok_and(|found| !found.is_empty());
-        if let Value::Array(mut items) = wrapper {
-            *message = items.pop().expect("one element");
+    /// Whether the condition holds for `scope.current` (`$root` is `scope.root`).
+    pub fn matches(&self, scope: Scope<'_>) -> bool {
+        self.filter_holds(&self.filter, scope.current, scope.root)
+    }
+
+    fn filter_holds(&self, f: &Filter, cur: &Value, root: &Value) -> bool {
+        match f {
+            Filter::Or(v) => v.iter().any(|x| self.filter_holds(x, cur, root)),
+            Filter::And(v) => v.iter().all(|x| self.filter_holds(x, cur, root)),
+            Filter::Atom(FilterAtom::Filter { expr, not }) => self.filter_holds(expr, cur, root) != *not,
+            Filter::Atom(FilterAtom::Test { expr, not }) => {
+                let holds = match &**expr {
+                    Test::Function(func) => self.function(func, cur, root).get().and_then(Value::as_bool).unwrap_or(false),
+                    // A null value counts as absent, as everywhere in Switchyard.
+                    t => self.test_nodes(t, cur, root).iter().any(|v| !v.is_null()),
+                };
+                holds != *not
+            }
+            Filter::Atom(FilterAtom::Comparison(c)) => self.compare(c, cur, root),
         }
-        matched
+    }
+
+    fn test_nodes<'a>(&self, t: &Test, cur: &'a Value, root: &'a Value) -> Vec<&'a Value> {
+        let mut out = Vec::new();
+        match t {
+            Test::RelQuery(segs) => self.segments(cur, segs, root, &mut out),
+            Test::AbsQuery(q) => self.segments(root, &q.segments, root, &mut out),
+            Test::Function(_) => {}
+        }
+        out
+    }
+
+    fn segments<'a>(&self, v: &'a Value, segs: &[Segment], root: &'a Value, out: &mut Vec<&'a Value>) {
+        let Some((seg, rest)) = segs.split_first() else {
+            out.push(v);
+            return;
+        };
+        let mut here = Vec::new();
+        self.segment(v, seg, root, &mut here);
+        for n in here {
+            self.segments(n, rest, root, out);
+        }
+    }
+
+    fn segment<'a>(&self, v: &'a Value, seg: &Segment, root: &'a Value, out: &mut Vec<&'a Value>) {
+        match seg {
+            Segment::Selector(sel) => self.selector(v, sel, root, out),
+            Segment::Selectors(sels) => sels.iter().for_each(|s| self.selector(v, s, root, out)),
+            Segment::Descendant(inner) => {
+                self.segment(v, inner, root, out);
+                let children: Vec<&Value> = match v {
+                    Value::Array(a) => a.iter().collect(),
+                    Value::Object(o) => o.values().collect(),
+                    _ => Vec::new(),
+                };
+                for c in children {
+                    self.segment(c, seg, root, out);
+                }
+            }
+        }
+    }
+
+    fn selector<'a>(&self, v: &'a Value, sel: &Selector, root: &'a Value, out: &mut Vec<&'a Value>) {
+        match sel {
+            Selector::Name(n) => out.extend(v.as_object().and_then(|o| o.get(&unquote(n)))),
+            Selector::Index(i) => out.extend(v.as_array().and_then(|a| index(a, *i))),
+            Selector::Wildcard => match v {
+                Value::Array(a) => out.extend(a.iter()),
+                Value::Object(o) => out.extend(o.values()),
+                _ => {}
+            },
+            Selector::Slice(s, e, st) => {
+                if let Some(a) = v.as_array() {
+                    out.extend(slice_indexes(a.len(), *s, *e, *st).into_iter().map(|i| &a[i]));
+                }
+            }
+            Selector::Filter(f) => match v {
+                Value::Array(a) => out.extend(a.iter().filter(|c| self.filter_holds(f, c, root))),
+                Value::Object(o) => out.extend(o.values().filter(|c| self.filter_holds(f, c, root))),
+                _ => {}
+            },
+        }
+    }
+
+    fn comparable<'a>(&self, c: &'a Comparable, cur: &'a Value, root: &'a Value) -> Val<'a> {
+        match c {
+            Comparable::Literal(l) => Val::Owned(literal(l)),
+            Comparable::Function(f) => self.function(f, cur, root),
+            Comparable::SingularQuery(q) => {
+                let (start, segs) = match q {
+                    SingularQuery::Current(s) => (cur, s),
+                    SingularQuery::Root(s) => (root, s),
+                };
+                let mut v = start;
+                for s in segs {
+                    let next = match s {
+                        SingularQuerySegment::Name(n) => v.as_object().and_then(|o| o.get(&unquote(n))),
+                        SingularQuerySegment::Index(i) => v.as_array().and_then(|a| index(a, *i)),
+                    };
+                    match next {
+                        Some(n) => v = n,
+                        None => return Val::Nothing,
+                    }
+                }
+                Val::Node(v)
+            }
+        }
+    }
+
+    fn arg<'a>(&self, a: &'a FnArg, cur: &'a Value, root: &'a Value) -> (Val<'a>, Vec<&'a Value>) {
+        match a {
+            FnArg::Literal(l) => (Val::Owned(literal(l)), Vec::new()),
+            FnArg::Filter(f) => (Val::Owned(Value::Bool(self.filter_holds(f, cur, root))), Vec::new()),
+            FnArg::Test(t) => match &**t {
+                Test::Function(f) => (self.function(f, cur, root), Vec::new()),
+                t => {
+                    let nodes = self.test_nodes(t, cur, root);
+                    let single = if nodes.len() == 1 { Val::Node(nodes[0]) } else { Val::Nothing };
+                    (single, nodes)
+                }
+            },
+        }
+    }
+
+    fn function<'a>(&self, f: &'a TestFunction, cur: &'a Value, root: &'a Value) -> Val<'a> {
+        match f {
+            TestFunction::Length(a) => match self.arg(a, cur, root).0.get() {
+                Some(Value::String(s)) => Val::Owned(Value::from(s.chars().count())),
+                Some(Value::Array(a)) => Val::Owned(Value::from(a.len())),
+                Some(Value::Object(o)) => Val::Owned(Value::from(o.len())),
+                _ => Val::Nothing,
+            },
+            TestFunction::Count(a) => Val::Owned(Value::from(self.arg(a, cur, root).1.len())),
+            TestFunction::Value(a) => self.arg(a, cur, root).0,
+            TestFunction::Match(a, p) | TestFunction::Search(a, p) => {
+                let full = matches!(f, TestFunction::Match(..));
+                let text = self.arg(a, cur, root).0;
+                let pattern = self.arg(p, cur, root).0;
+                let (Some(Value::String(t)), Some(Value::String(p))) = (text.get(), pattern.get()) else {
+                    return Val::Owned(Value::Bool(false));
+                };
+                let hit = match self.regexes.get(p) {
+                    Some(re) => regex_hit(re, t, full),
+                    None => Regex::new(p).is_ok_and(|re| regex_hit(&re, t, full)),
+                };
+                Val::Owned(Value::Bool(hit))
+            }
+            TestFunction::Custom(..) => Val::Nothing,
+        }
+    }
+
+    fn compare(&self, c: &Comparison, cur: &Value, root: &Value) -> bool {
+        let (a, b) = c.vals();
+        // null and absent are the same thing: `$.x == null` holds for both.
+        let (a, b) = (absent_if_null(self.comparable(a, cur, root)), absent_if_null(self.comparable(b, cur, root)));
+        let eq = || match (a.get(), b.get()) {
+            (None, None) => true,
+            (Some(x), Some(y)) => json_eq(x, y),
+            _ => false,
+        };
+        let lt = |x: Option<&Value>, y: Option<&Value>| match (x, y) {
+            (Some(Value::Number(x)), Some(Value::Number(y))) => x.as_f64() < y.as_f64(),
+            (Some(Value::String(x)), Some(Value::String(y))) => x < y,
+            _ => false,
+        };
+        match c {
+            Comparison::Eq(..) => eq(),
+            Comparison::Ne(..) => !eq(),
+            Comparison::Lt(..) => lt(a.get(), b.get()),
+            Comparison::Gt(..) => lt(b.get(), a.get()),
+            Comparison::Lte(..) => lt(a.get(), b.get()) || (eq() && comparable_order(a.get())),
+            Comparison::Gte(..) => lt(b.get(), a.get()) || (eq() && comparable_order(a.get())),
+        }
+    }
+}
+
+fn absent_if_null(v: Val<'_>) -> Val<'_> {
+    if v.get().is_some_and(Value::is_null) { Val::Nothing } else { v }
+}
+
+fn regex_hit(re: &Regex, text: &str, full: bool) -> bool {
+    if full {
+        re.find(text).is_some_and(|m| m.start() == 0 && m.end() == text.len()) || re.find_iter(text).any(|m| m.start() == 0 && m.end() == text.len())
+    } else {
+        re.is_match(text)
+    }
+}
+
+fn comparable_order(v: Option<&Value>) -> bool {
+    matches!(v, Some(Value::Number(_) | Value::String(_)))
+}
+
+/// Equality as RFC 9535 defines it: numbers by value (1 == 1.0), everything else structurally.
+fn json_eq(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(p, q)| json_eq(p, q)),
+        (Value::Object(x), Value::Object(y)) => x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| json_eq(v, w))),
+        _ => a == b,
+    }
+}
+
+fn literal(l: &Literal) -> Value {
+    match l {
+        Literal::Int(i) => Value::from(*i),
+        Literal::Float(f) => serde_json::Number::from_f64(*f).map_or(Value::Null, Value::Number),
+        Literal::String(s) => Value::String(s.clone()),
+        Literal::Bool(b) => Value::Bool(*b),
+        Literal::Null => Value::Null,
     }
 }
 
@@ -425,17 +741,32 @@ mod tests {
 
     #[test]
     fn conditions_are_filter_expressions_over_the_message() {
-        let mut d = doc();
-        let before = d.clone();
-        assert!(Condition::compile("$.ship.country == 'US'").unwrap().matches(&mut d));
-        assert!(Condition::compile("@.ship.country == 'US' && @.id > 5").unwrap().matches(&mut d));
-        assert!(!Condition::compile("$.ship.country != 'US'").unwrap().matches(&mut d));
-        assert!(Condition::compile("$.missing").is_ok());
-        assert!(!Condition::compile("$.missing").unwrap().matches(&mut d));
-        assert!(Condition::compile("$.ship").unwrap().matches(&mut d));
-        assert!(Condition::compile("$.lines[?@.sku == 'B']").unwrap().matches(&mut d));
-        assert!(!Condition::compile("$.lines[?@.sku == 'Z']").unwrap().matches(&mut d));
-        assert_eq!(d, before);
+        let d = doc();
+        let m = |c: &str| Condition::compile(c).unwrap().matches(Scope::root(&d));
+        assert!(m("$.ship.country == 'US'"));
+        assert!(m("@.ship.country == 'US' && @.id > 5"));
+        assert!(!m("$.ship.country != 'US'"));
+        assert!(!m("$.missing"));
+        assert!(m("!$.missing"));
+        assert!(m("$.missing == $.also_missing"));
+        assert!(m("$.n == null && $.missing == null && !$.n && $.id != null"));
+        assert!(m("$.ship"));
+        assert!(m("$.lines[?@.sku == 'B']"));
+        assert!(!m("$.lines[?@.sku == 'Z']"));
+        assert!(m("length($.lines) == 2 && count($.lines[*].tax[*]) == 2"));
+        assert!(m("match($.currency, 'US.')"));
+        assert!(!m("match($.currency, 'US')"));
+        assert!(m("search($.currency, 'S')"));
+        assert!(m("$.id >= 7 && $.id <= 7 && $.id == 7.0"));
+        assert!(m("$..p"));
+        assert!(m("$.lines[0:1]"));
+        assert!(!m("$.lines[5:]"));
+        assert!(m("$.lines[::-1].sku"));
+        // Inside `each`, `$` is the element and `$root` the message.
+        let line = &d["lines"][1];
+        let scope = Scope { current: line, root: &d };
+        assert!(Condition::compile("$.qty == 2 && $root.currency == 'USD'").unwrap().matches(scope));
+        assert!(Condition::compile("match($.cur, '(').is_err() || true").is_err() || Condition::compile("match($.x, '(')").is_err());
         let e = Condition::compile("$.a ==").unwrap_err();
         assert!(e.column >= 1);
     }
@@ -444,6 +775,6 @@ mod tests {
     fn normalized_paths_become_pointers() {
         assert_eq!(normalized_to_pointer("$['a'][0]['b/c']"), "/a/0/b~1c");
         assert_eq!(normalized_to_pointer("$"), "");
-        assert_eq!(relative_to_current("$.a == '$x' && $.b == \"\\\"$\""), "@.a == '$x' && @.b == \"\\\"$\"");
+        assert_eq!(to_rfc_roots("$.a == '$x' && $root.b == \"\\\"$\" && $rooted"), "@.a == '$x' && $.b == \"\\\"$\" && @rooted");
     }
 }

@@ -177,7 +177,7 @@ impl Router {
         for rule in &self.rules {
             let hit = match &rule.cond {
                 Cond::Always => true,
-                Cond::Path(c) => c.matches(record),
+                Cond::Path(c) => c.matches(crate::jsonpath::Scope::root(record)),
                 Cond::Script(engine, ast) => {
                     let input = rhai::serde::to_dynamic(&*record).map_err(|e| Failure::one(reason::SCRIPT_ERROR, ErrorDetail::record("", e.to_string())))?;
                     let mut scope = crate::map::script::declared_scope();

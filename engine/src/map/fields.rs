@@ -6,7 +6,7 @@ use super::lookup::LookupTable;
 use crate::build::{BuildContext, Diags};
 use crate::config::{DiagCode, Diagnostic, Spanned};
 use crate::convert::{self, DateOptions, Epoch, Money, Precision, Zone};
-use crate::jsonpath::{CompiledPath, Scope};
+use crate::jsonpath::{CompiledPath, Condition, Scope};
 use crate::message::{reason, Document, ErrorDetail, Failure};
 use crate::template::{Template, Vars};
 use indexmap::IndexMap;
@@ -170,6 +170,12 @@ pub struct FieldRule {
     /// Separator for `concat` (default " ") and `aggregate: join` (default ", ").
     #[serde(default)]
     pub separator: Option<String>,
+    /// Alternatives tried in order; the first that yields a value wins (like SQL's CASE/COALESCE).
+    #[serde(default)]
+    pub first_of: Option<Vec<Spanned<FieldSpec>>>,
+    /// Only map this field when the condition holds, e.g. `$.cancelled_at` or `$.qty > 0`.
+    #[serde(default)]
+    pub when: Option<Spanned<String>>,
     /// Builds a list: one element per value this JSONPath selects (e.g. `$.line_items[*]`).
     #[serde(default)]
     pub each: Option<Spanned<String>>,
@@ -239,6 +245,7 @@ enum Source {
     Const(Value),
     Template(Template),
     Concat(Vec<ConcatPart>, String),
+    FirstOf(Vec<Field>),
     /// Only `fields`: an object built from the current scope.
     Here,
 }
@@ -272,6 +279,7 @@ struct Lookup {
 #[derive(Debug)]
 struct Field {
     name: String,
+    when: Option<Condition>,
     source: Source,
     shape: Shape,
     required: bool,
@@ -353,6 +361,7 @@ impl Field {
     fn simple(name: String, source: Source) -> Field {
         Field {
             name,
+            when: None,
             source,
             shape: Shape::Scalar,
             required: false,
@@ -376,20 +385,20 @@ impl Field {
 
 fn compile_rule(name: &str, r: &FieldRule, span: crate::config::Span, kp: &str, cx: &BuildContext, diags: &mut Diags) -> Option<Field> {
     let before = diags.0.len();
-    let sources = [r.path.is_some(), r.constant.is_some(), r.template.is_some(), r.concat.is_some(), r.each.is_some()];
+    let sources = [r.path.is_some(), r.constant.is_some(), r.template.is_some(), r.concat.is_some(), r.each.is_some(), r.first_of.is_some()];
     let n_sources = sources.iter().filter(|s| **s).count();
     let is_path_with_fields = r.path.is_some() && r.fields.is_some();
     if n_sources == 0 && r.fields.is_none() {
         diags.push(
             cx.diag(DiagCode::MissingKey, span, kp, format!("field `{name}` has no source"))
-                .expected("one of `path`, `const`, `template`, `concat`, `each` or `fields`"),
+                .expected("one of `path`, `const`, `template`, `concat`, `first_of`, `each` or `fields`"),
         );
         return None;
     }
     if n_sources > 1 {
         diags.push(
             cx.diag(DiagCode::Conflict, span, kp, format!("field `{name}` has more than one source"))
-                .hint("use exactly one of `path`, `const`, `template`, `concat` or `each`"),
+                .hint("use exactly one of `path`, `const`, `template`, `concat`, `first_of` or `each`"),
         );
         return None;
     }
@@ -440,6 +449,16 @@ fn compile_rule(name: &str, r: &FieldRule, span: crate::config::Span, kp: &str, 
             })
             .collect();
         Source::Concat(parts, r.separator.clone().unwrap_or_else(|| " ".to_string()))
+    } else if let Some(alts) = &r.first_of {
+        let mut specs = IndexMap::new();
+        for (i, a) in alts.iter().enumerate() {
+            specs.insert(format!("{name}[{i}]"), a.clone());
+        }
+        let compiled = compile_fields(&specs, &format!("{kp}.first_of"), cx, diags);
+        if compiled.iter().any(|f| !matches!(f.shape, Shape::Scalar)) {
+            diags.push(cx.diag(DiagCode::Conflict, span, &format!("{kp}.first_of"), "`first_of` alternatives are single values, not `each` or `fields`"));
+        }
+        Source::FirstOf(compiled)
     } else {
         Source::Here
     };
@@ -491,11 +510,13 @@ fn compile_rule(name: &str, r: &FieldRule, span: crate::config::Span, kp: &str, 
         };
         Some(Lookup { table, column, on_miss: l.on_miss.clone().unwrap_or_else(|| reason::LOOKUP_MISS.to_string()) })
     });
+    let when = r.when.as_ref().and_then(|w| diags.take(cx.condition(w, &format!("{kp}.when"))));
     if diags.0.len() > before {
         return None;
     }
     Some(Field {
         name: name.to_string(),
+        when,
         source,
         shape,
         required: r.required,
@@ -589,6 +610,11 @@ fn eval_fields(fields: &[Field], scope: Scope<'_>, ptr: &Ptr<'_>, target: &Targe
 }
 
 fn eval_field(f: &Field, scope: Scope<'_>, ptr: &Ptr<'_>, target: &Target<'_>, cx: &mut Eval<'_>, errors: &mut Vec<ErrorDetail>) -> Option<Value> {
+    if let Some(w) = &f.when {
+        if !w.matches(scope) {
+            return None;
+        }
+    }
     match &f.shape {
         Shape::Object(fields) => {
             let (inner, inner_ptr) = match &f.source {
@@ -655,6 +681,10 @@ fn eval_field(f: &Field, scope: Scope<'_>, ptr: &Ptr<'_>, target: &Target<'_>, c
                 let has_value = parts.iter().any(|p| matches!(p, ConcatPart::Path(_))) && pieces.len() > parts.iter().filter(|p| matches!(p, ConcatPart::Text(_))).count();
                 let v = has_value.then(|| Value::String(pieces.join(sep)));
                 finish(f, v.as_ref(), scope, || ptr.render(), target, cx, errors)
+            }
+            Source::FirstOf(alts) => {
+                let chosen = alts.iter().find_map(|a| eval_field(a, scope, ptr, target, cx, errors));
+                finish(f, chosen.as_ref(), scope, || ptr.render(), target, cx, errors)
             }
             Source::Here => None,
         },
@@ -878,6 +908,18 @@ mod tests {
                           {"sku": "B", "quantity": 1, "unit_price": {"amount": "1.00", "currency": "USD"}, "tax": {"amount": "0.00", "currency": "USD"}}],
                 "total": {"amount": "21.67", "currency": "USD"}})
         );
+    }
+
+    #[test]
+    fn first_of_and_when_choose_between_alternatives() {
+        let m = compile(&format!(
+            "{HEAD}  status:\n    first_of:\n      - {{when: $.cancelled_at, const: cancelled}}\n      - {{when: \"$.fulfillment_status == 'fulfilled'\", const: completed}}\n      - {{const: open}}\n  gift: {{when: '$.gift == true', const: true}}\n"
+        ))
+        .unwrap();
+        let run = |v: Value| m.apply(&v, &(), Document::Input).unwrap();
+        assert_eq!(run(json!({"cancelled_at": "2021-01-01", "fulfillment_status": "fulfilled"})), json!({"status": "cancelled"}));
+        assert_eq!(run(json!({"cancelled_at": null, "fulfillment_status": "fulfilled", "gift": true})), json!({"status": "completed", "gift": true}));
+        assert_eq!(run(json!({})), json!({"status": "open"}));
     }
 
     #[test]

@@ -128,28 +128,24 @@ impl Reconcile {
             derived.push((line_sub, line_total));
         }
 
-        // Order-level discounts not already allocated to lines.
-        let mut order_discounts = Decimal::ZERO;
-        let mut any_discount_detail = line_discounts != Decimal::ZERO;
-        if let Some(ds) = order.get("discounts").and_then(Value::as_array) {
-            for (i, d) in ds.iter().enumerate() {
-                if d.get("scope").and_then(Value::as_str) != Some("line") {
-                    order_discounts += c.money(d.get("amount"), &format!("/discounts/{i}/amount")).unwrap_or_default();
-                    any_discount_detail = true;
-                }
-            }
-        }
-        let (mut shipping, mut shipping_taxes, mut any_shipping_detail) = (Decimal::ZERO, Decimal::ZERO, false);
+        // Shipping charges (before their discounts) and their allocated discounts and taxes.
+        let (mut shipping, mut shipping_discounts, mut shipping_taxes, mut any_shipping_detail) = (Decimal::ZERO, Decimal::ZERO, Decimal::ZERO, false);
         if let Some(ss) = order.get("shipping").and_then(Value::as_array) {
             for (i, s) in ss.iter().enumerate() {
                 any_shipping_detail = true;
                 shipping += c.money(s.get("amount"), &format!("/shipping/{i}/amount")).unwrap_or_default();
-                shipping -= c.money(s.get("discount"), &format!("/shipping/{i}/discount")).unwrap_or_default();
+                shipping_discounts += c.money(s.get("discount"), &format!("/shipping/{i}/discount")).unwrap_or_default();
                 if s.get("taxes").and_then(Value::as_array).is_some_and(|t| !t.is_empty()) {
                     any_tax_detail = true;
                 }
                 shipping_taxes += c.sum(s.get("taxes"), "amount", &format!("/shipping/{i}/taxes")).unwrap_or_default();
             }
+        }
+        // Discounts: `discounts[]` lists them; line and shipping `discount`s are their allocation.
+        let allocated = line_discounts + shipping_discounts;
+        let listed = c.sum(order.get("discounts"), "amount", "/discounts");
+        if let (Some(listed), true) = (listed, allocated != Decimal::ZERO) {
+            c.compare(Some(listed), allocated, "/discounts", || format!("line discounts {line_discounts} + shipping discounts {shipping_discounts}"));
         }
         let order_taxes = c.sum(order.get("taxes"), "amount", "/taxes");
         let totals = order.get("totals");
@@ -157,10 +153,14 @@ impl Reconcile {
         let (s_sub, s_disc, s_ship, s_tax, s_total) = (stated(&mut c, "subtotal"), stated(&mut c, "discount"), stated(&mut c, "shipping"), stated(&mut c, "tax"), stated(&mut c, "total"));
 
         c.compare(s_sub, subtotal, "/totals/subtotal", || format!("the sum of {} line subtotal(s)", lines.len()));
-        let discount = if any_discount_detail { line_discounts + order_discounts } else { s_disc.unwrap_or_default() };
-        c.compare(s_disc, discount, "/totals/discount", || format!("line discounts {line_discounts} + order discounts {order_discounts}"));
+        let discount = match listed {
+            Some(l) => l,
+            None if allocated != Decimal::ZERO => allocated,
+            None => s_disc.unwrap_or_default(),
+        };
+        c.compare(s_disc, discount, "/totals/discount", || if listed.is_some() { "the sum of discounts[]".to_string() } else { format!("line discounts {line_discounts} + shipping discounts {shipping_discounts}") });
         let shipping = if any_shipping_detail { shipping } else { s_ship.unwrap_or_default() };
-        c.compare(s_ship, shipping, "/totals/shipping", || "the sum of the shipping charges".to_string());
+        c.compare(s_ship, shipping, "/totals/shipping", || "the sum of the shipping charges before discounts".to_string());
         let detail_tax = line_taxes + shipping_taxes;
         let tax = if any_tax_detail {
             if let Some(ot) = order_taxes {
@@ -231,7 +231,7 @@ mod tests {
             {"quantity": 2, "unit_price": m("10.00"), "discount": m("1.00"), "taxes": [{"amount": m("1.14")}]},
             {"quantity": 1, "unit_price": m("5.50"), "taxes": [{"amount": m("0.33")}]}],
             "discounts": [{"code": "X", "amount": m("1.00"), "scope": "line"}, {"code": "Y", "amount": m("2.00"), "scope": "order"}],
-            "shipping": [{"amount": m("8.50"), "taxes": [{"amount": m("0.51")}]}],
+            "shipping": [{"amount": m("8.50"), "discount": m("2.00"), "taxes": [{"amount": m("0.51")}]}],
             "totals": {"total": m("32.98")}});
         let out = rec().apply(order, Document::Record).unwrap();
         assert_eq!(out["lines"][0]["subtotal"], m("20.00"));

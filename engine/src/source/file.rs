@@ -77,9 +77,17 @@ fn message(body: Vec<u8>, parsed: Option<Value>, origin: String, line: Option<us
     RawMessage { body, parsed, headers, origin: Some(origin), attempt: 1, ..Default::default() }
 }
 
+/// The 1-based line of a byte offset.
+fn line_number(content: &[u8], offset: usize) -> usize {
+    content[..offset.min(content.len())].iter().filter(|b| **b == b'\n').count() + 1
+}
+
 /// The bytes of the line starting at `start`, without its line terminator.
 fn line_at(content: &[u8], start: usize) -> &[u8] {
-    let rest = &content[start.min(content.len())..];
+    let mut rest = &content[start.min(content.len())..];
+    while let Some(r) = rest.strip_prefix(b"\n").or_else(|| rest.strip_prefix(b"\r")) {
+        rest = r;
+    }
     let end = rest.iter().position(|b| *b == b'\n').unwrap_or(rest.len());
     let line = &rest[..end];
     line.strip_suffix(b"\r").unwrap_or(line)
@@ -103,18 +111,21 @@ fn split_csv(content: &[u8], origin: &str, opts: &CsvOptions) -> Vec<RawMessage>
     let mut record = csv::StringRecord::new();
     loop {
         let start = reader.position().byte() as usize;
-        let line = reader.position().line() as usize;
         match reader.read_record(&mut record) {
             Ok(false) => break,
             Ok(true) => {
                 // Row start as recorded by the reader (skips blank lines before it).
                 let row_start = record.position().map_or(start, |p| p.byte() as usize);
-                let row_line = record.position().map_or(line, |p| p.line() as usize);
                 let end = reader.position().byte() as usize;
                 let mut body = &content[row_start..end.min(content.len())];
+                // CRLF files: the reader's row start can sit on the `\n` of the previous row.
+                while let Some(b) = body.strip_prefix(b"\n").or_else(|| body.strip_prefix(b"\r")) {
+                    body = b;
+                }
                 while let Some(b) = body.strip_suffix(b"\n").or_else(|| body.strip_suffix(b"\r")) {
                     body = b;
                 }
+                let row_line = line_number(content, body.as_ptr() as usize - content.as_ptr() as usize);
                 let mut obj = Map::with_capacity(headers.len());
                 for (h, v) in headers.iter().zip(record.iter()) {
                     obj.insert(h.clone(), Value::String(v.to_string()));
@@ -123,8 +134,9 @@ fn split_csv(content: &[u8], origin: &str, opts: &CsvOptions) -> Vec<RawMessage>
             }
             Err(e) => {
                 let at = e.position().map_or(start, |p| p.byte() as usize);
-                let row_line = e.position().map_or(line, |p| p.line() as usize);
-                let mut m = message(line_at(content, at).to_vec(), None, format!("{origin}:{row_line}"), Some(row_line));
+                let body = line_at(content, at);
+                let row_line = line_number(content, body.as_ptr() as usize - content.as_ptr() as usize);
+                let mut m = message(body.to_vec(), None, format!("{origin}:{row_line}"), Some(row_line));
                 m.decode_error = Some(("invalid_csv".into(), format!("row {row_line} cannot be read: {e}")));
                 out.push(m);
                 if matches!(e.kind(), csv::ErrorKind::Io(_)) {
