@@ -14,3 +14,6 @@ pub mod sink;
 pub mod source;
 pub mod template;
 pub mod validate;
+pub mod runtime;
+pub mod testing;
+pub mod schema;

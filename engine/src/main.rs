@@ -1,1 +1,302 @@
-fn main(){}
+//! The `switchyard` command line. Library code returns typed errors; this edge renders them for
+//! people (miette) and turns them into exit codes.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use miette::{GraphicalReportHandler, GraphicalTheme, LabeledSpan, NamedSource};
+use std::fmt;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use switchyard::build::Shared;
+use switchyard::config::Diagnostic;
+use switchyard::pipeline::load;
+use switchyard::runtime::{self, RunOptions};
+use switchyard::schema;
+use switchyard::testing;
+
+#[derive(Parser)]
+#[command(name = "switchyard", version, about = "Declarative pipelines that keep retail ERP, POS and marketplace systems in sync")]
+struct Cli {
+    /// Log level for messages on stderr (error, warn, info, debug, trace); RUST_LOG overrides.
+    #[arg(long, global = true, default_value = "warn")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check pipelines: format, referenced files, JSONPaths, scripts, routes, schemas. Exit 1 on problems.
+    Validate {
+        /// Pipeline files or folders (default: pipelines/).
+        paths: Vec<PathBuf>,
+        #[arg(long, value_enum, default_value = "human")]
+        format: OutputFormat,
+    },
+    /// Run the tests stored beside each pipeline (`<name>.test.yaml`).
+    Test {
+        /// Test files, pipeline files or folders (default: pipelines/).
+        paths: Vec<PathBuf>,
+        /// Also write a JUnit XML report here.
+        #[arg(long)]
+        junit: Option<PathBuf>,
+    },
+    /// Run pipelines over their sources.
+    Run {
+        /// Pipeline files or folders (default: pipelines/).
+        paths: Vec<PathBuf>,
+        /// Process the input available now, print a summary per pipeline, and exit.
+        #[arg(long)]
+        once: bool,
+        /// Where outputs and exception records go.
+        #[arg(long, env = "SWITCHYARD_DATA_DIR", default_value = ".switchyard")]
+        data_dir: PathBuf,
+    },
+    /// Print the JSON Schema of the pipeline format (or of field maps, or of test files).
+    Schema {
+        #[arg(long, value_enum, default_value = "pipeline")]
+        kind: schema::Kind,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OutputFormat {
+    Human,
+    Json,
+}
+
+fn default_paths(paths: Vec<PathBuf>) -> Vec<PathBuf> {
+    if paths.is_empty() { vec![PathBuf::from("pipelines")] } else { paths }
+}
+
+/// A diagnostic as miette renders it: the offending line, an arrow, what was expected, the hint.
+struct Rendered {
+    diag: Diagnostic,
+    source: NamedSource<String>,
+}
+
+impl fmt::Debug for Rendered {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.diag)
+    }
+}
+
+impl fmt::Display for Rendered {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.diag.location(), self.diag.message)?;
+        if !self.diag.key_path.is_empty() {
+            write!(f, " (at `{}`)", self.diag.key_path)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Rendered {}
+
+impl miette::Diagnostic for Rendered {
+    fn code<'a>(&'a self) -> Option<Box<dyn fmt::Display + 'a>> {
+        Some(Box::new(format!("switchyard::{}", self.diag.code.as_str())))
+    }
+    fn help<'a>(&'a self) -> Option<Box<dyn fmt::Display + 'a>> {
+        self.diag.hint.as_ref().map(|h| Box::new(h.clone()) as Box<dyn fmt::Display>)
+    }
+    fn source_code(&self) -> Option<&dyn miette::SourceCode> {
+        (!self.source.inner().is_empty()).then_some(&self.source as &dyn miette::SourceCode)
+    }
+    fn labels(&self) -> Option<Box<dyn Iterator<Item = LabeledSpan> + '_>> {
+        let d = &self.diag;
+        let label = match &d.expected {
+            Some(e) => format!("expected {e}"),
+            None => "here".to_string(),
+        };
+        let mut labels = vec![LabeledSpan::new_primary_with_span(Some(label), (d.span.offset, d.span.len.max(1)))];
+        if let Some((span, text)) = &d.related {
+            labels.push(LabeledSpan::new_with_span(Some(text.clone()), (span.offset, span.len.max(1))));
+        }
+        Some(Box::new(labels.into_iter()))
+    }
+}
+
+fn render(diags: &[Diagnostic]) -> String {
+    let theme = if std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none() { GraphicalTheme::unicode() } else { GraphicalTheme::unicode_nocolor() };
+    let handler = GraphicalReportHandler::new_themed(theme).with_context_lines(1);
+    let mut out = String::new();
+    for d in diags {
+        let r = Rendered { source: NamedSource::new(d.source.path.display().to_string(), d.source.text.to_string()), diag: d.clone() };
+        let _ = handler.render_report(&mut out, &r);
+        out.push('\n');
+    }
+    out
+}
+
+fn cmd_validate(paths: Vec<PathBuf>, format: OutputFormat) -> ExitCode {
+    let shared = Shared::with_process_env();
+    let loaded = match load::load_all(&default_paths(paths), &shared) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let bad_files: std::collections::BTreeSet<String> = loaded.diagnostics.iter().map(|d| d.source.path.display().to_string()).collect();
+    match format {
+        OutputFormat::Json => {
+            let report = serde_json::json!({
+                "valid": loaded.diagnostics.is_empty(),
+                "files": loaded.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
+                "pipelines": loaded.pipelines.iter().map(|p| serde_json::json!({"name": p.name, "version": p.version, "file": p.file.display().to_string()})).collect::<Vec<_>>(),
+                "problems": loaded.diagnostics.iter().map(Diagnostic::to_json).collect::<Vec<_>>(),
+            });
+            println!("{}", serde_json::to_string_pretty(&report).expect("JSON"));
+        }
+        OutputFormat::Human => {
+            eprint!("{}", render(&loaded.diagnostics));
+            if loaded.diagnostics.is_empty() {
+                println!("{} pipeline file(s) checked: all valid", loaded.files.len());
+                for p in &loaded.pipelines {
+                    println!("  ok  {} {} ({})", p.name, p.version, p.file.display());
+                }
+            } else {
+                println!("{} pipeline file(s) checked: {} problem(s) in {} file(s)", loaded.files.len(), loaded.diagnostics.len(), bad_files.len());
+            }
+        }
+    }
+    if loaded.diagnostics.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) }
+}
+
+fn cmd_test(paths: Vec<PathBuf>, junit: Option<PathBuf>) -> ExitCode {
+    let shared = Shared::with_process_env();
+    let files = match load::discover_tests(&default_paths(paths)) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if files.is_empty() {
+        eprintln!("error: no test files found (tests are `<pipeline>.test.yaml` beside each pipeline)");
+        return ExitCode::from(1);
+    }
+    let results: Vec<testing::FileResult> = files.iter().map(|f| testing::run_file(f, &shared)).collect();
+    let (mut passed, mut failed, mut broken) = (0, 0, 0);
+    for r in &results {
+        println!("{} ({})", r.file.display(), r.pipeline.as_deref().unwrap_or("pipeline not loaded"));
+        if !r.load_errors.is_empty() {
+            broken += 1;
+            eprint!("{}", render(&r.load_errors));
+            println!("  BROKEN  the test file or its pipeline has {} problem(s)", r.load_errors.len());
+        }
+        for c in &r.cases {
+            if c.failures.is_empty() {
+                passed += 1;
+                println!("  ok    {}", c.name);
+            } else {
+                failed += 1;
+                println!("  FAIL  {}", c.name);
+                for f in &c.failures {
+                    println!("          {f}");
+                }
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed, {broken} test file(s) could not run");
+    if let Some(path) = junit {
+        if let Err(e) = write_junit(&results, &path) {
+            eprintln!("error: cannot write {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    }
+    if failed == 0 && broken == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) }
+}
+
+fn write_junit(results: &[testing::FileResult], path: &PathBuf) -> Result<(), Box<dyn std::error::Error>> {
+    use quick_junit::{NonSuccessKind, Report, TestCase, TestCaseStatus, TestSuite};
+    let mut report = Report::new("switchyard");
+    for r in results {
+        let mut suite = TestSuite::new(r.file.display().to_string());
+        if !r.load_errors.is_empty() {
+            let mut status = TestCaseStatus::non_success(NonSuccessKind::Error);
+            status.set_message("the test file or its pipeline could not be loaded");
+            status.set_description(r.load_errors.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n"));
+            suite.add_test_case(TestCase::new("load", status));
+        }
+        for c in &r.cases {
+            let status = if c.failures.is_empty() {
+                TestCaseStatus::success()
+            } else {
+                let mut s = TestCaseStatus::non_success(NonSuccessKind::Failure);
+                s.set_message(c.failures[0].clone());
+                s.set_description(c.failures.join("\n"));
+                s
+            };
+            suite.add_test_case(TestCase::new(c.name.clone(), status));
+        }
+        report.add_test_suite(suite);
+    }
+    std::fs::write(path, report.to_string()?)?;
+    Ok(())
+}
+
+fn cmd_run(paths: Vec<PathBuf>, once: bool, data_dir: PathBuf) -> ExitCode {
+    if !once {
+        eprintln!("error: `switchyard run` needs `--once` in this version: it processes the available input and exits");
+        return ExitCode::from(2);
+    }
+    let shared = Shared::with_process_env();
+    let loaded = match load::load_all(&default_paths(paths), &shared) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if !loaded.diagnostics.is_empty() {
+        eprint!("{}", render(&loaded.diagnostics));
+        eprintln!("error: {} problem(s); nothing was run (see `switchyard validate`)", loaded.diagnostics.len());
+        return ExitCode::from(1);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let opts = RunOptions { data_dir };
+    let mut code = ExitCode::SUCCESS;
+    let (mut total_in, mut total_out, mut total_exc) = (0, 0, 0);
+    for p in &loaded.pipelines {
+        match rt.block_on(runtime::run_once(p, &opts)) {
+            Ok(s) => {
+                total_in += s.received;
+                total_out += s.routed;
+                total_exc += s.exception_count();
+                println!("{} {} ({})", s.pipeline, p.version, p.file.display());
+                println!("  in          {:>6}", s.received);
+                println!("  routed      {:>6}", s.routed);
+                for (sink, n) in &s.outputs {
+                    println!("    {sink:<22} {n:>6}  -> {}", s.targets[sink]);
+                }
+                println!("  exceptions  {:>6}  -> {}", s.exception_count(), s.exceptions_file.display());
+                for (reason, n) in &s.exceptions {
+                    println!("    {reason:<22} {n:>6}");
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                code = ExitCode::from(1);
+            }
+        }
+    }
+    println!("total: {total_in} in = {total_out} routed + {total_exc} exceptions");
+    code
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log_level));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).init();
+    match cli.command {
+        Command::Validate { paths, format } => cmd_validate(paths, format),
+        Command::Test { paths, junit } => cmd_test(paths, junit),
+        Command::Run { paths, once, data_dir } => cmd_run(paths, once, data_dir),
+        Command::Schema { kind } => {
+            print!("{}", schema::render(kind));
+            ExitCode::SUCCESS
+        }
+    }
+}

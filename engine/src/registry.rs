@@ -90,7 +90,7 @@ impl Tagged for ValidateStepConfig {
 
 impl Tagged for MapStepConfig {
     const WHAT: &'static str = "map step";
-    const TYPES: &'static [&'static str] = &["fields", "script", "lookup", "validate", "reconcile"];
+    const TYPES: &'static [&'static str] = &["fields", "script", "lookup", "validate", "reconcile", "assert"];
     fn parse_type(ty: &str, node: &Node, file: &SourceFile, prefix: &[PathPart]) -> Result<Self, Vec<Diagnostic>> {
         Ok(match ty {
             "fields" => MapStepConfig::Fields(p(node, file, prefix)?),
@@ -98,6 +98,7 @@ impl Tagged for MapStepConfig {
             "lookup" => MapStepConfig::Lookup(p(node, file, prefix)?),
             "validate" => MapStepConfig::Validate(p(node, file, prefix)?),
             "reconcile" => MapStepConfig::Reconcile(p(node, file, prefix)?),
+            "assert" => MapStepConfig::Assert(p(node, file, prefix)?),
             _ => unreachable!("checked against TYPES"),
         })
     }

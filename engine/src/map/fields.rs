@@ -176,6 +176,10 @@ pub struct FieldRule {
     /// Only map this field when the condition holds, e.g. `$.cancelled_at` or `$.qty > 0`.
     #[serde(default)]
     pub when: Option<Spanned<String>>,
+    /// Builds one list from several specs, in order: each `each:` adds its elements, any other
+    /// spec adds its value (e.g. order lines followed by shipping charges).
+    #[serde(default)]
+    pub append: Option<Vec<Spanned<FieldSpec>>>,
     /// Builds a list: one element per value this JSONPath selects (e.g. `$.line_items[*]`).
     #[serde(default)]
     pub each: Option<Spanned<String>>,
@@ -204,7 +208,8 @@ pub struct FieldRule {
     /// With `as: datetime`/`date`: a chrono format such as `%m/%d/%Y %H:%M:%S`.
     #[serde(default)]
     pub format: Option<String>,
-    /// With `as: datetime`/`date`: timezone of times without an offset (IANA name or `+02:00`).
+    /// With `as: datetime`/`date`: timezone of times without an offset: an IANA name, an offset
+    /// like `+02:00`, or a JSONPath to one (e.g. a store's zone set by a lookup step).
     #[serde(default)]
     pub timezone: Option<Spanned<String>>,
     /// With `as: datetime`: unit of numeric timestamps (default: guessed from magnitude).
@@ -219,6 +224,12 @@ pub struct FieldRule {
     /// Trim surrounding spaces from text.
     #[serde(default)]
     pub trim: bool,
+    /// Splits text into a list of trimmed, non-empty parts, e.g. `split: ","` for `"vip, gift"`.
+    #[serde(default)]
+    pub split: Option<String>,
+    /// With a numeric or money conversion: drop the sign (returns sent as negative quantities).
+    #[serde(default)]
+    pub absolute: bool,
     #[serde(default)]
     pub case: Option<Case>,
     /// Translates values: `{paid: paid, partially_paid: partially_paid, voided: voided}`.
@@ -246,6 +257,7 @@ enum Source {
     Template(Template),
     Concat(Vec<ConcatPart>, String),
     FirstOf(Vec<Field>),
+    Append(Vec<Field>),
     /// Only `fields`: an object built from the current scope.
     Here,
 }
@@ -270,6 +282,12 @@ enum Currency {
 }
 
 #[derive(Debug)]
+enum TimezoneFrom {
+    Fixed,
+    Path(CompiledPath),
+}
+
+#[derive(Debug)]
 struct Lookup {
     table: Arc<LookupTable>,
     column: usize,
@@ -286,6 +304,8 @@ struct Field {
     default: Option<Value>,
     null_if: Vec<String>,
     trim: bool,
+    split: Option<String>,
+    absolute: bool,
     case: Option<Case>,
     values: Option<IndexMap<String, Value>>,
     otherwise: Option<Value>,
@@ -295,6 +315,7 @@ struct Field {
     minor_units: bool,
     precision: Precision,
     dates: DateOptions,
+    timezone_from: TimezoneFrom,
     aggregate: Option<Aggregate>,
     separator: Option<String>,
 }
@@ -314,6 +335,28 @@ impl FieldMap {
         let mut diags = Diags::default();
         let fields = compile_fields(specs, key_path, cx, &mut diags);
         diags.finish(FieldMap { name: name.to_string(), version: version.to_string(), fields })
+    }
+
+    /// The lookup tables the fields use: (name, version).
+    pub fn tables(&self) -> Vec<(String, String)> {
+        fn walk(fields: &[Field], out: &mut Vec<(String, String)>) {
+            for f in fields {
+                if let Some(l) = &f.lookup {
+                    let entry = (l.table.name.clone(), l.table.version.clone());
+                    if !out.contains(&entry) {
+                        out.push(entry);
+                    }
+                }
+                match (&f.shape, &f.source) {
+                    (Shape::Object(inner) | Shape::Each(_, Some(inner)), _) => walk(inner, out),
+                    (_, Source::FirstOf(inner) | Source::Append(inner)) => walk(inner, out),
+                    _ => {}
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.fields, &mut out);
+        out
     }
 
     /// Builds the output record from `input`. Every failing field is reported, not only the first.
@@ -368,6 +411,8 @@ impl Field {
             default: None,
             null_if: Vec::new(),
             trim: false,
+            split: None,
+            absolute: false,
             case: None,
             values: None,
             otherwise: None,
@@ -377,6 +422,7 @@ impl Field {
             minor_units: false,
             precision: Precision::Currency,
             dates: DateOptions::default(),
+            timezone_from: TimezoneFrom::Fixed,
             aggregate: None,
             separator: None,
         }
@@ -385,7 +431,7 @@ impl Field {
 
 fn compile_rule(name: &str, r: &FieldRule, span: crate::config::Span, kp: &str, cx: &BuildContext, diags: &mut Diags) -> Option<Field> {
     let before = diags.0.len();
-    let sources = [r.path.is_some(), r.constant.is_some(), r.template.is_some(), r.concat.is_some(), r.each.is_some(), r.first_of.is_some()];
+    let sources = [r.path.is_some(), r.constant.is_some(), r.template.is_some(), r.concat.is_some(), r.each.is_some(), r.first_of.is_some(), r.append.is_some()];
     let n_sources = sources.iter().filter(|s| **s).count();
     let is_path_with_fields = r.path.is_some() && r.fields.is_some();
     if n_sources == 0 && r.fields.is_none() {
@@ -425,6 +471,9 @@ fn compile_rule(name: &str, r: &FieldRule, span: crate::config::Span, kp: &str, 
         "`aggregate: sum` needs `as: money`, `decimal`, `integer` or `number`",
     );
     invalid(r.aggregate.is_some() && r.each.is_some(), "aggregate", "`aggregate:` combines the values of `path`; `each:` builds a list");
+    invalid(r.absolute && !matches!(conv, Some(Convert::Integer | Convert::Number | Convert::Decimal | Convert::Money)), "absolute", "`absolute:` applies with `as: integer`, `number`, `decimal` or `money`");
+    invalid(r.split.is_some() && (conv.is_some() || r.values.is_some() || r.lookup.is_some()), "split", "`split:` makes a list of text parts; it cannot be combined with `as`, `values` or `lookup`");
+    invalid(r.append.is_some() && r.fields.is_some(), "fields", "`append:` builds a list from its own specs; put `fields:` inside them");
 
     let source = if let Some(p) = &r.path {
         let path = diags.take(cx.jsonpath(p, &format!("{kp}.path")))?;
@@ -459,6 +508,12 @@ fn compile_rule(name: &str, r: &FieldRule, span: crate::config::Span, kp: &str, 
             diags.push(cx.diag(DiagCode::Conflict, span, &format!("{kp}.first_of"), "`first_of` alternatives are single values, not `each` or `fields`"));
         }
         Source::FirstOf(compiled)
+    } else if let Some(parts) = &r.append {
+        let mut specs = IndexMap::new();
+        for (i, a) in parts.iter().enumerate() {
+            specs.insert(format!("{name}[{i}]"), a.clone());
+        }
+        Source::Append(compile_fields(&specs, &format!("{kp}.append"), cx, diags))
     } else {
         Source::Here
     };
@@ -484,11 +539,18 @@ fn compile_rule(name: &str, r: &FieldRule, span: crate::config::Span, kp: &str, 
             }
         }
     });
-    let timezone = r.timezone.as_ref().and_then(|t| match Zone::parse(&t.value) {
-        Ok(z) => Some(z),
-        Err(e) => {
-            diags.push(cx.diag(DiagCode::InvalidValue, t.span, &format!("{kp}.timezone"), e));
-            None
+    let mut timezone_from = TimezoneFrom::Fixed;
+    let timezone = r.timezone.as_ref().and_then(|t| {
+        if t.value.trim_start().starts_with('$') {
+            timezone_from = TimezoneFrom::Path(diags.take(cx.jsonpath(t, &format!("{kp}.timezone")))?);
+            return None;
+        }
+        match Zone::parse(&t.value) {
+            Ok(z) => Some(z),
+            Err(e) => {
+                diags.push(cx.diag(DiagCode::InvalidValue, t.span, &format!("{kp}.timezone"), e));
+                None
+            }
         }
     });
     let lookup = r.lookup.as_ref().and_then(|l| {
@@ -523,6 +585,8 @@ fn compile_rule(name: &str, r: &FieldRule, span: crate::config::Span, kp: &str, 
         default: r.default.clone(),
         null_if: r.null_if.iter().filter_map(|v| text_of(v).map(|t| t.into_owned())).collect(),
         trim: r.trim,
+        split: r.split.clone(),
+        absolute: r.absolute,
         case: r.case,
         values: r.values.clone(),
         otherwise: r.otherwise.clone(),
@@ -532,6 +596,7 @@ fn compile_rule(name: &str, r: &FieldRule, span: crate::config::Span, kp: &str, 
         minor_units: r.minor_units,
         precision: r.precision.unwrap_or_default(),
         dates: DateOptions { format: r.format.clone(), timezone, epoch: r.epoch },
+        timezone_from,
         aggregate: r.aggregate,
         separator: r.separator.clone(),
     })
@@ -650,7 +715,7 @@ fn eval_field(f: &Field, scope: Scope<'_>, ptr: &Ptr<'_>, target: &Target<'_>, c
                     }
                 }
             }
-            Some(Value::Array(list))
+            if list.is_empty() { missing(f, scope, ptr, target, cx, errors) } else { Some(Value::Array(list)) }
         }
         Shape::Scalar => match &f.source {
             Source::Path(p) if !p.is_singular() || f.aggregate.is_some() => aggregate(f, p, scope, ptr, target, cx, errors),
@@ -681,6 +746,17 @@ fn eval_field(f: &Field, scope: Scope<'_>, ptr: &Ptr<'_>, target: &Target<'_>, c
                 let has_value = parts.iter().any(|p| matches!(p, ConcatPart::Path(_))) && pieces.len() > parts.iter().filter(|p| matches!(p, ConcatPart::Text(_))).count();
                 let v = has_value.then(|| Value::String(pieces.join(sep)));
                 finish(f, v.as_ref(), scope, || ptr.render(), target, cx, errors)
+            }
+            Source::Append(parts) => {
+                let mut list = Vec::new();
+                for part in parts {
+                    match eval_field(part, scope, ptr, target, cx, errors) {
+                        Some(Value::Array(items)) if matches!(part.shape, Shape::Each(..)) => list.extend(items),
+                        Some(v) => list.push(v),
+                        None => {}
+                    }
+                }
+                if list.is_empty() { missing(f, scope, ptr, target, cx, errors) } else { Some(Value::Array(list)) }
             }
             Source::FirstOf(alts) => {
                 let chosen = alts.iter().find_map(|a| eval_field(a, scope, ptr, target, cx, errors));
@@ -736,6 +812,12 @@ fn finish(f: &Field, raw: Option<&Value>, scope: Scope<'_>, pointer: impl Fn() -
             owned = Some(Value::String(s));
         }
     }
+    if let Some(sep) = &f.split {
+        if let Value::String(s) = owned.as_ref().unwrap_or(raw) {
+            let parts: Vec<Value> = s.split(sep.as_str()).map(str::trim).filter(|p| !p.is_empty()).map(|p| Value::String(p.to_string())).collect();
+            return (!parts.is_empty()).then_some(Value::Array(parts));
+        }
+    }
     if let Some(values) = &f.values {
         let key = text_of(owned.as_ref().unwrap_or(raw)).map(|t| t.into_owned()).unwrap_or_default();
         match values.get(&key).or(f.otherwise.as_ref()) {
@@ -761,12 +843,30 @@ fn finish(f: &Field, raw: Option<&Value>, scope: Scope<'_>, pointer: impl Fn() -
     let Some(conv) = f.convert else {
         return Some(owned.unwrap_or_else(|| raw.clone()));
     };
-    match convert_value(f, conv, value, scope) {
+    match convert_value(f, conv, value, scope).map(|v| if f.absolute { absolute(v) } else { v }) {
         Ok(v) => Some(v),
         Err(e) => {
             cx.fail(errors, reason::INVALID_VALUE, pointer(), format!("`{target}`: {e}"));
             None
         }
+    }
+}
+
+/// The value without its sign: numbers, decimal strings and money amounts.
+fn absolute(v: Value) -> Value {
+    match v {
+        Value::Number(n) if n.as_i64().is_some_and(|i| i < 0) => Value::from(n.as_i64().unwrap_or_default().unsigned_abs()),
+        Value::Number(n) if n.as_f64().is_some_and(|f| f < 0.0) => serde_json::Number::from_f64(-n.as_f64().unwrap_or_default()).map_or(Value::Number(n), Value::Number),
+        Value::String(s) => Value::String(s.strip_prefix('-').map(str::to_string).unwrap_or(s)),
+        Value::Object(mut o) => {
+            if let Some(Value::String(a)) = o.get_mut("amount") {
+                if let Some(rest) = a.strip_prefix('-') {
+                    *a = rest.to_string();
+                }
+            }
+            Value::Object(o)
+        }
+        other => other,
     }
 }
 
@@ -786,8 +886,22 @@ fn convert_value(f: &Field, conv: Convert, v: &Value, scope: Scope<'_>) -> Resul
         Convert::Decimal => convert::decimal_from(v).map(|d| Value::String(d.to_string())),
         Convert::Boolean => convert::boolean_from(v),
         Convert::Money => convert::money_from(v, currency_of(f, scope), f.minor_units, f.precision).map(|m| m.to_json()),
-        Convert::Datetime => convert::datetime_from(v, &f.dates).map(|t| Value::String(convert::format_datetime(&t))),
-        Convert::Date => convert::date_from(v, &f.dates).map(Value::String),
+        Convert::Datetime | Convert::Date => {
+            let per_message;
+            let dates = match &f.timezone_from {
+                TimezoneFrom::Fixed => &f.dates,
+                TimezoneFrom::Path(p) => {
+                    let name = p.first(scope).and_then(Value::as_str).ok_or_else(|| format!("no timezone at `{}`", p.text()))?;
+                    per_message = DateOptions { timezone: Some(Zone::parse(name)?), ..f.dates.clone() };
+                    &per_message
+                }
+            };
+            if conv == Convert::Datetime {
+                convert::datetime_from(v, dates).map(|t| Value::String(convert::format_datetime(&t)))
+            } else {
+                convert::date_from(v, dates).map(Value::String)
+            }
+        }
     }
 }
 
@@ -920,6 +1034,23 @@ mod tests {
         assert_eq!(run(json!({"cancelled_at": "2021-01-01", "fulfillment_status": "fulfilled"})), json!({"status": "cancelled"}));
         assert_eq!(run(json!({"cancelled_at": null, "fulfillment_status": "fulfilled", "gift": true})), json!({"status": "completed", "gift": true}));
         assert_eq!(run(json!({})), json!({"status": "open"}));
+    }
+
+    #[test]
+    fn append_split_absolute_and_empty_lists() {
+        let m = compile(&format!(
+            "{HEAD}  lines:\n    append:\n      - each: $.items[*]\n        fields: {{sku: $.sku}}\n      - each: $.ship[*]\n        fields: {{sku: {{const: FREIGHT}}}}\n  tags: {{path: $.tags, split: ','}}\n  qty: {{path: $.qty, as: integer, absolute: true}}\n  refund: {{path: $.refund, as: money, currency: USD, absolute: true}}\n  none: {{each: '$.nothing[*]', fields: {{a: $.a}}}}\n  needed: {{each: '$.nothing[*]', required: true}}\n"
+        ))
+        .unwrap();
+        let f = m.apply(&json!({"items": [{"sku": "A"}], "ship": [{}], "tags": " vip, ,gift ", "qty": "-2", "refund": "-1.5"}), &(), Document::Input).unwrap_err();
+        assert_eq!(f.errors.len(), 1);
+        assert_eq!(f.errors[0].message, "required field `needed` has no value in the input");
+        let m = compile(&format!(
+            "{HEAD}  lines:\n    append:\n      - each: $.items[*]\n        fields: {{sku: $.sku}}\n      - each: $.ship[*]\n        fields: {{sku: {{const: FREIGHT}}}}\n  tags: {{path: $.tags, split: ','}}\n  qty: {{path: $.qty, as: integer, absolute: true}}\n  refund: {{path: $.refund, as: money, currency: USD, absolute: true}}\n  none: {{each: '$.nothing[*]', fields: {{a: $.a}}}}\n"
+        ))
+        .unwrap();
+        let out = m.apply(&json!({"items": [{"sku": "A"}], "ship": [{}], "tags": " vip, ,gift ", "qty": "-2", "refund": "-1.5"}), &(), Document::Input).unwrap();
+        assert_eq!(out, json!({"lines": [{"sku": "A"}, {"sku": "FREIGHT"}], "tags": ["vip", "gift"], "qty": 2, "refund": {"amount": "1.50", "currency": "USD"}}));
     }
 
     #[test]

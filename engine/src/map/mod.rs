@@ -74,6 +74,11 @@ pub trait MapStep: Send + Sync {
     fn label(&self) -> String;
     /// The versioned files this step uses: (name, version).
     fn versions(&self) -> Vec<(String, String)>;
+    /// Whether the output is a new document (a field map, a script) rather than the input with
+    /// fields added or checked; error pointers after it refer to the record, not the input.
+    fn restructures(&self) -> bool {
+        false
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
@@ -147,6 +152,29 @@ fn yes() -> bool {
     true
 }
 
+/// One check of the `assert` step.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AssertRule {
+    /// A Rhai expression over `input` that is true when the record is fine, e.g.
+    /// `dec(input.EXT_PRICE) == dec(input.QTY) * dec(input.UNIT_PRICE)`.
+    pub that: Spanned<String>,
+    /// The exception reason when it is false, e.g. `totals_mismatch`.
+    pub reason: String,
+    /// JSON pointer of the value concerned, e.g. `/EXT_PRICE`.
+    #[serde(default)]
+    pub pointer: Option<String>,
+    /// What is wrong, for the analyst.
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AssertStepConfig {
+    /// Every rule is checked; all that fail are reported.
+    pub rules: Vec<AssertRule>,
+}
+
 #[derive(Debug, Clone, Copy, Default, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ReconcileModel {
@@ -168,6 +196,8 @@ pub enum MapStepConfig {
     Validate(SchemaStepConfig),
     /// Check that a canonical Order's amounts add up.
     Reconcile(ReconcileStepConfig),
+    /// Business rules as Rhai expressions that must hold (e.g. a POS line's extended price).
+    Assert(AssertStepConfig),
 }
 
 impl MapStepConfig {
@@ -180,6 +210,7 @@ impl MapStepConfig {
                 let check = build_schema_check(&c.schema, cx, &format!("{key_path}.schema"), Document::Record).map_err(|d| vec![d])?;
                 Ok(Box::new(SchemaStep { check, name: c.schema.value.clone() }))
             }
+            MapStepConfig::Assert(c) => build_assert(c, cx, key_path),
             MapStepConfig::Reconcile(c) => {
                 let tolerance = match &c.tolerance {
                     None => rust_decimal::Decimal::ZERO,
@@ -221,8 +252,12 @@ impl MapStep for FieldsStep {
     fn label(&self) -> String {
         format!("fields {}", self.map.name)
     }
+    fn restructures(&self) -> bool {
+        true
+    }
     fn versions(&self) -> Vec<(String, String)> {
-        if self.inline { Vec::new() } else { vec![(self.map.name.clone(), self.map.version.clone())] }
+        let own = (!self.inline).then(|| (self.map.name.clone(), self.map.version.clone()));
+        own.into_iter().chain(self.map.tables()).collect()
     }
 }
 
@@ -253,6 +288,9 @@ impl MapStep for ScriptStep {
     }
     fn label(&self) -> String {
         format!("script {}", self.script.name)
+    }
+    fn restructures(&self) -> bool {
+        true
     }
     fn versions(&self) -> Vec<(String, String)> {
         std::iter::once((self.script.name.clone(), self.script.version.clone())).chain(self.tables.iter().cloned()).collect()
@@ -390,4 +428,55 @@ impl MapStep for reconcile::Reconcile {
     fn versions(&self) -> Vec<(String, String)> {
         Vec::new()
     }
+}
+
+struct AssertStep {
+    engine: Arc<rhai::Engine>,
+    rules: Vec<(rhai::AST, AssertRule)>,
+}
+
+impl MapStep for AssertStep {
+    fn apply(&self, record: Value, input: &StepInput) -> Result<Value, Failure> {
+        let dynamic = rhai::serde::to_dynamic(&record).map_err(|e| Failure::one(reason::SCRIPT_ERROR, ErrorDetail { pointer: String::new(), message: e.to_string(), document: input.document }))?;
+        let mut failures: Vec<(String, ErrorDetail)> = Vec::new();
+        for (ast, rule) in &self.rules {
+            let mut scope = script::declared_scope();
+            scope.set_value("input", dynamic.clone());
+            let detail = |message: String| ErrorDetail { pointer: rule.pointer.clone().unwrap_or_default(), message, document: input.document };
+            match self.engine.eval_ast_with_scope::<rhai::Dynamic>(&mut scope, ast).map(|v| v.as_bool()) {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) => failures.push((rule.reason.clone(), detail(rule.message.clone()))),
+                Ok(Err(t)) => failures.push((reason::SCRIPT_ERROR.into(), detail(format!("`{}` gave a {t}, not true or false", rule.that.value)))),
+                Err(e) => failures.push((reason::SCRIPT_ERROR.into(), detail(format!("`{}` failed: {e}", rule.that.value)))),
+            }
+        }
+        match failures.first() {
+            None => Ok(record),
+            Some((r, _)) => Err(Failure::new(r.clone(), failures.into_iter().map(|(_, d)| d).collect())),
+        }
+    }
+    fn label(&self) -> String {
+        "assert".into()
+    }
+    fn versions(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+}
+
+fn build_assert(c: &AssertStepConfig, cx: &BuildContext, key_path: &str) -> Result<Box<dyn MapStep>, Vec<Diagnostic>> {
+    let engine = Arc::new(script::sandboxed_engine(script::Limits::default(), Arc::new(script::ScriptTables::new())));
+    let mut diags = Diags::default();
+    let mut rules = Vec::new();
+    for (i, r) in c.rules.iter().enumerate() {
+        match engine.compile_expression_with_scope(&script::declared_scope(), &r.that.value) {
+            Ok(ast) => rules.push((ast, r.clone())),
+            Err(e) => {
+                let d = script::parse_error_diag(&cx.file, &e);
+                let col = e.position().position().unwrap_or(1);
+                diags.push(Diagnostic { span: cx.span_inside(r.that.span, col, 1), key_path: format!("{key_path}.rules[{i}].that"), ..d });
+            }
+        }
+    }
+    diags.finish(())?;
+    Ok(Box::new(AssertStep { engine, rules }))
 }

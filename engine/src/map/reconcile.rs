@@ -156,7 +156,13 @@ impl Reconcile {
         let discount = match listed {
             Some(l) => l,
             None if allocated != Decimal::ZERO => allocated,
-            None => s_disc.unwrap_or_default(),
+            None => {
+                // A discount nobody can trace to a code or a line cannot be posted per line.
+                if let Some(d) = s_disc.filter(|d| d.abs() > self.tolerance) {
+                    c.errors.push(ErrorDetail::record("/totals/discount", format!("discount {d} {currency} is not itemised: no `discounts` and no line or shipping `discount` explains it")));
+                }
+                s_disc.unwrap_or_default()
+            }
         };
         c.compare(s_disc, discount, "/totals/discount", || if listed.is_some() { "the sum of discounts[]".to_string() } else { format!("line discounts {line_discounts} + shipping discounts {shipping_discounts}") });
         let shipping = if any_shipping_detail { shipping } else { s_ship.unwrap_or_default() };
@@ -250,6 +256,21 @@ mod tests {
         let pointers: Vec<&str> = f.errors.iter().map(|e| e.pointer.as_str()).collect();
         assert_eq!(pointers, ["/lines/2/subtotal", "/totals/subtotal", "/totals/total"]);
         assert_eq!(f.errors[1].message, "subtotal says 398.00 USD, but the sum of 3 line subtotal(s) = 597.00");
+    }
+
+    #[test]
+    fn discounts_must_be_itemised_and_allocations_must_add_up() {
+        // Shopify's test webhook: a 20.00 discount with no code and no allocation.
+        let order = json!({"currency": "USD", "lines": [{"quantity": 1, "unit_price": m("369.97")}], "shipping": [{"amount": m("10.00")}],
+            "totals": {"discount": m("20.00"), "total": m("359.97")}});
+        let f = rec().apply(order, Document::Record).unwrap_err();
+        assert_eq!(f.errors.len(), 1);
+        assert_eq!(f.errors[0].pointer, "/totals/discount");
+        assert!(f.errors[0].message.contains("not itemised"));
+        let order = json!({"currency": "USD", "lines": [{"quantity": 1, "unit_price": m("10.00"), "discount": m("1.00")}],
+            "discounts": [{"amount": m("2.00")}], "totals": {"total": m("8.00")}});
+        let f = rec().apply(order, Document::Record).unwrap_err();
+        assert_eq!(f.errors[0].pointer, "/discounts");
     }
 
     #[test]

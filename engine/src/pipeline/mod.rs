@@ -304,13 +304,16 @@ impl Pipeline {
             }
         }
         let mut record = input;
+        let mut document = Document::Input;
         for (i, step) in self.steps.iter().enumerate() {
-            let document = if i == 0 { Document::Input } else { Document::Record };
             let step_input = StepInput::new(&meta, document);
             record = match step.apply(record, &step_input) {
                 Ok(r) => r,
                 Err(f) => return self.failed(meta, &raw.body, Stage::Map, Some(format!("map[{i}] {}", step.label())), f),
             };
+            if step.restructures() {
+                document = Document::Record;
+            }
         }
         match self.router.route(&mut record) {
             Ok(sinks) => Outcome::Routed { output: Output { metadata: meta, payload: record }, sinks },
