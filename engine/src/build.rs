@@ -48,7 +48,7 @@ impl<'a> BuildContext<'a> {
     /// Paths in a pipeline are relative to the pipeline file's folder.
     pub fn resolve(&self, p: &str) -> PathBuf {
         let p = Path::new(p);
-        if p.is_absolute() { p.to_path_buf() } else { self.dir.join(p) }
+        if p.is_absolute() { p.to_path_buf() } else { normalize(&self.dir.join(p)) }
     }
 
     pub fn diag(&self, code: DiagCode, span: Span, key_path: &str, message: impl Into<String>) -> Diagnostic {
@@ -107,6 +107,22 @@ impl<'a> BuildContext<'a> {
         self.shared.tables.lock().expect("table cache").insert(key, table.clone());
         Ok(table)
     }
+}
+
+/// `a/b/../c` -> `a/c`, without touching the file system (the path may not exist yet).
+pub fn normalize(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.components().next_back(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    if out.as_os_str().is_empty() { PathBuf::from(".") } else { out }
 }
 
 /// Collects the results of many fallible builds, keeping every diagnostic.

@@ -58,7 +58,7 @@ pub fn exceptions_path(data_dir: &Path, pipeline: &str) -> PathBuf {
 
 fn build_source(p: &Pipeline) -> Result<Box<dyn Source>, SourceError> {
     Ok(match &p.source {
-        SourceConfig::File(c) => Box::new(FileSource::new(c, p.dir.join(&c.path.value))?),
+        SourceConfig::File(c) => Box::new(FileSource::new(c, crate::build::normalize(&p.dir.join(&c.path.value)))?),
         SourceConfig::Stdin(c) => Box::new(StdinSource::new(c)),
     })
 }

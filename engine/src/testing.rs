@@ -208,7 +208,7 @@ fn read_json(base: &Path, p: &Spanned<String>, file: &SourceFile, key: &str) -> 
 fn input_message(base: &Path, input: &TestInput, file: &SourceFile, key: &str) -> Result<RawMessage, Diagnostic> {
     let mut raw = match (&input.file, &input.json, &input.text) {
         (Some(f), None, None) => {
-            let path = base.join(&f.value);
+            let path = crate::build::normalize(&base.join(&f.value));
             let bytes = std::fs::read(&path).map_err(|e| Diagnostic::new(DiagCode::FileNotFound, file, f.span, format!("{key}.file"), format!("cannot read `{}`: {e}", f.value)))?;
             let format = crate::source::file::format_of(&path).unwrap_or(crate::source::Format::Json);
             let shown = path.display().to_string();

@@ -166,6 +166,7 @@ pub fn sandboxed_engine(limits: Limits, tables: Arc<ScriptTables>) -> Engine {
         let m = convert::money_from(&Value::from(units), Some(c), true, Precision::Currency).map_err(runtime_error)?;
         money(&Dynamic::from(m.amount), c, Precision::Currency)
     });
+    e.register_fn("divide_exact", |a: Dynamic, b: Dynamic| -> Result<Dynamic, Box<EvalAltResult>> { Ok(divide_exact(to_decimal(&a)?, to_decimal(&b)?)) });
     e.register_fn("round_money", |v: Dynamic, c: &str| -> Result<Dynamic, Box<EvalAltResult>> {
         let exp = convert::currency_exponent(&c.to_ascii_uppercase()).map_err(runtime_error)?;
         let d = to_decimal(&v)?.round_dp_with_strategy(exp, rust_decimal::RoundingStrategy::MidpointAwayFromZero);
@@ -224,6 +225,31 @@ pub fn parse_error_diag(file: &SourceFile, e: &rhai::ParseError) -> Diagnostic {
     Diagnostic::new(DiagCode::ScriptSyntax, file, span, "", format!("script does not compile: {}", e.err_type()))
 }
 
+/// The failure a script asked for with `fail(...)`, even from inside a function it called.
+fn requested_failure(e: &EvalAltResult, document: Document) -> Option<Failure> {
+    match e {
+        EvalAltResult::ErrorRuntime(v, _) => {
+            let m = v.read_lock::<rhai::Map>()?;
+            if !m.contains_key(FAIL_TAG) {
+                return None;
+            }
+            let get = |k: &str| m.get(k).and_then(|v| v.clone().into_string().ok()).unwrap_or_default();
+            Some(Failure::one(get("reason"), ErrorDetail { pointer: get("pointer"), message: get("message"), document }))
+        }
+        EvalAltResult::ErrorInFunctionCall(_, _, inner, _) => requested_failure(inner, document),
+        _ => None,
+    }
+}
+
+/// `a / b` when the quotient is exact (it terminates and multiplies back to `a`), else `()`.
+fn divide_exact(a: Decimal, b: Decimal) -> Dynamic {
+    match a.checked_div(b) {
+        // rust_decimal keeps 28 digits: a repeating quotient fills them all.
+        Some(q) if q * b == a && q.normalize().scale() < 20 => Dynamic::from(q.normalize()),
+        _ => Dynamic::UNIT,
+    }
+}
+
 /// A compiled script step.
 pub struct Script {
     pub name: String,
@@ -267,13 +293,8 @@ impl Script {
     }
 
     fn failure(&self, e: EvalAltResult, document: Document) -> Failure {
-        if let EvalAltResult::ErrorRuntime(v, _) = &e {
-            if let Some(m) = v.read_lock::<rhai::Map>() {
-                if m.contains_key(FAIL_TAG) {
-                    let get = |k: &str| m.get(k).and_then(|v| v.clone().into_string().ok()).unwrap_or_default();
-                    return Failure::one(get("reason"), ErrorDetail { pointer: get("pointer"), message: get("message"), document });
-                }
-            }
+        if let Some(f) = requested_failure(&e, document) {
+            return f;
         }
         let pos = e.position();
         let at = match (pos.line(), pos.position()) {
@@ -311,6 +332,18 @@ mod tests {
         )
         .unwrap();
         assert_eq!(out, json!({"at": "2019-05-07T15:42:57.058Z", "total": {"amount": "18.05", "currency": "USD"}, "unit": {"amount": "8.975", "currency": "USD"}}));
+    }
+
+    #[test]
+    fn divide_exact_refuses_repeating_quotients() {
+        let out = run("// version: 1\n#{ a: divide_exact(dec(\"10.00\"), 4), b: divide_exact(\"10.00\", 3) == () }", json!({})).unwrap();
+        assert_eq!(out, json!({"a": "2.5", "b": true}));
+    }
+
+    #[test]
+    fn fail_works_from_inside_functions() {
+        let f = run("// version: 1\nfn check(x) { if x < 0 { fail(\"negative\", \"/x\", `x is ${x}`); } x }\ncheck(input.x)", json!({"x": -2})).unwrap_err();
+        assert_eq!(f, Failure::one("negative", ErrorDetail { pointer: "/x".into(), message: "x is -2".into(), document: Document::Input }));
     }
 
     #[test]
