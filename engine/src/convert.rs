@@ -50,8 +50,22 @@ pub fn parse_decimal(s: &str) -> Result<Decimal, String> {
 
 /// The number of minor-unit digits of an ISO 4217 currency (2 for USD, 0 for JPY, 3 for KWD).
 pub fn currency_exponent(code: &str) -> Result<u32, String> {
+    // Orders come in runs of one currency: remember the last answer per thread.
+    thread_local! {
+        static LAST: std::cell::RefCell<([u8; 3], u32)> = const { std::cell::RefCell::new(([0; 3], 0)) };
+    }
+    let key: Option<[u8; 3]> = code.as_bytes().try_into().ok();
+    if let Some(k) = key {
+        if let Some(e) = LAST.with(|l| (l.borrow().0 == k).then(|| l.borrow().1)) {
+            return Ok(e);
+        }
+    }
     let c = iso_currency::Currency::from_code(code).ok_or_else(|| format!("\"{code}\" is not an ISO 4217 currency code"))?;
-    Ok(u32::from(c.exponent().unwrap_or(2)))
+    let e = u32::from(c.exponent().unwrap_or(2));
+    if let Some(k) = key {
+        LAST.with(|l| *l.borrow_mut() = (k, e));
+    }
+    Ok(e)
 }
 
 /// How many decimal places money may carry.
@@ -72,10 +86,27 @@ pub struct Money {
     pub currency: String,
 }
 
+/// A decimal as text, as `Decimal`'s `Display` writes it, without the formatting machinery
+/// (money is written many times per message).
+pub fn decimal_text(d: &Decimal) -> String {
+    let scale = d.scale() as usize;
+    let mut digits = d.mantissa().unsigned_abs().to_string();
+    if scale > 0 {
+        if digits.len() <= scale {
+            digits.insert_str(0, &"0".repeat(scale + 1 - digits.len()));
+        }
+        digits.insert(digits.len() - scale, '.');
+    }
+    if d.is_sign_negative() && !d.is_zero() {
+        digits.insert(0, '-');
+    }
+    digits
+}
+
 impl Money {
     pub fn to_json(&self) -> Value {
-        let mut m = serde_json::Map::with_capacity(2);
-        m.insert("amount".into(), Value::String(self.amount.to_string()));
+        let mut m = serde_json::Map::new();
+        m.insert("amount".into(), Value::String(decimal_text(&self.amount)));
         m.insert("currency".into(), Value::String(self.currency.clone()));
         Value::Object(m)
     }
@@ -376,6 +407,14 @@ mod tests {
         assert!(m(json!(true), Some("USD"), false).is_err());
         let kept = money_from(&json!("0.0125"), Some("USD"), false, Precision::Keep).unwrap();
         assert_eq!(kept.amount.to_string(), "0.0125");
+    }
+
+    #[test]
+    fn decimal_text_matches_display() {
+        for s in ["0", "0.00", "-0.05", "1397.30", "-13.24", "123456789.123456789", "0.0001", "-1"] {
+            let d = parse_decimal(s).unwrap();
+            assert_eq!(decimal_text(&d), d.to_string(), "{s}");
+        }
     }
 
     #[test]

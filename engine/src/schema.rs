@@ -37,12 +37,7 @@ pub fn generate(kind: Kind) -> Value {
     };
     let mut v = schema.to_value();
     if let Value::Object(o) = &mut v {
-        let id = format!("https://schemas.switchyard.dev/{}", kind.file_name());
-        let mut out = serde_json::Map::new();
-        out.insert("$schema".into(), o.shift_remove("$schema").unwrap_or(Value::Null));
-        out.insert("$id".into(), Value::String(id));
-        out.extend(std::mem::take(o));
-        return Value::Object(out);
+        o.insert("$id".into(), Value::String(format!("https://schemas.switchyard.dev/{}", kind.file_name())));
     }
     v
 }

@@ -137,7 +137,7 @@ fn remove_pointer(v: &mut Value, pointer: &str) {
     let last = last.replace("~1", "/").replace("~0", "~");
     match v.pointer_mut(parent) {
         Some(Value::Object(o)) => {
-            o.shift_remove(&last);
+            o.remove(&last);
         }
         Some(Value::Array(a)) => {
             if let Ok(i) = last.parse::<usize>() {

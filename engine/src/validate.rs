@@ -153,6 +153,9 @@ impl SchemaStore {
         }
         let mut options = jsonschema::options()
             .should_validate_formats(true)
+            // The regex crate (linear time, no backtracking) rather than fancy-regex: schema
+            // patterns are matched on every message.
+            .with_pattern_options(jsonschema::PatternOptions::regex())
             .with_retriever(LocalRetriever { by_id: self.by_id.clone() });
         if schema.get("$schema").is_none() {
             options = options.with_draft(Draft::Draft202012);

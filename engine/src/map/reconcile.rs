@@ -26,36 +26,43 @@ struct Check<'a> {
 }
 
 impl Check<'_> {
-    fn money(&mut self, v: Option<&Value>, pointer: &str) -> Option<Decimal> {
+    /// Pointers are built only when there is an error to report: this runs on every message.
+    fn money(&mut self, v: Option<&Value>, pointer: impl FnOnce() -> String) -> Option<Decimal> {
         let v = v?;
-        match Money::from_canonical(v) {
-            Some(m) if m.currency == self.currency => Some(m.amount),
-            Some(m) => {
+        let parsed = v.as_object().and_then(|o| {
+            let amount = convert::parse_decimal(o.get("amount")?.as_str()?).ok()?;
+            Some((amount, o.get("currency")?.as_str()?))
+        });
+        match parsed {
+            Some((amount, currency)) if currency == self.currency => Some(amount),
+            Some((amount, currency)) => {
                 self.currency_errors += 1;
-                self.errors.push(ErrorDetail::record(pointer, format!("{} {} is not in the order currency {}", m.amount, m.currency, self.currency)));
+                self.errors.push(ErrorDetail::record(pointer(), format!("{amount} {currency} is not in the order currency {}", self.currency)));
                 None
             }
             None => {
-                self.errors.push(ErrorDetail::record(pointer, format!("expected money {{amount, currency}}, found {}", convert::describe(v))));
+                self.errors.push(ErrorDetail::record(pointer(), format!("expected money {{amount, currency}}, found {}", convert::describe(v))));
                 None
             }
         }
     }
 
-    fn sum(&mut self, list: Option<&Value>, key: &str, pointer: &str) -> Option<Decimal> {
+    fn sum(&mut self, list: Option<&Value>, key: &str, pointer: impl Fn() -> String) -> Option<Decimal> {
         let items = list?.as_array()?;
         let mut total = Decimal::ZERO;
         for (i, item) in items.iter().enumerate() {
-            total += self.money(item.get(key), &format!("{pointer}/{i}/{key}")).unwrap_or_default();
+            total += self.money(item.get(key), || format!("{}/{i}/{key}", pointer())).unwrap_or_default();
         }
         Some(total)
     }
 
     /// Compares a stated amount with the computed one; returns whether they agree.
-    fn compare(&mut self, stated: Option<Decimal>, computed: Decimal, pointer: &str, how: impl FnOnce() -> String) -> bool {
+    fn compare(&mut self, stated: Option<Decimal>, computed: Decimal, pointer: impl FnOnce() -> String, how: impl FnOnce() -> String) -> bool {
         match stated {
             Some(s) if (s - computed).abs() > self.tolerance => {
-                self.errors.push(ErrorDetail::record(pointer, format!("{} says {s} {}, but {} = {computed}", pointer.rsplit('/').next().unwrap_or(""), self.currency, how())));
+                let pointer = pointer();
+                let name = pointer.rsplit('/').next().unwrap_or("").to_string();
+                self.errors.push(ErrorDetail::record(pointer, format!("{name} says {s} {}, but {} = {computed}", self.currency, how())));
                 false
             }
             _ => true,
@@ -63,10 +70,13 @@ impl Check<'_> {
     }
 }
 
-fn set_money(obj: &mut Map<String, Value>, key: &str, amount: Decimal, currency: &str) -> Result<(), String> {
+fn set_money(obj: &mut Map<String, Value>, key: &str, mut amount: Decimal, currency: &str) -> Result<(), String> {
     if !obj.contains_key(key) {
-        let m = convert::money_from(&Value::String(amount.to_string()), Some(currency), false, convert::Precision::Keep)?;
-        obj.insert(key.to_string(), m.to_json());
+        let exponent = convert::currency_exponent(currency)?;
+        if amount.scale() < exponent {
+            amount.rescale(exponent);
+        }
+        obj.insert(key.to_string(), Money { amount, currency: currency.to_string() }.to_json());
     }
     Ok(())
 }
@@ -99,30 +109,30 @@ impl Reconcile {
         let mut derived: Vec<(Decimal, Decimal)> = Vec::with_capacity(lines.len());
         let (mut subtotal, mut line_discounts, mut line_taxes, mut any_tax_detail) = (Decimal::ZERO, Decimal::ZERO, Decimal::ZERO, false);
         for (i, line) in lines.iter().enumerate() {
-            let p = format!("/lines/{i}");
+            let p = |k: &str| format!("/lines/{i}/{k}");
             let qty = quantity(line.get("quantity"));
-            let unit = c.money(line.get("unit_price"), &format!("{p}/unit_price"));
+            let unit = c.money(line.get("unit_price"), || p("unit_price"));
             let (Some(qty), Some(unit)) = (qty, unit) else {
                 if qty.is_none() {
-                    c.errors.push(ErrorDetail::record(format!("{p}/quantity"), "the line has no quantity"));
+                    c.errors.push(ErrorDetail::record(p("quantity"), "the line has no quantity"));
                 }
                 if line.get("unit_price").is_none() {
-                    c.errors.push(ErrorDetail::record(format!("{p}/unit_price"), "the line has no unit price"));
+                    c.errors.push(ErrorDetail::record(p("unit_price"), "the line has no unit price"));
                 }
                 derived.push((Decimal::ZERO, Decimal::ZERO));
                 continue;
             };
             let line_sub = qty * unit;
-            let stated_sub = c.money(line.get("subtotal"), &format!("{p}/subtotal"));
-            c.compare(stated_sub, line_sub, &format!("{p}/subtotal"), || format!("quantity {qty} x unit price {unit}"));
-            let discount = c.money(line.get("discount"), &format!("{p}/discount")).unwrap_or_default();
+            let stated_sub = c.money(line.get("subtotal"), || p("subtotal"));
+            c.compare(stated_sub, line_sub, || p("subtotal"), || format!("quantity {qty} x unit price {unit}"));
+            let discount = c.money(line.get("discount"), || p("discount")).unwrap_or_default();
             let line_total = line_sub - discount;
-            let stated_total = c.money(line.get("total"), &format!("{p}/total"));
-            c.compare(stated_total, line_total, &format!("{p}/total"), || format!("subtotal {line_sub} - discount {discount}"));
+            let stated_total = c.money(line.get("total"), || p("total"));
+            c.compare(stated_total, line_total, || p("total"), || format!("subtotal {line_sub} - discount {discount}"));
             if line.get("taxes").and_then(Value::as_array).is_some_and(|t| !t.is_empty()) {
                 any_tax_detail = true;
             }
-            line_taxes += c.sum(line.get("taxes"), "amount", &format!("{p}/taxes")).unwrap_or_default();
+            line_taxes += c.sum(line.get("taxes"), "amount", || p("taxes")).unwrap_or_default();
             subtotal += line_sub;
             line_discounts += discount;
             derived.push((line_sub, line_total));
@@ -133,26 +143,26 @@ impl Reconcile {
         if let Some(ss) = order.get("shipping").and_then(Value::as_array) {
             for (i, s) in ss.iter().enumerate() {
                 any_shipping_detail = true;
-                shipping += c.money(s.get("amount"), &format!("/shipping/{i}/amount")).unwrap_or_default();
-                shipping_discounts += c.money(s.get("discount"), &format!("/shipping/{i}/discount")).unwrap_or_default();
+                shipping += c.money(s.get("amount"), || format!("/shipping/{i}/amount")).unwrap_or_default();
+                shipping_discounts += c.money(s.get("discount"), || format!("/shipping/{i}/discount")).unwrap_or_default();
                 if s.get("taxes").and_then(Value::as_array).is_some_and(|t| !t.is_empty()) {
                     any_tax_detail = true;
                 }
-                shipping_taxes += c.sum(s.get("taxes"), "amount", &format!("/shipping/{i}/taxes")).unwrap_or_default();
+                shipping_taxes += c.sum(s.get("taxes"), "amount", || format!("/shipping/{i}/taxes")).unwrap_or_default();
             }
         }
         // Discounts: `discounts[]` lists them; line and shipping `discount`s are their allocation.
         let allocated = line_discounts + shipping_discounts;
-        let listed = c.sum(order.get("discounts"), "amount", "/discounts");
+        let listed = c.sum(order.get("discounts"), "amount", || "/discounts".into());
         if let (Some(listed), true) = (listed, allocated != Decimal::ZERO) {
-            c.compare(Some(listed), allocated, "/discounts", || format!("line discounts {line_discounts} + shipping discounts {shipping_discounts}"));
+            c.compare(Some(listed), allocated, || "/discounts".into(), || format!("line discounts {line_discounts} + shipping discounts {shipping_discounts}"));
         }
-        let order_taxes = c.sum(order.get("taxes"), "amount", "/taxes");
+        let order_taxes = c.sum(order.get("taxes"), "amount", || "/taxes".into());
         let totals = order.get("totals");
-        let stated = |c: &mut Check, k: &str| c.money(totals.and_then(|t| t.get(k)), &format!("/totals/{k}"));
+        let stated = |c: &mut Check, k: &str| c.money(totals.and_then(|t| t.get(k)), || format!("/totals/{k}"));
         let (s_sub, s_disc, s_ship, s_tax, s_total) = (stated(&mut c, "subtotal"), stated(&mut c, "discount"), stated(&mut c, "shipping"), stated(&mut c, "tax"), stated(&mut c, "total"));
 
-        c.compare(s_sub, subtotal, "/totals/subtotal", || format!("the sum of {} line subtotal(s)", lines.len()));
+        c.compare(s_sub, subtotal, || "/totals/subtotal".into(), || format!("the sum of {} line subtotal(s)", lines.len()));
         let discount = match listed {
             Some(l) => l,
             None if allocated != Decimal::ZERO => allocated,
@@ -164,24 +174,24 @@ impl Reconcile {
                 s_disc.unwrap_or_default()
             }
         };
-        c.compare(s_disc, discount, "/totals/discount", || if listed.is_some() { "the sum of discounts[]".to_string() } else { format!("line discounts {line_discounts} + shipping discounts {shipping_discounts}") });
+        c.compare(s_disc, discount, || "/totals/discount".into(), || if listed.is_some() { "the sum of discounts[]".to_string() } else { format!("line discounts {line_discounts} + shipping discounts {shipping_discounts}") });
         let shipping = if any_shipping_detail { shipping } else { s_ship.unwrap_or_default() };
-        c.compare(s_ship, shipping, "/totals/shipping", || "the sum of the shipping charges before discounts".to_string());
+        c.compare(s_ship, shipping, || "/totals/shipping".into(), || "the sum of the shipping charges before discounts".to_string());
         let detail_tax = line_taxes + shipping_taxes;
         let tax = if any_tax_detail {
             if let Some(ot) = order_taxes {
-                c.compare(Some(ot), detail_tax, "/taxes", || format!("line taxes {line_taxes} + shipping taxes {shipping_taxes}"));
+                c.compare(Some(ot), detail_tax, || "/taxes".into(), || format!("line taxes {line_taxes} + shipping taxes {shipping_taxes}"));
             }
             detail_tax
         } else {
             order_taxes.or(s_tax).unwrap_or_default()
         };
-        c.compare(s_tax, tax, "/totals/tax", || format!("line taxes {line_taxes} + shipping taxes {shipping_taxes}"));
+        c.compare(s_tax, tax, || "/totals/tax".into(), || format!("line taxes {line_taxes} + shipping taxes {shipping_taxes}"));
         let total = subtotal - discount + shipping + if include_tax { Decimal::ZERO } else { tax };
         match s_total {
             None => c.errors.push(ErrorDetail::record("/totals/total", "the order has no grand total to reconcile")),
             Some(_) => {
-                c.compare(s_total, total, "/totals/total", || {
+                c.compare(s_total, total, || "/totals/total".into(), || {
                     let tax_part = if include_tax { "(tax included in prices)".to_string() } else { format!("+ tax {tax}") };
                     format!("subtotal {subtotal} - discount {discount} + shipping {shipping} {tax_part}")
                 });

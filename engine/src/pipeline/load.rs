@@ -86,6 +86,11 @@ pub fn discover_tests(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
 /// Loads and builds one pipeline file.
 pub fn load_file(path: &Path, shared: &Shared) -> Result<Pipeline, Vec<Diagnostic>> {
     let file = SourceFile::read(path).map_err(|e| vec![Diagnostic::new(DiagCode::FileNotFound, &SourceFile::new(path, ""), Span::new(1, 1, 0, 0), "", format!("cannot read pipeline: {e}"))])?;
+    load_source(file, shared)
+}
+
+/// Builds a pipeline from YAML text; `file.path` decides where relative paths start.
+pub fn load_source(file: SourceFile, shared: &Shared) -> Result<Pipeline, Vec<Diagnostic>> {
     let node = yaml::parse(&file, &*shared.env)?;
     let config: PipelineConfig = parse_node(&node, &file, &[])?;
     let cx = BuildContext::new(file, shared);
