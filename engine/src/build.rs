@@ -125,21 +125,29 @@ pub fn normalize(p: &Path) -> PathBuf {
     if out.as_os_str().is_empty() { PathBuf::from(".") } else { out }
 }
 
-/// Collects the results of many fallible builds, keeping every diagnostic.
+/// Collects the results of many fallible builds, keeping every diagnostic. A diagnostic at line 0
+/// is about a value that was already reported as malformed (it has no position), and is dropped.
 #[derive(Default)]
 pub struct Diags(pub Vec<Diagnostic>);
 
 impl Diags {
     pub fn take<T>(&mut self, r: Result<T, Diagnostic>) -> Option<T> {
-        r.map_err(|d| self.0.push(d)).ok()
+        r.map_err(|d| self.push(d)).ok()
     }
 
     pub fn take_all<T>(&mut self, r: Result<T, Vec<Diagnostic>>) -> Option<T> {
-        r.map_err(|d| self.0.extend(d)).ok()
+        r.map_err(|ds| ds.into_iter().for_each(|d| self.push(d))).ok()
     }
 
     pub fn push(&mut self, d: Diagnostic) {
-        self.0.push(d)
+        if d.span.line > 0 {
+            self.0.push(d)
+        }
+    }
+
+    /// Diagnostics found before the build (structure), kept as they are.
+    pub fn extend(&mut self, ds: Vec<Diagnostic>) {
+        self.0.extend(ds)
     }
 
     pub fn is_empty(&self) -> bool {

@@ -18,6 +18,15 @@ pub enum Kind {
 impl Kind {
     pub const ALL: [Kind; 3] = [Kind::Pipeline, Kind::Fieldmap, Kind::Test];
 
+    /// As written on the command line: `--kind pipeline`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Pipeline => "pipeline",
+            Kind::Fieldmap => "fieldmap",
+            Kind::Test => "test",
+        }
+    }
+
     /// The committed file under schemas/.
     pub fn file_name(self) -> &'static str {
         match self {

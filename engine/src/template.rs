@@ -33,6 +33,10 @@ pub struct Template {
 impl Template {
     /// Compiles a template; errors carry the 1-based column in the template text.
     pub fn compile(text: &str) -> Result<Self, PathError> {
+        // A bare JSONPath is a template of one placeholder: `$.order.id` means `{$.order.id}`.
+        if text.trim_start().starts_with('$') && !text.contains('{') {
+            return Ok(Template { parts: vec![Part::Path(CompiledPath::compile(text)?)] });
+        }
         let mut parts = Vec::new();
         let mut lit = String::new();
         let mut chars = text.char_indices().peekable();
@@ -145,6 +149,7 @@ mod tests {
         let t = Template::compile("{channel}:{$.id} {{{$.name}}} {$['x'].k}").unwrap();
         assert_eq!(t.render(Scope::root(&d), &V).unwrap(), "shopify:820982911946154508 {#1001} a}b");
         assert_eq!(Template::compile("{$.missing}-x").unwrap().render(Scope::root(&d), &V), None);
+        assert_eq!(Template::compile("$.x.k").unwrap().render(Scope::root(&d), &V).unwrap(), "a}b");
     }
 
     #[test]

@@ -88,6 +88,31 @@ impl Node {
         self.entries()?.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(k, _)| k)
     }
 
+    /// The value as JSON, resolving plain scalars by the YAML 1.2 core schema (for checking a file
+    /// against a JSON Schema, as editors do).
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::Value;
+        match &self.value {
+            NodeValue::Scalar(s) if !s.plain => Value::String(s.text.clone()),
+            NodeValue::Scalar(s) => {
+                if is_null_text(&s.text) {
+                    Value::Null
+                } else if let Some(b) = parse_bool(&s.text) {
+                    Value::Bool(b)
+                } else if let Some(i) = parse_int(&s.text).and_then(|i| i64::try_from(i).ok()) {
+                    Value::from(i)
+                } else if let Some(f) = parse_float(&s.text).and_then(serde_json::Number::from_f64) {
+                    Value::Number(f)
+                } else {
+                    Value::String(s.text.clone())
+                }
+            }
+            NodeValue::Seq(items) => Value::Array(items.iter().map(Node::to_json).collect()),
+            NodeValue::Map(entries) => Value::Object(entries.iter().map(|(k, v)| (k.as_str().unwrap_or_default().to_string(), v.to_json())).collect()),
+            NodeValue::Poison => Value::Null,
+        }
+    }
+
     /// What kind of YAML value this is, in words, for "expected ..., found ..." messages.
     pub fn describe(&self) -> String {
         match &self.value {

@@ -273,7 +273,8 @@ fn build_fields(c: &FieldsStepConfig, cx: &BuildContext, key_path: &str) -> Resu
             let map = FieldMap::compile("inline", "", fields, &format!("{key_path}.fields"), cx)?;
             Ok(Box::new(FieldsStep { map, inline: true }))
         }
-        _ => Err(vec![Diagnostic::new(DiagCode::Conflict, &cx.file, crate::config::Span::default(), key_path, "a `fields` step takes either `file:` or inline `fields:`").hint("use one of them")]),
+        (Some(file), Some(_)) => Err(vec![cx.diag(DiagCode::Conflict, file.span, key_path, "a `fields` step takes either `file:` or inline `fields:`, not both").hint("use one of them")]),
+        (None, None) => Err(vec![cx.diag(DiagCode::MissingKey, cx.file.span_at(1, 1, 1), key_path, "a `fields` step needs `file:` or inline `fields:`")]),
     }
 }
 

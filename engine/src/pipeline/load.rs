@@ -2,7 +2,7 @@
 
 use super::{Pipeline, PipelineConfig};
 use crate::build::{BuildContext, Shared};
-use crate::config::{parse_node, yaml, DiagCode, Diagnostic, SourceFile, Span};
+use crate::config::{parse_node_lenient, yaml, DiagCode, Diagnostic, SourceFile, Span};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -92,9 +92,20 @@ pub fn load_file(path: &Path, shared: &Shared) -> Result<Pipeline, Vec<Diagnosti
 /// Builds a pipeline from YAML text; `file.path` decides where relative paths start.
 pub fn load_source(file: SourceFile, shared: &Shared) -> Result<Pipeline, Vec<Diagnostic>> {
     let node = yaml::parse(&file, &*shared.env)?;
-    let config: PipelineConfig = parse_node(&node, &file, &[])?;
+    // Structure problems do not stop the build: its checks still run on the parts that are fine,
+    // so one `validate` reports everything.
+    let (config, structure) = parse_node_lenient::<PipelineConfig>(&node, &file, &[]);
+    let Some(config) = config else { return Err(structure) };
     let cx = BuildContext::new(file, shared);
-    Pipeline::build(&config, &cx)
+    match Pipeline::build(&config, &cx) {
+        Ok(p) if structure.is_empty() => Ok(p),
+        Ok(_) => Err(structure),
+        Err(mut d) => {
+            let mut all = structure;
+            all.append(&mut d);
+            Err(all)
+        }
+    }
 }
 
 /// The result of loading several pipeline files.

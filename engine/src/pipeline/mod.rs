@@ -92,7 +92,7 @@ pub struct PipelineConfig {
     #[serde(default)]
     pub route: Option<RouteConfig>,
     /// Named outputs.
-    pub sinks: IndexMap<String, Component<SinkConfig>>,
+    pub sinks: Spanned<IndexMap<String, Component<SinkConfig>>>,
     #[serde(default)]
     pub exceptions: ExceptionPolicy,
 }
@@ -162,7 +162,7 @@ impl Pipeline {
             }
         }
         let mut sinks = Vec::new();
-        for (name, c) in &config.sinks {
+        for (name, c) in config.sinks.iter() {
             if !valid_name(name) {
                 diags.push(cx.diag(DiagCode::InvalidValue, c.raw.node.span, &format!("sinks.{name}"), format!("`{name}` is not a valid sink name")).expected("lowercase letters, digits, `-` and `_`"));
             }
@@ -171,7 +171,7 @@ impl Pipeline {
             }
         }
         if config.sinks.is_empty() {
-            diags.push(cx.diag(DiagCode::MissingKey, config.name.span, "sinks", "the pipeline declares no sinks").hint("add at least one under `sinks:`"));
+            diags.push(cx.diag(DiagCode::MissingKey, config.sinks.span, "sinks", "the pipeline declares no sinks").hint("add at least one under `sinks:`"));
         }
         let correlation = match &config.envelope.correlation_id {
             None => Some(Correlation::Generated),

@@ -1,0 +1,165 @@
+//! `switchyard run --once` over the reference pipelines and their example payloads: counts add up,
+//! every input ends in a sink or in the exception file, exception records keep the original bytes
+//! and point into the input, and every canonical Order produced is valid and reconciles to the cent
+//! when checked independently of the engine's own reconcile step.
+
+use rust_decimal::Decimal;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use switchyard::source::{file::split, Format};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
+}
+
+fn ndjson(path: &Path) -> Vec<Value> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => t.lines().map(|l| serde_json::from_str(l).expect("NDJSON line")).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+fn dec(v: &Value) -> Decimal {
+    v["amount"].as_str().expect("money amount").parse().expect("decimal")
+}
+
+/// The canonical Order arithmetic, written again here as an oracle.
+fn reconciles(o: &Value) -> bool {
+    let cur = o["currency"].as_str().unwrap();
+    let money = |v: &Value| {
+        assert_eq!(v["currency"], cur, "every amount is in the order currency");
+        dec(v)
+    };
+    let mut subtotal = Decimal::ZERO;
+    let mut tax = Decimal::ZERO;
+    let mut allocated = Decimal::ZERO;
+    for l in o["lines"].as_array().unwrap() {
+        let q: Decimal = l["quantity"].to_string().parse().unwrap();
+        let line = q * money(&l["unit_price"]);
+        assert_eq!(line, money(&l["subtotal"]), "line subtotal = quantity x unit price");
+        subtotal += line;
+        if l.get("discount").is_some() {
+            allocated += money(&l["discount"]);
+        }
+        for t in l["taxes"].as_array().into_iter().flatten() {
+            tax += money(&t["amount"]);
+        }
+    }
+    let mut shipping = Decimal::ZERO;
+    for s in o["shipping"].as_array().into_iter().flatten() {
+        shipping += money(&s["amount"]);
+        if s.get("discount").is_some() {
+            allocated += money(&s["discount"]);
+        }
+        for t in s["taxes"].as_array().into_iter().flatten() {
+            tax += money(&t["amount"]);
+        }
+    }
+    // `discounts[]` lists the discounts; line and shipping `discount`s allocate them.
+    let discount = match o["discounts"].as_array() {
+        Some(d) => d.iter().map(|d| money(&d["amount"])).sum(),
+        None => allocated,
+    };
+    let included = o["prices_include_tax"].as_bool().unwrap_or(false);
+    let total = subtotal - discount + shipping + if included { Decimal::ZERO } else { tax };
+    total == money(&o["totals"]["total"]) && tax == money(&o["totals"]["tax"]) && subtotal == money(&o["totals"]["subtotal"])
+}
+
+#[test]
+fn every_input_ends_in_a_sink_or_the_exception_file() {
+    let data = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["run", "pipelines", "--once", "--data-dir"])
+        .arg(data.path())
+        .current_dir(repo())
+        .output()
+        .expect("switchyard runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+
+    // The summary's own arithmetic.
+    let total = stdout.lines().find(|l| l.starts_with("total:")).expect("a total line");
+    let n: Vec<u64> = total.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).map(|s| s.parse().unwrap()).collect();
+    assert_eq!(n[0], n[1] + n[2], "{total}");
+    // Inputs: 9 Shopify files, 3 Amazon bundles, 3 canonical orders, 20 POS rows.
+    assert_eq!(n[0], 35, "{stdout}");
+
+    let outputs: Vec<(&str, PathBuf)> = vec![
+        ("shopify-orders", data.path().join("out/shopify/orders-us.ndjson")),
+        ("shopify-orders", data.path().join("out/shopify/orders-intl.ndjson")),
+        ("amazon-orders", data.path().join("out/amazon/orders.ndjson")),
+        ("erp-sales-orders", data.path().join("out/erp/bc-sales-orders.ndjson")),
+        ("pos-store-sales", data.path().join("out/pos/inventory-events.ndjson")),
+    ];
+    let routed: usize = outputs.iter().map(|(_, p)| ndjson(p).len()).sum();
+    assert_eq!(routed as u64, n[1], "the sink files hold exactly the routed messages");
+
+    let mut reasons: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut exceptions = 0;
+    for pipeline in ["shopify-orders", "amazon-orders", "erp-sales-orders", "pos-store-sales"] {
+        for rec in ndjson(&data.path().join(format!("exceptions/{pipeline}.ndjson"))) {
+            exceptions += 1;
+            reasons.entry(pipeline.to_string()).or_default().push(rec["reason"].as_str().unwrap().to_string());
+            assert!(rec["hint"].as_str().is_some_and(|h| !h.is_empty()), "every exception carries a hint: {rec}");
+            assert!(!rec["errors"].as_array().unwrap().is_empty());
+            // The original payload, byte for byte.
+            let origin = rec["origin"].as_str().unwrap();
+            let original = rec["original_payload"].as_str().unwrap().as_bytes().to_vec();
+            let (file, line) = match origin.rsplit_once(':') {
+                Some((f, l)) if l.chars().all(|c| c.is_ascii_digit()) => (f, Some(l.parse::<usize>().unwrap())),
+                _ => (origin, None),
+            };
+            let bytes = std::fs::read(repo().join(file)).unwrap();
+            let (expected_bytes, input): (Vec<u8>, Value) = match line {
+                None => (bytes.clone(), serde_json::from_slice(&bytes).unwrap_or(Value::Null)),
+                Some(l) => {
+                    let rows = split(&bytes, Format::Csv, file, &Default::default());
+                    let row = rows.into_iter().find(|m| m.headers.get("file.line") == Some(&l.to_string())).expect("the row");
+                    (row.body, row.parsed.unwrap())
+                }
+            };
+            assert_eq!(original, expected_bytes, "{pipeline}: original payload of {origin} is byte for byte");
+            // Pointers into the input resolve in it.
+            for e in rec["errors"].as_array().unwrap() {
+                if e["document"] == "input" {
+                    let p = e["pointer"].as_str().unwrap();
+                    assert!(input.pointer(p).is_some(), "{pipeline}: pointer {p} resolves in {origin}");
+                }
+            }
+        }
+    }
+    assert_eq!(exceptions as u64, n[2], "the exception files hold exactly the exceptions");
+    let expected: BTreeMap<String, Vec<String>> = [
+        ("amazon-orders", vec!["order_pending"]),
+        ("erp-sales-orders", vec!["unknown_sku"]),
+        ("pos-store-sales", vec!["unknown_sku", "schema_violation"]),
+        ("shopify-orders", vec!["totals_mismatch", "totals_mismatch"]),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.into_iter().map(String::from).collect()))
+    .collect();
+    assert_eq!(reasons, expected, "the examples designed to fail, and only those, are exceptions");
+
+    // Every canonical Order produced: valid against the canonical schema, and adds up.
+    let shared = switchyard::build::Shared::with_process_env();
+    let cx = switchyard::build::BuildContext::new(switchyard::config::SourceFile::new(repo().join("x.yaml"), ""), &shared);
+    let schema = repo().join("schemas/canonical/order.schema.json");
+    let check = switchyard::validate::SchemaCheck::new(cx.schema_store(&schema).validator(&schema).unwrap(), switchyard::message::Document::Record);
+    let mut orders = 0;
+    let mut keys = std::collections::HashSet::new();
+    for (pipeline, path) in &outputs {
+        for out in ndjson(path) {
+            assert_eq!(out["metadata"]["pipeline"], *pipeline);
+            assert!(keys.insert(out["metadata"]["idempotency_key"].as_str().unwrap().to_string()), "idempotency keys are unique");
+            assert!(out["metadata"]["mapping_versions"].as_object().is_some_and(|m| !m.is_empty()));
+            if *pipeline == "shopify-orders" || *pipeline == "amazon-orders" {
+                orders += 1;
+                check.check(&out["payload"]).unwrap_or_else(|f| panic!("{pipeline}: canonical order invalid: {:?}", f.errors));
+                assert!(reconciles(&out["payload"]), "{pipeline}: {} reconciles", out["payload"]["order_id"]);
+            }
+        }
+    }
+    assert_eq!(orders, 9);
+}

@@ -1,0 +1,111 @@
+//! `switchyard validate` rejects each kind of broken pipeline with file:line:column.
+//!
+//! Data-driven: every `tests/broken-pipelines/*.yaml` states what it must produce in comment
+//! lines: `# expect: <code> [<file>] <line>:<column> <text in the message, expected or hint>`
+//! and optionally `# expect-count: <n>` for the exact number of problems.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
+}
+
+fn switchyard(args: &[&str], dir: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_switchyard")).args(args).current_dir(dir).env_remove("SWITCHYARD_TEST_NEVER_SET").env("NO_COLOR", "1").output().expect("switchyard runs")
+}
+
+struct Expect {
+    code: String,
+    file: Option<String>,
+    line: usize,
+    column: usize,
+    text: String,
+}
+
+fn expectations(text: &str) -> (Vec<Expect>, Option<usize>) {
+    let mut out = Vec::new();
+    let mut count = None;
+    for l in text.lines() {
+        if let Some(n) = l.strip_prefix("# expect-count:") {
+            count = Some(n.trim().parse().expect("expect-count is a number"));
+        }
+        let Some(rest) = l.strip_prefix("# expect:") else { continue };
+        let mut words = rest.split_whitespace();
+        let code = words.next().expect("a code").to_string();
+        let mut next = words.next().expect("a position");
+        let mut file = None;
+        if !next.contains(':') || next.ends_with(".json") || next.ends_with(".yaml") || next.ends_with(".rhai") {
+            file = Some(next.to_string());
+            next = words.next().expect("a position");
+        }
+        let (line, column) = next.split_once(':').expect("line:column");
+        out.push(Expect { code, file, line: line.parse().unwrap(), column: column.parse().unwrap(), text: words.collect::<Vec<_>>().join(" ") });
+    }
+    (out, count)
+}
+
+#[test]
+fn every_broken_pipeline_is_rejected_where_the_problem_is() {
+    let dir = repo().join("tests/broken-pipelines");
+    let mut fixtures: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "yaml") && !p.to_string_lossy().ends_with(".fields.yaml")).collect();
+    fixtures.sort();
+    assert!(fixtures.len() >= 12, "the fixtures are there");
+    for f in fixtures {
+        let name = f.file_name().unwrap().to_string_lossy().to_string();
+        let (expects, count) = expectations(&std::fs::read_to_string(&f).unwrap());
+        assert!(!expects.is_empty(), "{name} states what it expects");
+        let out = switchyard(&["validate", &name, "--format", "json"], &dir);
+        assert_eq!(out.status.code(), Some(1), "{name}: validate exits 1");
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{name}: JSON report: {e}"));
+        assert_eq!(report["valid"], false);
+        let problems = report["problems"].as_array().unwrap();
+        for e in &expects {
+            let file = e.file.clone().unwrap_or_else(|| name.clone());
+            let hit = problems.iter().any(|p| {
+                let words = format!("{} {} {} {}", p["message"], p["expected"], p["hint"], p["key_path"]);
+                p["code"] == e.code.as_str()
+                    && p["file"].as_str().is_some_and(|pf| pf.ends_with(&file))
+                    && p["line"] == e.line
+                    && p["column"] == e.column
+                    && words.contains(&e.text)
+            });
+            assert!(hit, "{name}: expected {} at {file}:{}:{} mentioning {:?}; got {}", e.code, e.line, e.column, e.text, serde_json::to_string_pretty(problems).unwrap());
+        }
+        if let Some(n) = count {
+            assert_eq!(problems.len(), n, "{name}: exactly {n} problems, all reported at once");
+        }
+        // The human format shows each position and the offending line.
+        let human = switchyard(&["validate", &name], &dir);
+        let text = String::from_utf8_lossy(&human.stderr);
+        for e in &expects {
+            let file = e.file.clone().unwrap_or_else(|| name.clone());
+            assert!(text.contains(&format!("{file}:{}:{}", e.line, e.column)), "{name}: the human report names {file}:{}:{}\n{text}", e.line, e.column);
+        }
+        assert!(text.contains('│'), "{name}: the human report shows the source line\n{text}");
+    }
+}
+
+#[test]
+fn the_reference_pipelines_are_valid() {
+    let out = switchyard(&["validate", "pipelines", "--format", "json"], &repo());
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["problems"], serde_json::json!([]));
+    assert_eq!(out.status.code(), Some(0));
+    let names: Vec<&str> = report["pipelines"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["amazon-orders", "erp-sales-orders", "pos-store-sales", "shopify-orders"]);
+}
+
+#[test]
+fn two_pipelines_with_one_name_conflict() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(repo().join("tests/broken-pipelines/missing-required.yaml")).unwrap().replace("    format: payload\n", "    path: out.ndjson\n").replace("../../examples", &repo().join("examples").display().to_string());
+    std::fs::write(dir.path().join("a.yaml"), &text).unwrap();
+    std::fs::write(dir.path().join("b.yaml"), &text).unwrap();
+    let out = switchyard(&["validate", ".", "--format", "json"], dir.path());
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert_eq!(report["problems"][0]["code"], "conflict");
+    assert!(report["problems"][0]["message"].as_str().unwrap().contains("already used"));
+}
