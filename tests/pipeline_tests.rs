@@ -9,7 +9,12 @@ fn repo() -> PathBuf {
 }
 
 fn switchyard(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_switchyard")).args(args).current_dir(repo()).env("NO_COLOR", "1").output().expect("switchyard runs");
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .current_dir(repo())
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("switchyard runs");
     (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 

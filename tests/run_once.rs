@@ -8,7 +8,7 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use switchyard::source::{file::split, Format};
+use switchyard::source::{Format, file::split};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
@@ -146,7 +146,8 @@ fn every_input_ends_in_a_sink_or_the_exception_file() {
     let shared = switchyard::build::Shared::with_process_env();
     let cx = switchyard::build::BuildContext::new(switchyard::config::SourceFile::new(repo().join("x.yaml"), ""), &shared);
     let schema = repo().join("schemas/canonical/order.schema.json");
-    let check = switchyard::validate::SchemaCheck::new(cx.schema_store(&schema).validator(&schema).unwrap(), switchyard::message::Document::Record);
+    let check =
+        switchyard::validate::SchemaCheck::new(cx.schema_store(&schema).validator(&schema).unwrap(), switchyard::message::Document::Record);
     let mut orders = 0;
     let mut keys = std::collections::HashSet::new();
     for (pipeline, path) in &outputs {

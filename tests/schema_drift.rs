@@ -2,7 +2,7 @@
 //! and they accept every file of the project while rejecting unknown keys (for editors).
 
 use std::path::{Path, PathBuf};
-use switchyard::config::{yaml, SourceFile};
+use switchyard::config::{SourceFile, yaml};
 use switchyard::schema::{self, Kind};
 
 fn repo() -> PathBuf {
@@ -36,7 +36,13 @@ fn committed_schemas_match_the_rust_types() {
     for kind in Kind::ALL {
         let path = repo().join("schemas").join(kind.file_name());
         let committed = std::fs::read_to_string(&path).unwrap_or_default();
-        assert!(committed == schema::render(kind), "{} drifted from the Rust config types: run `switchyard schema --kind {} > schemas/{}`", path.display(), kind.name(), kind.file_name());
+        assert!(
+            committed == schema::render(kind),
+            "{} drifted from the Rust config types: run `switchyard schema --kind {} > schemas/{}`",
+            path.display(),
+            kind.name(),
+            kind.file_name()
+        );
     }
 }
 
@@ -55,7 +61,8 @@ fn the_schemas_accept_the_project_files_and_reject_typos() {
         assert!(tests.is_valid(&yaml_as_json(&p)), "{}", p.display());
     }
     let fieldmap = validator(Kind::Fieldmap);
-    let maps: Vec<PathBuf> = files(&repo().join("mappings"), &|n| n.ends_with(".yaml")).into_iter().filter(|p| yaml_as_json(p)["kind"] == "FieldMap").collect();
+    let maps: Vec<PathBuf> =
+        files(&repo().join("mappings"), &|n| n.ends_with(".yaml")).into_iter().filter(|p| yaml_as_json(p)["kind"] == "FieldMap").collect();
     assert!(maps.len() >= 3);
     for p in maps {
         let doc = yaml_as_json(&p);

@@ -13,7 +13,13 @@ fn repo() -> PathBuf {
 }
 
 fn switchyard(args: &[&str], dir: &Path) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_switchyard")).args(args).current_dir(dir).env_remove("SWITCHYARD_TEST_NEVER_SET").env("NO_COLOR", "1").output().expect("switchyard runs")
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("SWITCHYARD_TEST_NEVER_SET")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("switchyard runs")
 }
 
 struct Expect {
@@ -41,7 +47,13 @@ fn expectations(text: &str) -> (Vec<Expect>, Option<usize>) {
             next = words.next().expect("a position");
         }
         let (line, column) = next.split_once(':').expect("line:column");
-        out.push(Expect { code, file, line: line.parse().unwrap(), column: column.parse().unwrap(), text: words.collect::<Vec<_>>().join(" ") });
+        out.push(Expect {
+            code,
+            file,
+            line: line.parse().unwrap(),
+            column: column.parse().unwrap(),
+            text: words.collect::<Vec<_>>().join(" "),
+        });
     }
     (out, count)
 }
@@ -49,7 +61,12 @@ fn expectations(text: &str) -> (Vec<Expect>, Option<usize>) {
 #[test]
 fn every_broken_pipeline_is_rejected_where_the_problem_is() {
     let dir = repo().join("tests/broken-pipelines");
-    let mut fixtures: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "yaml") && !p.to_string_lossy().ends_with(".fields.yaml")).collect();
+    let mut fixtures: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml") && !p.to_string_lossy().ends_with(".fields.yaml"))
+        .collect();
     fixtures.sort();
     assert!(fixtures.len() >= 12, "the fixtures are there");
     for f in fixtures {
@@ -71,7 +88,15 @@ fn every_broken_pipeline_is_rejected_where_the_problem_is() {
                     && p["column"] == e.column
                     && words.contains(&e.text)
             });
-            assert!(hit, "{name}: expected {} at {file}:{}:{} mentioning {:?}; got {}", e.code, e.line, e.column, e.text, serde_json::to_string_pretty(problems).unwrap());
+            assert!(
+                hit,
+                "{name}: expected {} at {file}:{}:{} mentioning {:?}; got {}",
+                e.code,
+                e.line,
+                e.column,
+                e.text,
+                serde_json::to_string_pretty(problems).unwrap()
+            );
         }
         if let Some(n) = count {
             assert_eq!(problems.len(), n, "{name}: exactly {n} problems, all reported at once");
@@ -81,7 +106,12 @@ fn every_broken_pipeline_is_rejected_where_the_problem_is() {
         let text = String::from_utf8_lossy(&human.stderr);
         for e in &expects {
             let file = e.file.clone().unwrap_or_else(|| name.clone());
-            assert!(text.contains(&format!("{file}:{}:{}", e.line, e.column)), "{name}: the human report names {file}:{}:{}\n{text}", e.line, e.column);
+            assert!(
+                text.contains(&format!("{file}:{}:{}", e.line, e.column)),
+                "{name}: the human report names {file}:{}:{}\n{text}",
+                e.line,
+                e.column
+            );
         }
         assert!(text.contains('│'), "{name}: the human report shows the source line\n{text}");
     }
@@ -100,7 +130,10 @@ fn the_reference_pipelines_are_valid() {
 #[test]
 fn two_pipelines_with_one_name_conflict() {
     let dir = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string(repo().join("tests/broken-pipelines/missing-required.yaml")).unwrap().replace("    format: payload\n", "    path: out.ndjson\n").replace("../../examples", &repo().join("examples").display().to_string());
+    let text = std::fs::read_to_string(repo().join("tests/broken-pipelines/missing-required.yaml"))
+        .unwrap()
+        .replace("    format: payload\n", "    path: out.ndjson\n")
+        .replace("../../examples", &repo().join("examples").display().to_string());
     std::fs::write(dir.path().join("a.yaml"), &text).unwrap();
     std::fs::write(dir.path().join("b.yaml"), &text).unwrap();
     let out = switchyard(&["validate", ".", "--format", "json"], dir.path());

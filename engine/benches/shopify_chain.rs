@@ -4,7 +4,7 @@
 //! Workload: ../shared/bench/WORKLOAD.md, the first 10,000 orders of `gen_orders.py` (seed
 //! 20260827), copied here as `gen_orders.py`. Run: `cargo bench -p switchyard --bench shopify_chain`.
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -14,7 +14,7 @@ use switchyard::build::Shared;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use switchyard::message::RawMessage;
-use switchyard::pipeline::{load, Outcome, Pipeline};
+use switchyard::pipeline::{Outcome, Pipeline, load};
 
 const ORDERS: usize = 10_000;
 
@@ -42,7 +42,9 @@ fn pipeline(without: &[&str]) -> Pipeline {
         let block = match *step {
             "reconcile" => "  - type: reconcile\n".to_string(),
             "validate" => "  - type: validate\n    schema: ../schemas/canonical/order.schema.json\n".to_string(),
-            "input_validation" => "validate:\n  - type: json_schema\n    schema: ../schemas/channels/shopify/order.schema.json\n".to_string(),
+            "input_validation" => {
+                "validate:\n  - type: json_schema\n    schema: ../schemas/channels/shopify/order.schema.json\n".to_string()
+            }
             other => panic!("no variant without {other}"),
         };
         assert!(text.contains(&block), "the reference pipeline has a `{step}` map step");
@@ -268,7 +270,12 @@ fn hand_written(body: &[u8]) -> (usize, Vec<u8>) {
                 .map(|t| {
                     let amount = dec(t.price);
                     tax += amount;
-                    CanonicalTax { name: t.title, rate: Decimal::try_from(t.rate).expect("rate").normalize().to_string(), amount: money(amount, cur), collected_by: "seller" }
+                    CanonicalTax {
+                        name: t.title,
+                        rate: Decimal::try_from(t.rate).expect("rate").normalize().to_string(),
+                        amount: money(amount, cur),
+                        collected_by: "seller",
+                    }
                 })
                 .collect();
             CanonicalLine {
@@ -295,7 +302,13 @@ fn hand_written(body: &[u8]) -> (usize, Vec<u8>) {
         channel: "shopify",
         channel_order_id: o.id.to_string(),
         order_number: o.name,
-        status: if o.cancelled_at.is_some() { "cancelled" } else if o.fulfillment_status == Some("fulfilled") { "completed" } else { "open" },
+        status: if o.cancelled_at.is_some() {
+            "cancelled"
+        } else if o.fulfillment_status == Some("fulfilled") {
+            "completed"
+        } else {
+            "open"
+        },
         payment_status: o.financial_status.unwrap_or("unknown"),
         placed_at: utc(o.created_at),
         updated_at: o.updated_at.map(utc),
@@ -351,7 +364,9 @@ fn bench(c: &mut Criterion) {
     // The reference pipeline as shipped: validate, map, reconcile, validate the canonical Order, route.
     g.bench_function("reference_pipeline", |b| b.iter(|| orders.iter().map(|o| declarative(&p, o).1.len()).sum::<usize>()));
     // The chain the issue names: validate + map + route (no reconciliation, no output check).
-    g.bench_function("validate_map_route", |b| b.iter(|| orders.iter().map(|o| declarative(&p_validate_map_route, o).1.len()).sum::<usize>()));
+    g.bench_function("validate_map_route", |b| {
+        b.iter(|| orders.iter().map(|o| declarative(&p_validate_map_route, o).1.len()).sum::<usize>())
+    });
     // The mapping alone, as the peers in WORKLOAD.md run it (no schema checks).
     g.bench_function("map_route", |b| b.iter(|| orders.iter().map(|o| declarative(&p_map_route, o).1.len()).sum::<usize>()));
     g.bench_function("hand_written_serde", |b| b.iter(|| orders.iter().map(|o| hand_written(o).1.len()).sum::<usize>()));

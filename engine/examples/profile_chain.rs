@@ -6,7 +6,7 @@ use switchyard::build::Shared;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use switchyard::message::RawMessage;
-use switchyard::pipeline::{load, Outcome};
+use switchyard::pipeline::{Outcome, load};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -14,7 +14,8 @@ fn main() {
     let rounds: usize = args.get(2).and_then(|r| r.parse().ok()).unwrap_or(5);
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root");
     let p = load::load_file(&root.join("pipelines/shopify-orders.yaml"), &Shared::with_process_env()).expect("pipeline loads");
-    let orders: Vec<Vec<u8>> = std::fs::read(file).expect("orders").split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec).collect();
+    let orders: Vec<Vec<u8>> =
+        std::fs::read(file).expect("orders").split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec).collect();
     let start = std::time::Instant::now();
     let mut bytes = 0;
     for _ in 0..rounds {

@@ -1,11 +1,11 @@
 //! What building a pipeline needs besides its own YAML: the file it came from (for diagnostics and
 //! relative paths), and caches shared by every pipeline of one load (schemas, tables, scripts).
 
-use crate::config::{yaml::Env, DiagCode, Diagnostic, SourceFile, Span, Spanned};
+use crate::config::{DiagCode, Diagnostic, SourceFile, Span, Spanned, yaml::Env};
 use crate::jsonpath::{CompiledPath, Condition, PathError};
 use crate::map::lookup::LookupTable;
 use crate::template::Template;
-use crate::validate::{schema_root, SchemaStore};
+use crate::validate::{SchemaStore, schema_root};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -67,9 +67,11 @@ impl<'a> BuildContext<'a> {
         if path.is_file() {
             Ok(path)
         } else {
-            Err(self
-                .diag(DiagCode::FileNotFound, p.span, key_path, format!("{what} `{}` does not exist", p.value))
-                .hint(format!("paths are relative to the folder of {} (looked for {})", self.file.path.display(), path.display())))
+            Err(self.diag(DiagCode::FileNotFound, p.span, key_path, format!("{what} `{}` does not exist", p.value)).hint(format!(
+                "paths are relative to the folder of {} (looked for {})",
+                self.file.path.display(),
+                path.display()
+            )))
         }
     }
 

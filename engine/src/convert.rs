@@ -55,10 +55,10 @@ pub fn currency_exponent(code: &str) -> Result<u32, String> {
         static LAST: std::cell::RefCell<([u8; 3], u32)> = const { std::cell::RefCell::new(([0; 3], 0)) };
     }
     let key: Option<[u8; 3]> = code.as_bytes().try_into().ok();
-    if let Some(k) = key {
-        if let Some(e) = LAST.with(|l| (l.borrow().0 == k).then(|| l.borrow().1)) {
-            return Ok(e);
-        }
+    if let Some(k) = key
+        && let Some(e) = LAST.with(|l| (l.borrow().0 == k).then(|| l.borrow().1))
+    {
+        return Ok(e);
     }
     let c = iso_currency::Currency::from_code(code).ok_or_else(|| format!("\"{code}\" is not an ISO 4217 currency code"))?;
     let e = u32::from(c.exponent().unwrap_or(2));
@@ -135,7 +135,8 @@ pub fn money_from(v: &Value, currency: Option<&str>, minor_units: bool, precisio
         }
         other => (other, None),
     };
-    let code = own_currency.or(currency).ok_or("no currency: set `currency:` on this field (a code like USD or a path like $root.currency)")?;
+    let code =
+        own_currency.or(currency).ok_or("no currency: set `currency:` on this field (a code like USD or a path like $root.currency)")?;
     let code = code.trim().to_ascii_uppercase();
     let exponent = currency_exponent(&code)?;
     let mut amount = if minor_units {
@@ -197,10 +198,10 @@ pub fn number_from(v: &Value) -> Result<Value, String> {
 /// A decimal as a JSON number, when it fits exactly (integers, or up to 15 significant digits).
 pub fn decimal_to_number(d: Decimal) -> Result<Value, String> {
     let d = d.normalize();
-    if d.scale() == 0 {
-        if let Ok(i) = i64::try_from(d) {
-            return Ok(Value::from(i));
-        }
+    if d.scale() == 0
+        && let Ok(i) = i64::try_from(d)
+    {
+        return Ok(Value::from(i));
     }
     let text = d.to_string();
     let f: f64 = text.parse().map_err(|_| format!("{d} is not a number"))?;
@@ -250,10 +251,10 @@ impl Zone {
         if t.eq_ignore_ascii_case("utc") || t == "Z" {
             return Ok(Zone::Fixed(FixedOffset::east_opt(0).expect("zero offset")));
         }
-        if t.starts_with(['+', '-']) {
-            if let Ok(dt) = DateTime::parse_from_str(&format!("2000-01-01T00:00:00{t}"), "%Y-%m-%dT%H:%M:%S%:z") {
-                return Ok(Zone::Fixed(*dt.offset()));
-            }
+        if t.starts_with(['+', '-'])
+            && let Ok(dt) = DateTime::parse_from_str(&format!("2000-01-01T00:00:00{t}"), "%Y-%m-%dT%H:%M:%S%:z")
+        {
+            return Ok(Zone::Fixed(*dt.offset()));
         }
         t.parse::<chrono_tz::Tz>()
             .map(Zone::Named)
@@ -329,14 +330,13 @@ pub fn datetime_from(v: &Value, opts: &DateOptions) -> Result<DateTime<Utc>, Str
             if let Ok(d) = NaiveDate::parse_from_str(t, "%Y-%m-%d") {
                 return zone.localize(d.and_time(NaiveTime::MIN));
             }
-            if !t.is_empty() && t.chars().all(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '+' | '-')) {
-                if let Ok(d) = parse_decimal(t) {
-                    return epoch_to_datetime(d, opts.epoch);
-                }
+            if !t.is_empty()
+                && t.chars().all(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '+' | '-'))
+                && let Ok(d) = parse_decimal(t)
+            {
+                return epoch_to_datetime(d, opts.epoch);
             }
-            Err(format!(
-                "\"{s}\" is not a date-time I can read; add `format:` (for example `%m/%d/%Y %H:%M:%S`) to this field"
-            ))
+            Err(format!("\"{s}\" is not a date-time I can read; add `format:` (for example `%m/%d/%Y %H:%M:%S`) to this field"))
         }
         other => Err(format!("expected a date-time, found {}", describe(other))),
     }
@@ -360,12 +360,11 @@ pub fn format_datetime(t: &DateTime<Utc>) -> String {
 /// A calendar date `YYYY-MM-DD`: a date alone stays as written; a date-time becomes its UTC date
 /// unless `timezone` says which local date is meant.
 pub fn date_from(v: &Value, opts: &DateOptions) -> Result<String, String> {
-    if let Value::String(s) = v {
-        if opts.format.is_none() {
-            if let Ok(d) = NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d") {
-                return Ok(d.to_string());
-            }
-        }
+    if let Value::String(s) = v
+        && opts.format.is_none()
+        && let Ok(d) = NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d")
+    {
+        return Ok(d.to_string());
     }
     let t = datetime_from(v, opts)?;
     Ok(match opts.timezone {
@@ -392,7 +391,10 @@ mod tests {
         assert_eq!(m(json!(3), Some("USD"), false).unwrap(), json!({"amount": "3.00", "currency": "USD"}));
         assert_eq!(m(json!({"amount": 1599, "currency": "USD"}), None, true).unwrap(), json!({"amount": "15.99", "currency": "USD"}));
         assert_eq!(m(json!({"amount": 500, "currency": "JPY"}), None, true).unwrap(), json!({"amount": "500", "currency": "JPY"}));
-        assert_eq!(m(json!({"CurrencyCode": "EUR", "Amount": "11.01"}), Some("USD"), false).unwrap(), json!({"amount": "11.01", "currency": "EUR"}));
+        assert_eq!(
+            m(json!({"CurrencyCode": "EUR", "Amount": "11.01"}), Some("USD"), false).unwrap(),
+            json!({"amount": "11.01", "currency": "EUR"})
+        );
         assert_eq!(m(json!({"value": "-13.24", "currency": "EUR"}), None, false).unwrap(), json!({"amount": "-13.24", "currency": "EUR"}));
         assert_eq!(m(json!("10.000"), Some("USD"), false).unwrap(), json!({"amount": "10.00", "currency": "USD"}));
     }
@@ -442,7 +444,8 @@ mod tests {
         assert_eq!(f(json!("2023-09-01"), &o).unwrap(), "2023-09-01T00:00:00Z");
         let ny = DateOptions { timezone: Some(Zone::parse("America/New_York").unwrap()), ..Default::default() };
         assert_eq!(f(json!("2017-03-22T16:28:02"), &ny).unwrap(), "2017-03-22T20:28:02Z");
-        let pos = DateOptions { format: Some("%m/%d/%Y %H:%M:%S".into()), timezone: Some(Zone::parse("-05:00").unwrap()), ..Default::default() };
+        let pos =
+            DateOptions { format: Some("%m/%d/%Y %H:%M:%S".into()), timezone: Some(Zone::parse("-05:00").unwrap()), ..Default::default() };
         assert_eq!(f(json!("11/26/2026 09:14:07"), &pos).unwrap(), "2026-11-26T14:14:07Z");
         assert!(f(json!("26.11.2026"), &o).unwrap_err().contains("format:"));
         assert_eq!(date_from(&json!("2008-01-10T23:00:00-05:00"), &o).unwrap(), "2008-01-11");

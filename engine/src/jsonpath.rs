@@ -6,12 +6,15 @@
 //! query. Inside `each:` blocks `$` is the current element; `$root` reaches the whole message.
 
 use crate::message::escape_pointer_token;
-use jsonpath_rust::parser::model::{Comparable, Comparison, Filter, FilterAtom, FnArg, JpQuery, Literal, Segment, Selector, SingularQuery, SingularQuerySegment, Test, TestFunction};
-use regex::Regex;
-use std::collections::HashMap;
+use jsonpath_rust::parser::model::{
+    Comparable, Comparison, Filter, FilterAtom, FnArg, JpQuery, Literal, Segment, Selector, SingularQuery, SingularQuerySegment, Test,
+    TestFunction,
+};
 use jsonpath_rust::parser::parse_json_path;
 use jsonpath_rust::query::js_path_process;
+use regex::Regex;
 use serde_json::Value;
+use std::collections::HashMap;
 use std::fmt;
 
 /// A JSONPath that failed to compile, with the 1-based column of the problem in the path text.
@@ -345,7 +348,8 @@ fn to_rfc_roots(expr: &str) -> String {
                 out.push(c);
             }
             None if c == '$' => {
-                let is_root = chars[i + 1..].starts_with(&['r', 'o', 'o', 't']) && !chars.get(i + 5).is_some_and(|n| n.is_alphanumeric() || *n == '_');
+                let is_root = chars[i + 1..].starts_with(&['r', 'o', 'o', 't'])
+                    && !chars.get(i + 5).is_some_and(|n| n.is_alphanumeric() || *n == '_');
                 if is_root {
                     out.push('$');
                     i += 4;
@@ -655,7 +659,8 @@ fn absent_if_null(v: Val<'_>) -> Val<'_> {
 
 fn regex_hit(re: &Regex, text: &str, full: bool) -> bool {
     if full {
-        re.find(text).is_some_and(|m| m.start() == 0 && m.end() == text.len()) || re.find_iter(text).any(|m| m.start() == 0 && m.end() == text.len())
+        re.find(text).is_some_and(|m| m.start() == 0 && m.end() == text.len())
+            || re.find_iter(text).any(|m| m.start() == 0 && m.end() == text.len())
     } else {
         re.is_match(text)
     }

@@ -123,7 +123,11 @@ impl miette::Diagnostic for Rendered {
 }
 
 fn render(diags: &[Diagnostic]) -> String {
-    let theme = if std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none() { GraphicalTheme::unicode() } else { GraphicalTheme::unicode_nocolor() };
+    let theme = if std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none() {
+        GraphicalTheme::unicode()
+    } else {
+        GraphicalTheme::unicode_nocolor()
+    };
     let handler = GraphicalReportHandler::new_themed(theme).with_context_lines(1);
     let mut out = String::new();
     for d in diags {
@@ -162,7 +166,12 @@ fn cmd_validate(paths: Vec<PathBuf>, format: OutputFormat) -> ExitCode {
                     println!("  ok  {} {} ({})", p.name, p.version, p.file.display());
                 }
             } else {
-                println!("{} pipeline file(s) checked: {} problem(s) in {} file(s)", loaded.files.len(), loaded.diagnostics.len(), bad_files.len());
+                println!(
+                    "{} pipeline file(s) checked: {} problem(s) in {} file(s)",
+                    loaded.files.len(),
+                    loaded.diagnostics.len(),
+                    bad_files.len()
+                );
             }
         }
     }
@@ -205,11 +214,11 @@ fn cmd_test(paths: Vec<PathBuf>, junit: Option<PathBuf>) -> ExitCode {
         }
     }
     println!("{passed} passed, {failed} failed, {broken} test file(s) could not run");
-    if let Some(path) = junit {
-        if let Err(e) = write_junit(&results, &path) {
-            eprintln!("error: cannot write {}: {e}", path.display());
-            return ExitCode::from(2);
-        }
+    if let Some(path) = junit
+        && let Err(e) = write_junit(&results, &path)
+    {
+        eprintln!("error: cannot write {}: {e}", path.display());
+        return ExitCode::from(2);
     }
     if failed == 0 && broken == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) }
 }
@@ -293,7 +302,8 @@ fn cmd_run(paths: Vec<PathBuf>, once: bool, data_dir: PathBuf) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log_level));
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log_level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).init();
     match cli.command {
         Command::Validate { paths, format } => cmd_validate(paths, format),

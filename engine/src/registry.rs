@@ -1,10 +1,10 @@
 //! The registry: every kind of source, validate step, map step and sink, keyed by its `type:`.
 //! A plain `match` per stage; adding a kind means adding a line here and its module.
 
-use crate::config::de::{display_path, RawNode};
+use crate::config::de::{RawNode, display_path};
 use crate::config::diag::{one_of, suggestion};
 use crate::config::yaml::{Node, NodeValue};
-use crate::config::{parse_node, DiagCode, Diagnostic, PathPart, SourceFile};
+use crate::config::{DiagCode, Diagnostic, PathPart, SourceFile, parse_node};
 use crate::map::MapStepConfig;
 use crate::sink::{file::FileSinkConfig, stdout::StdoutSinkConfig};
 use crate::source::{file::FileSourceConfig, stdin::StdinSourceConfig};
@@ -139,21 +139,34 @@ impl<T: Tagged> Component<T> {
             NodeValue::Map(e) => e,
             NodeValue::Poison => return Err(Vec::new()),
             _ => {
-                return Err(vec![Diagnostic::new(DiagCode::WrongType, file, node.span, at, format!("wrong type: found {}", node.describe()))
-                    .expected(format!("a mapping with `type:` ({})", one_of(T::TYPES)))]);
+                return Err(vec![
+                    Diagnostic::new(DiagCode::WrongType, file, node.span, at, format!("wrong type: found {}", node.describe()))
+                        .expected(format!("a mapping with `type:` ({})", one_of(T::TYPES))),
+                ]);
             }
         };
         let Some(ty_node) = node.get("type") else {
-            return Err(vec![Diagnostic::new(DiagCode::MissingKey, file, node.span, format!("{at}.type"), format!("the {} has no `type:`", T::WHAT))
-                .expected(one_of(T::TYPES))]);
+            return Err(vec![
+                Diagnostic::new(DiagCode::MissingKey, file, node.span, format!("{at}.type"), format!("the {} has no `type:`", T::WHAT))
+                    .expected(one_of(T::TYPES)),
+            ]);
         };
         let ty = ty_node.as_str().unwrap_or("");
         if !T::TYPES.contains(&ty) {
-            return Err(vec![Diagnostic::new(DiagCode::UnknownType, file, ty_node.span, format!("{at}.type"), format!("unknown {} type `{ty}`", T::WHAT))
+            return Err(vec![
+                Diagnostic::new(
+                    DiagCode::UnknownType,
+                    file,
+                    ty_node.span,
+                    format!("{at}.type"),
+                    format!("unknown {} type `{ty}`", T::WHAT),
+                )
                 .expected(one_of(T::TYPES))
-                .hint_opt(suggestion(ty, T::TYPES.iter().copied()))]);
+                .hint_opt(suggestion(ty, T::TYPES.iter().copied())),
+            ]);
         }
-        let rest = Node { span: node.span, value: NodeValue::Map(entries.iter().filter(|(k, _)| k.as_str() != Some("type")).cloned().collect()) };
+        let rest =
+            Node { span: node.span, value: NodeValue::Map(entries.iter().filter(|(k, _)| k.as_str() != Some("type")).cloned().collect()) };
         T::parse_type(ty, &rest, file, &self.raw.path)
     }
 }

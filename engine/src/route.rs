@@ -5,9 +5,9 @@
 use crate::build::{BuildContext, Diags};
 use crate::config::{DiagCode, Diagnostic, Spanned};
 use crate::jsonpath::Condition;
-use crate::map::script::{declared_scope, parse_error_diag, sandboxed_engine, Limits, ScriptTables};
-use crate::message::{reason, ErrorDetail, Failure};
-use rhai::{Dynamic, Engine, AST};
+use crate::map::script::{Limits, ScriptTables, declared_scope, parse_error_diag, sandboxed_engine};
+use crate::message::{ErrorDetail, Failure, reason};
+use rhai::{AST, Dynamic, Engine};
 use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::Value;
@@ -124,9 +124,14 @@ fn resolve_sinks(refs: &Spanned<SinkRefs>, sinks: &[String], cx: &BuildContext, 
             None => {
                 let declared: Vec<&str> = sinks.iter().map(String::as_str).collect();
                 diags.push(
-                    cx.diag(DiagCode::UndeclaredSink, n.span, key_path, format!("route names sink `{}`, which is not declared under `sinks:`", n.value))
-                        .expected(format!("a declared sink: {}", crate::config::diag::one_of(&declared)))
-                        .hint_opt(crate::config::diag::suggestion(&n.value, declared.iter().copied())),
+                    cx.diag(
+                        DiagCode::UndeclaredSink,
+                        n.span,
+                        key_path,
+                        format!("route names sink `{}`, which is not declared under `sinks:`", n.value),
+                    )
+                    .expected(format!("a declared sink: {}", crate::config::diag::one_of(&declared)))
+                    .hint_opt(crate::config::diag::suggestion(&n.value, declared.iter().copied())),
                 );
                 None
             }
@@ -143,7 +148,12 @@ impl Router {
             let kp = format!("route.rules[{i}]");
             let cond = match (&r.when, &r.when_script) {
                 (Some(_), Some(s)) => {
-                    diags.push(cx.diag(DiagCode::Conflict, s.span, &format!("{kp}.when_script"), "a rule has either `when` or `when_script`, not both"));
+                    diags.push(cx.diag(
+                        DiagCode::Conflict,
+                        s.span,
+                        &format!("{kp}.when_script"),
+                        "a rule has either `when` or `when_script`, not both",
+                    ));
                     continue;
                 }
                 (Some(w), None) => match diags.take(cx.condition(w, &format!("{kp}.when"))) {
@@ -151,7 +161,8 @@ impl Router {
                     None => continue,
                 },
                 (None, Some(s)) => {
-                    let e = engine.get_or_insert_with(|| Arc::new(sandboxed_engine(Limits::default(), Arc::new(ScriptTables::new())))).clone();
+                    let e =
+                        engine.get_or_insert_with(|| Arc::new(sandboxed_engine(Limits::default(), Arc::new(ScriptTables::new())))).clone();
                     match e.compile_expression_with_scope(&declared_scope(), &s.value) {
                         Ok(ast) => Cond::Script(e, Box::new(ast)),
                         Err(err) => {
@@ -179,13 +190,19 @@ impl Router {
                 Cond::Always => true,
                 Cond::Path(c) => c.matches(crate::jsonpath::Scope::root(record)),
                 Cond::Script(engine, ast) => {
-                    let input = rhai::serde::to_dynamic(&*record).map_err(|e| Failure::one(reason::SCRIPT_ERROR, ErrorDetail::record("", e.to_string())))?;
+                    let input = rhai::serde::to_dynamic(&*record)
+                        .map_err(|e| Failure::one(reason::SCRIPT_ERROR, ErrorDetail::record("", e.to_string())))?;
                     let mut scope = crate::map::script::declared_scope();
                     scope.set_value("input", input);
                     let v: Dynamic = engine.eval_ast_with_scope(&mut scope, ast).map_err(|e| {
                         Failure::one(reason::SCRIPT_ERROR, ErrorDetail::record("", format!("route rule `{}`: {e}", rule.name)))
                     })?;
-                    v.as_bool().map_err(|t| Failure::one(reason::SCRIPT_ERROR, ErrorDetail::record("", format!("route rule `{}` gave a {t}, not true or false", rule.name))))?
+                    v.as_bool().map_err(|t| {
+                        Failure::one(
+                            reason::SCRIPT_ERROR,
+                            ErrorDetail::record("", format!("route rule `{}` gave a {t}, not true or false", rule.name)),
+                        )
+                    })?
                 }
             };
             if hit {
@@ -203,7 +220,10 @@ impl Router {
             if let Some(d) = &self.default {
                 return Ok(d.clone());
             }
-            return Err(Failure::one(reason::UNROUTED, ErrorDetail::record("", "no route rule matched and the pipeline declares no `route.default`")));
+            return Err(Failure::one(
+                reason::UNROUTED,
+                ErrorDetail::record("", "no route rule matched and the pipeline declares no `route.default`"),
+            ));
         }
         Ok(out)
     }

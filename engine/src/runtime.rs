@@ -1,10 +1,10 @@
 //! Running pipelines. This runtime is `run --once`: read the available input, process
 //! it, write outputs and exception records, and report counts that add up.
 
-use crate::message::{reason, ErrorDetail, ExceptionRecord, Failure, Stage};
+use crate::message::{ErrorDetail, ExceptionRecord, Failure, Stage, reason};
 use crate::pipeline::{Outcome, Pipeline};
 use crate::registry::{SinkConfig, SourceConfig};
-use crate::sink::file::{open_append, FileSink};
+use crate::sink::file::{FileSink, open_append};
 use crate::sink::stdout::StdoutSink;
 use crate::sink::{Sink, SinkContext, SinkError};
 use crate::source::file::FileSource;
@@ -119,7 +119,8 @@ pub async fn run_once(p: &Pipeline, opts: &RunOptions) -> Result<Summary, RunErr
                     match sinks[i].write(&output).await {
                         Ok(()) => *summary.outputs.get_mut(p.sink_name(i)).expect("sink counted") += 1,
                         Err(e) => {
-                            failed = Some(Failure::one(reason::SINK_FAILED, ErrorDetail::record("", format!("sink `{}`: {e}", p.sink_name(i)))));
+                            failed =
+                                Some(Failure::one(reason::SINK_FAILED, ErrorDetail::record("", format!("sink `{}`: {e}", p.sink_name(i)))));
                             break;
                         }
                     }

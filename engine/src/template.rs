@@ -53,17 +53,18 @@ impl Template {
                 '{' => {
                     let rest = &text[i + 1..];
                     let Some(close) = find_close(rest) else {
-                        return Err(PathError { message: "`{` is not closed by `}` (write `{{` for a literal brace)".into(), column: text[..i].chars().count() + 1 });
+                        return Err(PathError {
+                            message: "`{` is not closed by `}` (write `{{` for a literal brace)".into(),
+                            column: text[..i].chars().count() + 1,
+                        });
                     };
                     let inner = rest[..close].trim();
                     if !lit.is_empty() {
                         parts.push(Part::Text(std::mem::take(&mut lit)));
                     }
                     if inner.starts_with('$') {
-                        let p = CompiledPath::compile(inner).map_err(|e| PathError {
-                            message: e.message,
-                            column: text[..i].chars().count() + 1 + e.column,
-                        })?;
+                        let p = CompiledPath::compile(inner)
+                            .map_err(|e| PathError { message: e.message, column: text[..i].chars().count() + 1 + e.column })?;
                         parts.push(Part::Path(p));
                     } else if VARIABLES.contains(&inner) {
                         parts.push(Part::Var(inner.to_string()));
@@ -80,7 +81,12 @@ impl Template {
                         chars.next();
                     }
                 }
-                '}' => return Err(PathError { message: "unmatched `}` (write `}}` for a literal brace)".into(), column: text[..i].chars().count() + 1 }),
+                '}' => {
+                    return Err(PathError {
+                        message: "unmatched `}` (write `}}` for a literal brace)".into(),
+                        column: text[..i].chars().count() + 1,
+                    });
+                }
                 c => lit.push(c),
             }
         }

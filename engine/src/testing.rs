@@ -3,9 +3,9 @@
 //! are load errors, never passes; dynamic fields can be masked.
 
 use crate::build::Shared;
-use crate::config::{parse_node, yaml, DiagCode, Diagnostic, SourceFile, Spanned};
-use crate::message::{escape_pointer_token, RawMessage, Stage};
-use crate::pipeline::{load, Outcome, Pipeline};
+use crate::config::{DiagCode, Diagnostic, SourceFile, Spanned, parse_node, yaml};
+use crate::message::{RawMessage, Stage, escape_pointer_token};
+use crate::pipeline::{Outcome, Pipeline, load};
 use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -140,10 +140,10 @@ fn remove_pointer(v: &mut Value, pointer: &str) {
             o.remove(&last);
         }
         Some(Value::Array(a)) => {
-            if let Ok(i) = last.parse::<usize>() {
-                if i < a.len() {
-                    a[i] = Value::String("<masked>".into());
-                }
+            if let Ok(i) = last.parse::<usize>()
+                && i < a.len()
+            {
+                a[i] = Value::String("<masked>".into());
             }
         }
         _ => {}
@@ -201,31 +201,57 @@ fn diff_at(ptr: &str, e: &Value, a: &Value, subset: bool, out: &mut Vec<String>)
 
 fn read_json(base: &Path, p: &Spanned<String>, file: &SourceFile, key: &str) -> Result<Value, Diagnostic> {
     let path = base.join(&p.value);
-    let text = std::fs::read_to_string(&path).map_err(|e| Diagnostic::new(DiagCode::FileNotFound, file, p.span, key, format!("cannot read `{}`: {e}", p.value)))?;
-    serde_json::from_str(&text).map_err(|e| Diagnostic::new(DiagCode::InvalidFile, file, p.span, key, format!("`{}` is not valid JSON: {e}", p.value)))
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| Diagnostic::new(DiagCode::FileNotFound, file, p.span, key, format!("cannot read `{}`: {e}", p.value)))?;
+    serde_json::from_str(&text)
+        .map_err(|e| Diagnostic::new(DiagCode::InvalidFile, file, p.span, key, format!("`{}` is not valid JSON: {e}", p.value)))
 }
 
 fn input_message(base: &Path, input: &TestInput, file: &SourceFile, key: &str) -> Result<RawMessage, Diagnostic> {
     let mut raw = match (&input.file, &input.json, &input.text) {
         (Some(f), None, None) => {
             let path = crate::build::normalize(&base.join(&f.value));
-            let bytes = std::fs::read(&path).map_err(|e| Diagnostic::new(DiagCode::FileNotFound, file, f.span, format!("{key}.file"), format!("cannot read `{}`: {e}", f.value)))?;
+            let bytes = std::fs::read(&path).map_err(|e| {
+                Diagnostic::new(DiagCode::FileNotFound, file, f.span, format!("{key}.file"), format!("cannot read `{}`: {e}", f.value))
+            })?;
             let format = crate::source::file::format_of(&path).unwrap_or(crate::source::Format::Json);
             let shown = path.display().to_string();
             let mut messages = crate::source::file::split(&bytes, format, &shown, &Default::default());
             let index = match (format, input.row) {
                 (crate::source::Format::Json, None) => 0,
                 (_, Some(r)) if r >= 1 => r - 1,
-                _ => return Err(Diagnostic::new(DiagCode::MissingKey, file, f.span, format!("{key}.row"), "this file holds several messages: say which with `row:` (1 = the first)")),
+                _ => {
+                    return Err(Diagnostic::new(
+                        DiagCode::MissingKey,
+                        file,
+                        f.span,
+                        format!("{key}.row"),
+                        "this file holds several messages: say which with `row:` (1 = the first)",
+                    ));
+                }
             };
             if index >= messages.len() {
-                return Err(Diagnostic::new(DiagCode::InvalidValue, file, f.span, format!("{key}.row"), format!("the file has {} messages", messages.len())));
+                return Err(Diagnostic::new(
+                    DiagCode::InvalidValue,
+                    file,
+                    f.span,
+                    format!("{key}.row"),
+                    format!("the file has {} messages", messages.len()),
+                ));
             }
             messages.swap_remove(index)
         }
         (None, Some(v), None) => RawMessage::json(serde_json::to_vec(v).expect("JSON serializes")),
         (None, None, Some(t)) => RawMessage::json(t.as_bytes().to_vec()),
-        _ => return Err(Diagnostic::new(DiagCode::Conflict, file, Default::default(), key, "an input has exactly one of `file`, `json` or `text`")),
+        _ => {
+            return Err(Diagnostic::new(
+                DiagCode::Conflict,
+                file,
+                Default::default(),
+                key,
+                "an input has exactly one of `file`, `json` or `text`",
+            ));
+        }
     };
     raw.headers.extend(input.headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())));
     Ok(raw)
@@ -237,7 +263,13 @@ pub fn run_file(path: &Path, shared: &Shared) -> FileResult {
     let file = match SourceFile::read(path) {
         Ok(f) => f,
         Err(e) => {
-            result.load_errors.push(Diagnostic::new(DiagCode::FileNotFound, &SourceFile::new(path, ""), Default::default(), "", format!("cannot read test file: {e}")));
+            result.load_errors.push(Diagnostic::new(
+                DiagCode::FileNotFound,
+                &SourceFile::new(path, ""),
+                Default::default(),
+                "",
+                format!("cannot read test file: {e}"),
+            ));
             return result;
         }
     };
@@ -262,7 +294,13 @@ pub fn run_file(path: &Path, shared: &Shared) -> FileResult {
         Err(d) => {
             result.load_errors = d;
             if result.load_errors.is_empty() {
-                result.load_errors.push(Diagnostic::new(DiagCode::FileNotFound, &file, Default::default(), "pipeline", format!("cannot load {}", pipeline_path.display())));
+                result.load_errors.push(Diagnostic::new(
+                    DiagCode::FileNotFound,
+                    &file,
+                    Default::default(),
+                    "pipeline",
+                    format!("cannot load {}", pipeline_path.display()),
+                ));
             }
             return result;
         }
@@ -284,14 +322,26 @@ pub fn run_file(path: &Path, shared: &Shared) -> FileResult {
 
 fn run_case(p: &Pipeline, case: &TestCase, tf: &TestFile, base: &Path, file: &SourceFile, key: &str) -> Result<Vec<String>, Diagnostic> {
     if case.expect.sinks.is_some() == case.expect.exception.is_some() {
-        return Err(Diagnostic::new(DiagCode::Conflict, file, Default::default(), format!("{key}.expect"), format!("test `{}`: expect either `sinks` or `exception`", case.name)));
+        return Err(Diagnostic::new(
+            DiagCode::Conflict,
+            file,
+            Default::default(),
+            format!("{key}.expect"),
+            format!("test `{}`: expect either `sinks` or `exception`", case.name),
+        ));
     }
     if let Some(sinks) = &case.expect.sinks {
         for name in sinks.keys() {
             if !p.sinks.iter().any(|(s, _)| s == name) {
                 let names: Vec<&str> = p.sinks.iter().map(|(s, _)| s.as_str()).collect();
-                return Err(Diagnostic::new(DiagCode::UndeclaredSink, file, Default::default(), format!("{key}.expect.sinks.{name}"), format!("test `{}` names sink `{name}`, which pipeline {} does not declare", case.name, p.name))
-                    .expected(crate::config::diag::one_of(&names)));
+                return Err(Diagnostic::new(
+                    DiagCode::UndeclaredSink,
+                    file,
+                    Default::default(),
+                    format!("{key}.expect.sinks.{name}"),
+                    format!("test `{}` names sink `{name}`, which pipeline {} does not declare", case.name, p.name),
+                )
+                .expected(crate::config::diag::one_of(&names)));
             }
         }
     }
@@ -307,7 +357,8 @@ fn run_case(p: &Pipeline, case: &TestCase, tf: &TestFile, base: &Path, file: &So
                     continue;
                 }
                 for w in want {
-                    failures.extend(check_output(w, &output, &tf.mask, base, file, key)?.into_iter().map(|f| format!("sink `{name}`: {f}")));
+                    failures
+                        .extend(check_output(w, &output, &tf.mask, base, file, key)?.into_iter().map(|f| format!("sink `{name}`: {f}")));
                 }
             }
         }
@@ -319,15 +370,22 @@ fn run_case(p: &Pipeline, case: &TestCase, tf: &TestFile, base: &Path, file: &So
             if rec.reason != e.reason {
                 failures.push(format!("exception reason: expected `{}`, got `{}`", e.reason, rec.reason));
             }
-            if let Some(s) = e.stage {
-                if rec.stage != s {
-                    failures.push(format!("exception stage: expected `{}`, got `{}`", s.as_str(), rec.stage.as_str()));
-                }
+            if let Some(s) = e.stage
+                && rec.stage != s
+            {
+                failures.push(format!("exception stage: expected `{}`, got `{}`", s.as_str(), rec.stage.as_str()));
             }
             for want in &e.errors {
-                let hit = rec.errors.iter().any(|g| g.pointer == want.pointer && want.message_contains.as_ref().is_none_or(|m| g.message.contains(m.as_str())));
+                let hit = rec
+                    .errors
+                    .iter()
+                    .any(|g| g.pointer == want.pointer && want.message_contains.as_ref().is_none_or(|m| g.message.contains(m.as_str())));
                 if !hit {
-                    let got: Vec<String> = rec.errors.iter().map(|g| format!("{} ({})", if g.pointer.is_empty() { "/" } else { &g.pointer }, g.message)).collect();
+                    let got: Vec<String> = rec
+                        .errors
+                        .iter()
+                        .map(|g| format!("{} ({})", if g.pointer.is_empty() { "/" } else { &g.pointer }, g.message))
+                        .collect();
                     failures.push(format!(
                         "expected an error at `{}`{}; the errors were: {}",
                         want.pointer,
@@ -336,27 +394,44 @@ fn run_case(p: &Pipeline, case: &TestCase, tf: &TestFile, base: &Path, file: &So
                     ));
                 }
             }
-            if let Some(n) = e.error_count {
-                if rec.errors.len() != n {
-                    failures.push(format!("expected {n} error(s), got {}", rec.errors.len()));
-                }
+            if let Some(n) = e.error_count
+                && rec.errors.len() != n
+            {
+                failures.push(format!("expected {n} error(s), got {}", rec.errors.len()));
             }
-            if let Some(h) = &e.hint_contains {
-                if !rec.hint.as_deref().is_some_and(|x| x.contains(h.as_str())) {
-                    failures.push(format!("expected a hint containing \"{h}\", got {:?}", rec.hint));
-                }
+            if let Some(h) = &e.hint_contains
+                && !rec.hint.as_deref().is_some_and(|x| x.contains(h.as_str()))
+            {
+                failures.push(format!("expected a hint containing \"{h}\", got {:?}", rec.hint));
             }
         }
         (Outcome::Failed(rec), Expect { sinks: Some(_), .. }) => {
-            let errs: Vec<String> = rec.errors.iter().take(5).map(|e| format!("{} {}", if e.pointer.is_empty() { "/" } else { &e.pointer }, e.message)).collect();
-            failures.push(format!("expected outputs, but the message went to exceptions as `{}` at stage {}: {}", rec.reason, rec.stage.as_str(), errs.join("; ")));
+            let errs: Vec<String> = rec
+                .errors
+                .iter()
+                .take(5)
+                .map(|e| format!("{} {}", if e.pointer.is_empty() { "/" } else { &e.pointer }, e.message))
+                .collect();
+            failures.push(format!(
+                "expected outputs, but the message went to exceptions as `{}` at stage {}: {}",
+                rec.reason,
+                rec.stage.as_str(),
+                errs.join("; ")
+            ));
         }
         _ => unreachable!("checked above: exactly one of sinks/exception"),
     }
     Ok(failures)
 }
 
-fn check_output(w: &ExpectOutput, output: &crate::message::Output, file_mask: &[String], base: &Path, file: &SourceFile, key: &str) -> Result<Vec<String>, Diagnostic> {
+fn check_output(
+    w: &ExpectOutput,
+    output: &crate::message::Output,
+    file_mask: &[String],
+    base: &Path,
+    file: &SourceFile,
+    key: &str,
+) -> Result<Vec<String>, Diagnostic> {
     let mut failures = Vec::new();
     let mut actual = output.payload.clone();
     for m in file_mask.iter().chain(&w.mask) {
@@ -382,8 +457,14 @@ fn check_output(w: &ExpectOutput, output: &crate::message::Output, file_mask: &[
         failures.extend(diff(c, &meta, true).into_iter().take(20).map(|d| format!("metadata {d}")));
     }
     if w.payload.is_none() && w.payload_file.is_none() && w.payload_contains.is_none() && w.metadata_contains.is_none() {
-        return Err(Diagnostic::new(DiagCode::MissingKey, file, Default::default(), key, "an expected output needs `payload`, `payload_file`, `payload_contains` or `metadata_contains`")
-            .hint("to expect a message without checking it, use `metadata_contains: {}`"));
+        return Err(Diagnostic::new(
+            DiagCode::MissingKey,
+            file,
+            Default::default(),
+            key,
+            "an expected output needs `payload`, `payload_file`, `payload_contains` or `metadata_contains`",
+        )
+        .hint("to expect a message without checking it, use `metadata_contains: {}`"));
     }
     Ok(failures)
 }
@@ -397,7 +478,15 @@ mod tests {
     fn diff_names_each_difference_by_pointer() {
         let e = json!({"a": 1, "b": {"c": "x", "d": [1, 2]}, "gone": true});
         let a = json!({"a": 2, "b": {"c": "x", "d": [1, 3]}, "extra": null});
-        assert_eq!(diff(&e, &a, false), vec!["/a: expected 1, got 2", "/b/d/1: expected 2, got 3", "/gone: expected true, but it is missing", "/extra: not expected, got null"]);
+        assert_eq!(
+            diff(&e, &a, false),
+            vec![
+                "/a: expected 1, got 2",
+                "/b/d/1: expected 2, got 3",
+                "/gone: expected true, but it is missing",
+                "/extra: not expected, got null"
+            ]
+        );
         assert_eq!(diff(&json!({"b": {"c": "x"}}), &a, true), Vec::<String>::new());
         let mut v = json!({"x": {"id": 1, "t": 2}});
         remove_pointer(&mut v, "/x/t");

@@ -4,8 +4,8 @@
 //! all schemas under the `schemas/` folder are indexed by their `$id`, and relative file
 //! references are read from disk. Nothing is ever fetched over the network.
 
-use crate::config::{yaml, DiagCode, Diagnostic, SourceFile, Span};
-use crate::message::{reason, Document, ErrorDetail, Failure};
+use crate::config::{DiagCode, Diagnostic, SourceFile, Span, yaml};
+use crate::message::{Document, ErrorDetail, Failure, reason};
 use jsonschema::{Draft, Retrieve, Uri, Validator};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -29,7 +29,9 @@ impl SchemaError {
     pub fn to_diagnostic(&self) -> Diagnostic {
         let (path, code) = match self {
             SchemaError::Read { path, .. } => (path, DiagCode::FileNotFound),
-            SchemaError::Json { path, .. } | SchemaError::Invalid { path, .. } | SchemaError::Compile { path, .. } => (path, DiagCode::InvalidSchema),
+            SchemaError::Json { path, .. } | SchemaError::Invalid { path, .. } | SchemaError::Compile { path, .. } => {
+                (path, DiagCode::InvalidSchema)
+            }
         };
         let file = SourceFile::read(path).unwrap_or_else(|_| SourceFile::new(path, ""));
         let span = match self {
@@ -81,7 +83,12 @@ pub fn schema_root(file: &Path) -> PathBuf {
 
 fn read_json(path: &Path) -> Result<Value, SchemaError> {
     let text = std::fs::read_to_string(path).map_err(|source| SchemaError::Read { path: path.to_path_buf(), source })?;
-    serde_json::from_str(&text).map_err(|e| SchemaError::Json { path: path.to_path_buf(), line: e.line(), column: e.column(), message: e.to_string() })
+    serde_json::from_str(&text).map_err(|e| SchemaError::Json {
+        path: path.to_path_buf(),
+        line: e.line(),
+        column: e.column(),
+        message: e.to_string(),
+    })
 }
 
 fn json_files(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -223,16 +230,24 @@ mod tests {
     fn resolves_refs_across_files_by_id_and_reports_every_violation() {
         let dir = tempfile::tempdir().unwrap();
         let schemas = dir.path().join("schemas");
-        write(&schemas, "common.schema.json", &json!({
-            "$id": "https://schemas.example/x/common.schema.json",
-            "$defs": {"Money": {"type": "object", "required": ["amount", "currency"], "properties": {"amount": {"type": "string", "pattern": "^[0-9]+\\.[0-9]{2}$"}}}}
-        }));
-        let order = write(&schemas, "sub/order.schema.json", &json!({
-            "$id": "https://schemas.example/x/order.schema.json",
-            "type": "object",
-            "required": ["id", "total"],
-            "properties": {"total": {"$ref": "common.schema.json#/$defs/Money"}, "placed_at": {"type": "string", "format": "date-time"}}
-        }));
+        write(
+            &schemas,
+            "common.schema.json",
+            &json!({
+                "$id": "https://schemas.example/x/common.schema.json",
+                "$defs": {"Money": {"type": "object", "required": ["amount", "currency"], "properties": {"amount": {"type": "string", "pattern": "^[0-9]+\\.[0-9]{2}$"}}}}
+            }),
+        );
+        let order = write(
+            &schemas,
+            "sub/order.schema.json",
+            &json!({
+                "$id": "https://schemas.example/x/order.schema.json",
+                "type": "object",
+                "required": ["id", "total"],
+                "properties": {"total": {"$ref": "common.schema.json#/$defs/Money"}, "placed_at": {"type": "string", "format": "date-time"}}
+            }),
+        );
         let store = SchemaStore::open(&schema_root(&order));
         assert_eq!(store.root(), schemas.as_path());
         let check = SchemaCheck::new(store.validator(&order).unwrap(), Document::Input);
@@ -266,7 +281,11 @@ mod tests {
     fn honours_other_drafts_named_by_schema() {
         let dir = tempfile::tempdir().unwrap();
         // In draft 4, exclusiveMaximum is a boolean modifier of maximum.
-        let s = write(dir.path(), "d4.json", &json!({"$schema": "http://json-schema.org/draft-04/schema#", "maximum": 10, "exclusiveMaximum": true}));
+        let s = write(
+            dir.path(),
+            "d4.json",
+            &json!({"$schema": "http://json-schema.org/draft-04/schema#", "maximum": 10, "exclusiveMaximum": true}),
+        );
         let store = SchemaStore::open(dir.path());
         let check = SchemaCheck::new(store.validator(&s).unwrap(), Document::Input);
         assert!(check.check(&json!(9)).is_ok());

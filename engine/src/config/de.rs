@@ -5,7 +5,7 @@
 //! with [`NodeValue::Poison`], inserts a poison value for a missing key) and runs it again until it
 //! succeeds. Errors caused only by an earlier repair are not reported twice.
 
-use super::diag::{one_of, suggestion, DiagCode, Diagnostic, SourceFile, Span};
+use super::diag::{DiagCode, Diagnostic, SourceFile, Span, one_of, suggestion};
 use super::yaml::{self, Node, NodeValue};
 use serde::de::{self, DeserializeOwned, DeserializeSeed, IntoDeserializer, Visitor};
 use std::cell::RefCell;
@@ -224,9 +224,8 @@ macro_rules! int_method {
     ($method:ident, $visit:ident, $ty:ty, $name:expr) => {
         fn $method<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
             let v = self.int($name)?;
-            let v = <$ty>::try_from(v).map_err(|_| {
-                <Error as de::Error>::custom(format!("{} is out of range for {}", v, $name)).at(&self.path, self.node.span)
-            })?;
+            let v = <$ty>::try_from(v)
+                .map_err(|_| <Error as de::Error>::custom(format!("{} is out of range for {}", v, $name)).at(&self.path, self.node.span))?;
             visitor.$visit(v).map_err(|e: Error| e.at(&self.path, self.node.span))
         }
     };
@@ -376,7 +375,12 @@ impl<'de, 'a> de::Deserializer<'de> for NodeDe<'a> {
         r.map_err(|e: Error| e.at(&self.path, self.node.span))
     }
 
-    fn deserialize_struct<V: Visitor<'de>>(self, name: &'static str, fields: &'static [&'static str], visitor: V) -> Result<V::Value, Error> {
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        name: &'static str,
+        fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, Error> {
         if name == SPANNED {
             let (path, span) = (self.path, self.node.span);
             return visitor.visit_map(SpannedAccess { de: Some(self), field: 0 }).map_err(|e: Error| e.at(&path, span));
@@ -385,7 +389,12 @@ impl<'de, 'a> de::Deserializer<'de> for NodeDe<'a> {
         self.deserialize_map(visitor)
     }
 
-    fn deserialize_enum<V: Visitor<'de>>(self, _name: &'static str, variants: &'static [&'static str], visitor: V) -> Result<V::Value, Error> {
+    fn deserialize_enum<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        variants: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, Error> {
         let (path, span) = (self.path, self.node.span);
         let r = match &self.node.value {
             NodeValue::Scalar(s) => visitor.visit_enum(s.text.as_str().into_deserializer()),
@@ -730,14 +739,14 @@ mod tests {
 
     fn parse(text: &str) -> Result<Doc, Vec<Diagnostic>> {
         let file = SourceFile::new("p.yaml", text);
-        let node = yaml::parse(&file, &HashMap::new()).map_err(|e| e)?;
+        let node = yaml::parse(&file, &HashMap::new())?;
         parse_node(&node, &file, &[])
     }
 
     #[test]
     fn parses_a_valid_document() {
         let d = parse("name: x\nversion: 1.0\nsource: {type: file}\nsinks:\n  out: {path: a.ndjson, format: ndjson}\nwhen: $.a\n").unwrap();
-        assert_eq!(d.version, "1.0");
+        assert_eq!((d.name.as_str(), d.version.as_str()), ("x", "1.0"));
         assert_eq!(d.sinks["out"].format, Some(Format::Ndjson));
         assert_eq!(d.source.node.get("type").unwrap().as_str(), Some("file"));
         assert_eq!(d.source.path, vec![PathPart::Key("source".into())]);
@@ -747,7 +756,8 @@ mod tests {
 
     #[test]
     fn reports_all_problems_at_once_with_positions() {
-        let text = "name: x\nversoin: 1\nsource: {type: file}\nsinks:\n  out:\n    path: [1]\n    batch: many\n    format: jsn\n  err: {}\n";
+        let text =
+            "name: x\nversoin: 1\nsource: {type: file}\nsinks:\n  out:\n    path: [1]\n    batch: many\n    format: jsn\n  err: {}\n";
         let errs = parse(text).unwrap_err();
         let summary: Vec<(DiagCode, String, usize)> = errs.iter().map(|d| (d.code, d.key_path.clone(), d.span.line)).collect();
         assert!(summary.contains(&(DiagCode::UnknownKey, "versoin".into(), 2)), "{summary:?}");

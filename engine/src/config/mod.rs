@@ -4,5 +4,5 @@ pub mod de;
 pub mod diag;
 pub mod yaml;
 
-pub use de::{parse_node, parse_node_lenient, PathPart, RawNode, Spanned};
+pub use de::{PathPart, RawNode, Spanned, parse_node, parse_node_lenient};
 pub use diag::{DiagCode, Diagnostic, SourceFile, Span};

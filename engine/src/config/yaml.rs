@@ -108,7 +108,9 @@ impl Node {
                 }
             }
             NodeValue::Seq(items) => Value::Array(items.iter().map(Node::to_json).collect()),
-            NodeValue::Map(entries) => Value::Object(entries.iter().map(|(k, v)| (k.as_str().unwrap_or_default().to_string(), v.to_json())).collect()),
+            NodeValue::Map(entries) => {
+                Value::Object(entries.iter().map(|(k, v)| (k.as_str().unwrap_or_default().to_string(), v.to_json())).collect())
+            }
             NodeValue::Poison => Value::Null,
         }
     }
@@ -172,8 +174,8 @@ pub fn parse_float(t: &str) -> Option<f64> {
         ".nan" | ".NaN" | ".NAN" => return Some(f64::NAN),
         _ => {}
     }
-    let looks_numeric = t.chars().any(|c| c.is_ascii_digit())
-        && t.chars().all(|c| c.is_ascii_digit() || matches!(c, '.' | '-' | '+' | 'e' | 'E'));
+    let looks_numeric =
+        t.chars().any(|c| c.is_ascii_digit()) && t.chars().all(|c| c.is_ascii_digit() || matches!(c, '.' | '-' | '+' | 'e' | 'E'));
     if looks_numeric { t.parse().ok() } else { None }
 }
 
@@ -218,9 +220,9 @@ pub fn interpolate(text: &str, env: &dyn Env) -> Result<Option<String>, Vec<EnvP
     while let Some(i) = rest.find('$') {
         out.push_str(&rest[..i]);
         let after = &rest[i..];
-        if after.starts_with("$${") {
+        if let Some(r) = after.strip_prefix("$${") {
             out.push_str("${");
-            rest = &after[3..];
+            rest = r;
             consumed += i + 3;
             continue;
         }
@@ -384,7 +386,7 @@ fn parse_with(file: &SourceFile, env: Option<&dyn Env>) -> Result<Node, Vec<Diag
             },
             Event::Scalar(text, style, anchor, tag) => {
                 let is_key = matches!(stack.last(), Some(Frame::Map { pending_key: None, .. }));
-                let plain = style == ScalarStyle::Plain && !tag.as_ref().is_some_and(|t| t.suffix == "str");
+                let plain = style == ScalarStyle::Plain && tag.as_ref().is_none_or(|t| t.suffix != "str");
                 let n = if is_key {
                     Node { span, value: NodeValue::Scalar(Scalar { text: text.into_owned(), plain, written: None }) }
                 } else {
@@ -403,14 +405,26 @@ fn parse_with(file: &SourceFile, env: Option<&dyn Env>) -> Result<Node, Vec<Diag
             Some(Frame::Map { entries, pending_key, .. }) => match pending_key.take() {
                 None => {
                     if !matches!(&node.value, NodeValue::Scalar(_)) {
-                        diags.push(Diagnostic::new(DiagCode::WrongType, file, node.span, parent_path.clone(), "a key must be a plain name, not a list or mapping"));
+                        diags.push(Diagnostic::new(
+                            DiagCode::WrongType,
+                            file,
+                            node.span,
+                            parent_path.clone(),
+                            "a key must be a plain name, not a list or mapping",
+                        ));
                     }
                     let key_text = node.as_str().unwrap_or("?").to_string();
                     if let Some((first, _)) = entries.iter().find(|(k, _)| k.as_str() == Some(&key_text)) {
                         diags.push(
-                            Diagnostic::new(DiagCode::DuplicateKey, file, node.span, join_key(&parent_path, &key_text), format!("duplicate key `{key_text}`"))
-                                .related(first.span, "first defined here")
-                                .hint("each key may appear once; remove or rename one of them"),
+                            Diagnostic::new(
+                                DiagCode::DuplicateKey,
+                                file,
+                                node.span,
+                                join_key(&parent_path, &key_text),
+                                format!("duplicate key `{key_text}`"),
+                            )
+                            .related(first.span, "first defined here")
+                            .hint("each key may appear once; remove or rename one of them"),
                         );
                         // Mark so the value is parsed but dropped.
                         *pending_key = Some(Node { span: node.span, value: NodeValue::Poison });
@@ -427,7 +441,10 @@ fn parse_with(file: &SourceFile, env: Option<&dyn Env>) -> Result<Node, Vec<Diag
         }
     }
     if diags.is_empty() {
-        Ok(root.unwrap_or(Node { span: Span::new(1, 1, 0, 0), value: NodeValue::Scalar(Scalar { text: String::new(), plain: true, written: None }) }))
+        Ok(root.unwrap_or(Node {
+            span: Span::new(1, 1, 0, 0),
+            value: NodeValue::Scalar(Scalar { text: String::new(), plain: true, written: None }),
+        }))
     } else {
         Err(diags)
     }
@@ -461,7 +478,16 @@ fn remember(anchors: &mut HashMap<usize, Node>, anchor: usize, node: &Node) {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn scalar_node(file: &SourceFile, span: Span, text: &str, style: ScalarStyle, plain: bool, env: Option<&dyn Env>, path: &str, diags: &mut Vec<Diagnostic>) -> Node {
+fn scalar_node(
+    file: &SourceFile,
+    span: Span,
+    text: &str,
+    style: ScalarStyle,
+    plain: bool,
+    env: Option<&dyn Env>,
+    path: &str,
+    diags: &mut Vec<Diagnostic>,
+) -> Node {
     let Some(env) = env else {
         return Node { span, value: NodeValue::Scalar(Scalar { text: text.to_string(), plain, written: None }) };
     };
@@ -471,7 +497,8 @@ fn scalar_node(file: &SourceFile, span: Span, text: &str, style: ScalarStyle, pl
         Err(problems) => {
             // Point inside the scalar where the text maps one to one (single-line plain or quoted).
             let quote = usize::from(matches!(style, ScalarStyle::SingleQuoted | ScalarStyle::DoubleQuoted));
-            let single_line = !text.contains('\n') && matches!(style, ScalarStyle::Plain | ScalarStyle::SingleQuoted | ScalarStyle::DoubleQuoted);
+            let single_line =
+                !text.contains('\n') && matches!(style, ScalarStyle::Plain | ScalarStyle::SingleQuoted | ScalarStyle::DoubleQuoted);
             for p in problems {
                 let s = if single_line {
                     let col = span.column + quote + text[..p.offset].chars().count();

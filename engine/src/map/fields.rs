@@ -7,7 +7,7 @@ use crate::build::{BuildContext, Diags};
 use crate::config::{DiagCode, Diagnostic, Spanned};
 use crate::convert::{self, DateOptions, Epoch, Money, Precision, Zone};
 use crate::jsonpath::{CompiledPath, Condition, Scope};
-use crate::message::{reason, Document, ErrorDetail, Failure};
+use crate::message::{Document, ErrorDetail, Failure, reason};
 use crate::template::{Template, Vars};
 use indexmap::IndexMap;
 use rust_decimal::Decimal;
@@ -331,7 +331,13 @@ fn text_of(v: &Value) -> Option<std::borrow::Cow<'_, str>> {
 
 impl FieldMap {
     /// Compiles fields declared in `cx.file` at `key_path` (e.g. `fields` or `map[0].fields`).
-    pub fn compile(name: &str, version: &str, specs: &IndexMap<String, Spanned<FieldSpec>>, key_path: &str, cx: &BuildContext) -> Result<FieldMap, Vec<Diagnostic>> {
+    pub fn compile(
+        name: &str,
+        version: &str,
+        specs: &IndexMap<String, Spanned<FieldSpec>>,
+        key_path: &str,
+        cx: &BuildContext,
+    ) -> Result<FieldMap, Vec<Diagnostic>> {
         let mut diags = Diags::default();
         let fields = compile_fields(specs, key_path, cx, &mut diags);
         diags.finish(FieldMap { name: name.to_string(), version: version.to_string(), fields })
@@ -431,7 +437,15 @@ impl Field {
 
 fn compile_rule(name: &str, r: &FieldRule, span: crate::config::Span, kp: &str, cx: &BuildContext, diags: &mut Diags) -> Option<Field> {
     let before = diags.0.len();
-    let sources = [r.path.is_some(), r.constant.is_some(), r.template.is_some(), r.concat.is_some(), r.each.is_some(), r.first_of.is_some(), r.append.is_some()];
+    let sources = [
+        r.path.is_some(),
+        r.constant.is_some(),
+        r.template.is_some(),
+        r.concat.is_some(),
+        r.each.is_some(),
+        r.first_of.is_some(),
+        r.append.is_some(),
+    ];
     let n_sources = sources.iter().filter(|s| **s).count();
     let is_path_with_fields = r.path.is_some() && r.fields.is_some();
     if n_sources == 0 && r.fields.is_none() {
@@ -463,16 +477,33 @@ fn compile_rule(name: &str, r: &FieldRule, span: crate::config::Span, kp: &str, 
     invalid(r.timezone.is_some() && !dates, "timezone", "`timezone:` only applies with `as: datetime` or `as: date`");
     invalid(r.epoch.is_some() && !dates, "epoch", "`epoch:` only applies with `as: datetime` or `as: date`");
     invalid(r.otherwise.is_some() && r.values.is_none(), "otherwise", "`otherwise:` only applies with `values:`");
-    invalid(r.required && r.default.is_some(), "default", "a field with a `default` is never missing, so `required` has no effect; keep one");
-    invalid(r.separator.is_some() && r.concat.is_none() && r.aggregate != Some(Aggregate::Join), "separator", "`separator:` only applies with `concat:` or `aggregate: join`");
     invalid(
-        r.aggregate == Some(Aggregate::Sum) && !matches!(conv, Some(Convert::Money | Convert::Decimal | Convert::Integer | Convert::Number)),
+        r.required && r.default.is_some(),
+        "default",
+        "a field with a `default` is never missing, so `required` has no effect; keep one",
+    );
+    invalid(
+        r.separator.is_some() && r.concat.is_none() && r.aggregate != Some(Aggregate::Join),
+        "separator",
+        "`separator:` only applies with `concat:` or `aggregate: join`",
+    );
+    invalid(
+        r.aggregate == Some(Aggregate::Sum)
+            && !matches!(conv, Some(Convert::Money | Convert::Decimal | Convert::Integer | Convert::Number)),
         "aggregate",
         "`aggregate: sum` needs `as: money`, `decimal`, `integer` or `number`",
     );
     invalid(r.aggregate.is_some() && r.each.is_some(), "aggregate", "`aggregate:` combines the values of `path`; `each:` builds a list");
-    invalid(r.absolute && !matches!(conv, Some(Convert::Integer | Convert::Number | Convert::Decimal | Convert::Money)), "absolute", "`absolute:` applies with `as: integer`, `number`, `decimal` or `money`");
-    invalid(r.split.is_some() && (conv.is_some() || r.values.is_some() || r.lookup.is_some()), "split", "`split:` makes a list of text parts; it cannot be combined with `as`, `values` or `lookup`");
+    invalid(
+        r.absolute && !matches!(conv, Some(Convert::Integer | Convert::Number | Convert::Decimal | Convert::Money)),
+        "absolute",
+        "`absolute:` applies with `as: integer`, `number`, `decimal` or `money`",
+    );
+    invalid(
+        r.split.is_some() && (conv.is_some() || r.values.is_some() || r.lookup.is_some()),
+        "split",
+        "`split:` makes a list of text parts; it cannot be combined with `as`, `values` or `lookup`",
+    );
     invalid(r.append.is_some() && r.fields.is_some(), "fields", "`append:` builds a list from its own specs; put `fields:` inside them");
 
     let source = if let Some(p) = &r.path {
@@ -505,7 +536,12 @@ fn compile_rule(name: &str, r: &FieldRule, span: crate::config::Span, kp: &str, 
         }
         let compiled = compile_fields(&specs, &format!("{kp}.first_of"), cx, diags);
         if compiled.iter().any(|f| !matches!(f.shape, Shape::Scalar)) {
-            diags.push(cx.diag(DiagCode::Conflict, span, &format!("{kp}.first_of"), "`first_of` alternatives are single values, not `each` or `fields`"));
+            diags.push(cx.diag(
+                DiagCode::Conflict,
+                span,
+                &format!("{kp}.first_of"),
+                "`first_of` alternatives are single values, not `each` or `fields`",
+            ));
         }
         Source::FirstOf(compiled)
     } else if let Some(parts) = &r.append {
@@ -533,7 +569,10 @@ fn compile_rule(name: &str, r: &FieldRule, span: crate::config::Span, kp: &str, 
             match convert::currency_exponent(&c.value.to_ascii_uppercase()) {
                 Ok(_) => Some(Currency::Code(c.value.to_ascii_uppercase())),
                 Err(e) => {
-                    diags.push(cx.diag(DiagCode::InvalidValue, c.span, &format!("{kp}.currency"), e).hint("give an ISO 4217 code such as USD, or a JSONPath such as `$root.currency`"));
+                    diags.push(
+                        cx.diag(DiagCode::InvalidValue, c.span, &format!("{kp}.currency"), e)
+                            .hint("give an ISO 4217 code such as USD, or a JSONPath such as `$root.currency`"),
+                    );
                     None
                 }
             }
@@ -562,9 +601,14 @@ fn compile_rule(name: &str, r: &FieldRule, span: crate::config::Span, kp: &str, 
                 None => {
                     let names: Vec<&str> = table.columns.iter().map(String::as_str).collect();
                     diags.push(
-                        cx.diag(DiagCode::InvalidValue, c.span, &format!("{kp}.lookup.column"), format!("the table has no column `{}`", c.value))
-                            .expected(crate::config::diag::one_of(&names))
-                            .hint_opt(crate::config::diag::suggestion(&c.value, names.iter().copied())),
+                        cx.diag(
+                            DiagCode::InvalidValue,
+                            c.span,
+                            &format!("{kp}.lookup.column"),
+                            format!("the table has no column `{}`", c.value),
+                        )
+                        .expected(crate::config::diag::one_of(&names))
+                        .hint_opt(crate::config::diag::suggestion(&c.value, names.iter().copied())),
                     );
                     return None;
                 }
@@ -665,7 +709,15 @@ impl Eval<'_> {
     }
 }
 
-fn eval_fields(fields: &[Field], scope: Scope<'_>, ptr: &Ptr<'_>, target: &Target<'_>, cx: &mut Eval<'_>, out: &mut Map<String, Value>, errors: &mut Vec<ErrorDetail>) {
+fn eval_fields(
+    fields: &[Field],
+    scope: Scope<'_>,
+    ptr: &Ptr<'_>,
+    target: &Target<'_>,
+    cx: &mut Eval<'_>,
+    out: &mut Map<String, Value>,
+    errors: &mut Vec<ErrorDetail>,
+) {
     for f in fields {
         let t = Target::Field(target, &f.name);
         if let Some(v) = eval_field(f, scope, ptr, &t, cx, errors) {
@@ -674,11 +726,18 @@ fn eval_fields(fields: &[Field], scope: Scope<'_>, ptr: &Ptr<'_>, target: &Targe
     }
 }
 
-fn eval_field(f: &Field, scope: Scope<'_>, ptr: &Ptr<'_>, target: &Target<'_>, cx: &mut Eval<'_>, errors: &mut Vec<ErrorDetail>) -> Option<Value> {
-    if let Some(w) = &f.when {
-        if !w.matches(scope) {
-            return None;
-        }
+fn eval_field(
+    f: &Field,
+    scope: Scope<'_>,
+    ptr: &Ptr<'_>,
+    target: &Target<'_>,
+    cx: &mut Eval<'_>,
+    errors: &mut Vec<ErrorDetail>,
+) -> Option<Value> {
+    if let Some(w) = &f.when
+        && !w.matches(scope)
+    {
+        return None;
     }
     match &f.shape {
         Shape::Object(fields) => {
@@ -735,15 +794,16 @@ fn eval_field(f: &Field, scope: Scope<'_>, ptr: &Ptr<'_>, target: &Target<'_>, c
                     match part {
                         ConcatPart::Text(t) => pieces.push(t.as_str().into()),
                         ConcatPart::Path(p) => {
-                            if let Some(t) = p.first(scope).and_then(text_of) {
-                                if !t.trim().is_empty() {
-                                    pieces.push(t);
-                                }
+                            if let Some(t) = p.first(scope).and_then(text_of)
+                                && !t.trim().is_empty()
+                            {
+                                pieces.push(t);
                             }
                         }
                     }
                 }
-                let has_value = parts.iter().any(|p| matches!(p, ConcatPart::Path(_))) && pieces.len() > parts.iter().filter(|p| matches!(p, ConcatPart::Text(_))).count();
+                let has_value = parts.iter().any(|p| matches!(p, ConcatPart::Path(_)))
+                    && pieces.len() > parts.iter().filter(|p| matches!(p, ConcatPart::Text(_))).count();
                 let v = has_value.then(|| Value::String(pieces.join(sep)));
                 finish(f, v.as_ref(), scope, || ptr.render(), target, cx, errors)
             }
@@ -768,7 +828,14 @@ fn eval_field(f: &Field, scope: Scope<'_>, ptr: &Ptr<'_>, target: &Target<'_>, c
 }
 
 /// A value that is absent: the default, a `missing_required_field` failure, or nothing.
-fn missing(f: &Field, scope: Scope<'_>, ptr: &Ptr<'_>, target: &Target<'_>, cx: &mut Eval<'_>, errors: &mut Vec<ErrorDetail>) -> Option<Value> {
+fn missing(
+    f: &Field,
+    scope: Scope<'_>,
+    ptr: &Ptr<'_>,
+    target: &Target<'_>,
+    cx: &mut Eval<'_>,
+    errors: &mut Vec<ErrorDetail>,
+) -> Option<Value> {
     if f.default.is_some() {
         return finish(f, None, scope, || ptr.render(), target, cx, errors);
     }
@@ -783,12 +850,21 @@ fn missing(f: &Field, scope: Scope<'_>, ptr: &Ptr<'_>, target: &Target<'_>, cx: 
 }
 
 /// Applies null_if, default/required, trim, case, values, lookup and the conversion to one value.
-fn finish(f: &Field, raw: Option<&Value>, scope: Scope<'_>, pointer: impl Fn() -> String, target: &Target<'_>, cx: &mut Eval<'_>, errors: &mut Vec<ErrorDetail>) -> Option<Value> {
+fn finish(
+    f: &Field,
+    raw: Option<&Value>,
+    scope: Scope<'_>,
+    pointer: impl Fn() -> String,
+    target: &Target<'_>,
+    cx: &mut Eval<'_>,
+    errors: &mut Vec<ErrorDetail>,
+) -> Option<Value> {
     let mut raw = raw.filter(|v| !v.is_null());
-    if let Some(v) = raw {
-        if !f.null_if.is_empty() && text_of(v).is_some_and(|t| f.null_if.iter().any(|n| *n == *t)) {
-            raw = None;
-        }
+    if let Some(v) = raw
+        && !f.null_if.is_empty()
+        && text_of(v).is_some_and(|t| f.null_if.iter().any(|n| *n == *t))
+    {
+        raw = None;
     }
     let raw = match (raw, &f.default) {
         (Some(v), _) => v,
@@ -801,22 +877,23 @@ fn finish(f: &Field, raw: Option<&Value>, scope: Scope<'_>, pointer: impl Fn() -
         }
     };
     let mut owned: Option<Value> = None;
-    if f.trim || f.case.is_some() {
-        if let Value::String(s) = raw {
-            let mut s = if f.trim { s.trim().to_string() } else { s.clone() };
-            match f.case {
-                Some(Case::Upper) => s = s.to_uppercase(),
-                Some(Case::Lower) => s = s.to_lowercase(),
-                None => {}
-            }
-            owned = Some(Value::String(s));
+    if (f.trim || f.case.is_some())
+        && let Value::String(s) = raw
+    {
+        let mut s = if f.trim { s.trim().to_string() } else { s.clone() };
+        match f.case {
+            Some(Case::Upper) => s = s.to_uppercase(),
+            Some(Case::Lower) => s = s.to_lowercase(),
+            None => {}
         }
+        owned = Some(Value::String(s));
     }
-    if let Some(sep) = &f.split {
-        if let Value::String(s) = owned.as_ref().unwrap_or(raw) {
-            let parts: Vec<Value> = s.split(sep.as_str()).map(str::trim).filter(|p| !p.is_empty()).map(|p| Value::String(p.to_string())).collect();
-            return (!parts.is_empty()).then_some(Value::Array(parts));
-        }
+    if let Some(sep) = &f.split
+        && let Value::String(s) = owned.as_ref().unwrap_or(raw)
+    {
+        let parts: Vec<Value> =
+            s.split(sep.as_str()).map(str::trim).filter(|p| !p.is_empty()).map(|p| Value::String(p.to_string())).collect();
+        return (!parts.is_empty()).then_some(Value::Array(parts));
     }
     if let Some(values) = &f.values {
         let key = text_of(owned.as_ref().unwrap_or(raw)).map(|t| t.into_owned()).unwrap_or_default();
@@ -824,7 +901,12 @@ fn finish(f: &Field, raw: Option<&Value>, scope: Scope<'_>, pointer: impl Fn() -
             Some(mapped) => owned = Some(mapped.clone()),
             None => {
                 let known: Vec<&str> = values.keys().map(String::as_str).collect();
-                cx.fail(errors, reason::UNMAPPED_VALUE, pointer(), format!("`{target}`: value \"{key}\" is not one of the values the mapping translates ({})", known.join(", ")));
+                cx.fail(
+                    errors,
+                    reason::UNMAPPED_VALUE,
+                    pointer(),
+                    format!("`{target}`: value \"{key}\" is not one of the values the mapping translates ({})", known.join(", ")),
+                );
                 return None;
             }
         }
@@ -834,7 +916,12 @@ fn finish(f: &Field, raw: Option<&Value>, scope: Scope<'_>, pointer: impl Fn() -
         match l.table.get(&key, l.column) {
             Some(v) => owned = Some(Value::String(v.to_string())),
             None => {
-                cx.fail(errors, &l.on_miss, pointer(), format!("`{target}`: \"{key}\" is not in lookup table {} (version {})", l.table.name, l.table.version));
+                cx.fail(
+                    errors,
+                    &l.on_miss,
+                    pointer(),
+                    format!("`{target}`: \"{key}\" is not in lookup table {} (version {})", l.table.name, l.table.version),
+                );
                 return None;
             }
         }
@@ -856,13 +943,15 @@ fn finish(f: &Field, raw: Option<&Value>, scope: Scope<'_>, pointer: impl Fn() -
 fn absolute(v: Value) -> Value {
     match v {
         Value::Number(n) if n.as_i64().is_some_and(|i| i < 0) => Value::from(n.as_i64().unwrap_or_default().unsigned_abs()),
-        Value::Number(n) if n.as_f64().is_some_and(|f| f < 0.0) => serde_json::Number::from_f64(-n.as_f64().unwrap_or_default()).map_or(Value::Number(n), Value::Number),
+        Value::Number(n) if n.as_f64().is_some_and(|f| f < 0.0) => {
+            serde_json::Number::from_f64(-n.as_f64().unwrap_or_default()).map_or(Value::Number(n), Value::Number)
+        }
         Value::String(s) => Value::String(s.strip_prefix('-').map(str::to_string).unwrap_or(s)),
         Value::Object(mut o) => {
-            if let Some(Value::String(a)) = o.get_mut("amount") {
-                if let Some(rest) = a.strip_prefix('-') {
-                    *a = rest.to_string();
-                }
+            if let Some(Value::String(a)) = o.get_mut("amount")
+                && let Some(rest) = a.strip_prefix('-')
+            {
+                *a = rest.to_string();
             }
             Value::Object(o)
         }
@@ -905,7 +994,15 @@ fn convert_value(f: &Field, conv: Convert, v: &Value, scope: Scope<'_>) -> Resul
     }
 }
 
-fn aggregate(f: &Field, p: &CompiledPath, scope: Scope<'_>, ptr: &Ptr<'_>, target: &Target<'_>, cx: &mut Eval<'_>, errors: &mut Vec<ErrorDetail>) -> Option<Value> {
+fn aggregate(
+    f: &Field,
+    p: &CompiledPath,
+    scope: Scope<'_>,
+    ptr: &Ptr<'_>,
+    target: &Target<'_>,
+    cx: &mut Eval<'_>,
+    errors: &mut Vec<ErrorDetail>,
+) -> Option<Value> {
     let mut found = Vec::new();
     p.all(scope, &mut found);
     found.retain(|v| !v.is_null());
@@ -935,7 +1032,9 @@ fn aggregate(f: &Field, p: &CompiledPath, scope: Scope<'_>, ptr: &Ptr<'_>, targe
             let parts: Vec<String> = converted.iter().filter_map(|v| text_of(v).map(|t| t.into_owned())).collect();
             if parts.is_empty() { missing(f, scope, ptr, target, cx, errors) } else { Some(Value::String(parts.join(sep))) }
         }
-        Aggregate::Sum => sum(f, &converted, scope).map_err(|e| cx.fail(errors, reason::INVALID_VALUE, ptr.of(p, scope, 0), format!("`{target}`: {e}"))).ok(),
+        Aggregate::Sum => sum(f, &converted, scope)
+            .map_err(|e| cx.fail(errors, reason::INVALID_VALUE, ptr.of(p, scope, 0), format!("`{target}`: {e}")))
+            .ok(),
         Aggregate::Count | Aggregate::First | Aggregate::Last => unreachable!("handled above"),
     }
 }
@@ -949,7 +1048,12 @@ fn sum(f: &Field, values: &[Value], scope: Scope<'_>) -> Result<Value, String> {
                 match &mut total {
                     None => total = Some(m),
                     Some(t) if t.currency == m.currency => t.amount += m.amount,
-                    Some(t) => return Err(format!("cannot add {} {} to {} {}: the currencies differ", m.amount, m.currency, t.amount, t.currency)),
+                    Some(t) => {
+                        return Err(format!(
+                            "cannot add {} {} to {} {}: the currencies differ",
+                            m.amount, m.currency, t.amount, t.currency
+                        ));
+                    }
                 }
             }
             match total {
@@ -978,7 +1082,7 @@ fn sum(f: &Field, values: &[Value], scope: Scope<'_>) -> Result<Value, String> {
 mod tests {
     use super::*;
     use crate::build::Shared;
-    use crate::config::{parse_node, yaml, SourceFile};
+    use crate::config::{SourceFile, parse_node, yaml};
     use serde_json::json;
 
     struct V;
@@ -1032,7 +1136,10 @@ mod tests {
         .unwrap();
         let run = |v: Value| m.apply(&v, &(), Document::Input).unwrap();
         assert_eq!(run(json!({"cancelled_at": "2021-01-01", "fulfillment_status": "fulfilled"})), json!({"status": "cancelled"}));
-        assert_eq!(run(json!({"cancelled_at": null, "fulfillment_status": "fulfilled", "gift": true})), json!({"status": "completed", "gift": true}));
+        assert_eq!(
+            run(json!({"cancelled_at": null, "fulfillment_status": "fulfilled", "gift": true})),
+            json!({"status": "completed", "gift": true})
+        );
         assert_eq!(run(json!({})), json!({"status": "open"}));
     }
 
@@ -1042,21 +1149,37 @@ mod tests {
             "{HEAD}  lines:\n    append:\n      - each: $.items[*]\n        fields: {{sku: $.sku}}\n      - each: $.ship[*]\n        fields: {{sku: {{const: FREIGHT}}}}\n  tags: {{path: $.tags, split: ','}}\n  qty: {{path: $.qty, as: integer, absolute: true}}\n  refund: {{path: $.refund, as: money, currency: USD, absolute: true}}\n  none: {{each: '$.nothing[*]', fields: {{a: $.a}}}}\n  needed: {{each: '$.nothing[*]', required: true}}\n"
         ))
         .unwrap();
-        let f = m.apply(&json!({"items": [{"sku": "A"}], "ship": [{}], "tags": " vip, ,gift ", "qty": "-2", "refund": "-1.5"}), &(), Document::Input).unwrap_err();
+        let f = m
+            .apply(
+                &json!({"items": [{"sku": "A"}], "ship": [{}], "tags": " vip, ,gift ", "qty": "-2", "refund": "-1.5"}),
+                &(),
+                Document::Input,
+            )
+            .unwrap_err();
         assert_eq!(f.errors.len(), 1);
         assert_eq!(f.errors[0].message, "required field `needed` has no value in the input");
         let m = compile(&format!(
             "{HEAD}  lines:\n    append:\n      - each: $.items[*]\n        fields: {{sku: $.sku}}\n      - each: $.ship[*]\n        fields: {{sku: {{const: FREIGHT}}}}\n  tags: {{path: $.tags, split: ','}}\n  qty: {{path: $.qty, as: integer, absolute: true}}\n  refund: {{path: $.refund, as: money, currency: USD, absolute: true}}\n  none: {{each: '$.nothing[*]', fields: {{a: $.a}}}}\n"
         ))
         .unwrap();
-        let out = m.apply(&json!({"items": [{"sku": "A"}], "ship": [{}], "tags": " vip, ,gift ", "qty": "-2", "refund": "-1.5"}), &(), Document::Input).unwrap();
-        assert_eq!(out, json!({"lines": [{"sku": "A"}, {"sku": "FREIGHT"}], "tags": ["vip", "gift"], "qty": 2, "refund": {"amount": "1.50", "currency": "USD"}}));
+        let out = m
+            .apply(
+                &json!({"items": [{"sku": "A"}], "ship": [{}], "tags": " vip, ,gift ", "qty": "-2", "refund": "-1.5"}),
+                &(),
+                Document::Input,
+            )
+            .unwrap();
+        assert_eq!(
+            out,
+            json!({"lines": [{"sku": "A"}, {"sku": "FREIGHT"}], "tags": ["vip", "gift"], "qty": 2, "refund": {"amount": "1.50", "currency": "USD"}})
+        );
     }
 
     #[test]
     fn every_bad_field_is_reported_with_its_input_pointer() {
         let m = compile(&format!("{HEAD}  id: {{path: $.id, required: true}}\n  lines:\n    each: $.items[*]\n    fields:\n      qty: {{path: $.qty, as: integer}}\n      price: {{path: $.price, as: money, currency: USD}}\n")).unwrap();
-        let f = m.apply(&json!({"items": [{"qty": 1, "price": "1.00"}, {"qty": "2.5x", "price": "abc"}]}), &(), Document::Input).unwrap_err();
+        let f =
+            m.apply(&json!({"items": [{"qty": 1, "price": "1.00"}, {"qty": "2.5x", "price": "abc"}]}), &(), Document::Input).unwrap_err();
         assert_eq!(f.reason, "missing_required_field");
         let got: Vec<(&str, &str)> = f.errors.iter().map(|e| (e.pointer.as_str(), e.message.as_str())).collect();
         assert_eq!(got[0], ("/id", "required field `id` has no value in the input"));
@@ -1080,7 +1203,10 @@ mod tests {
 
     #[test]
     fn load_errors_point_into_the_mapping_file() {
-        let errs = compile(&format!("{HEAD}  a: $.x[\n  b: {{path: '$.l[*].p'}}\n  c: {{const: 1, path: $.x}}\n  e: {{path: $.x, currency: USD}}\n  f: {{}}\n")).unwrap_err();
+        let errs = compile(&format!(
+            "{HEAD}  a: $.x[\n  b: {{path: '$.l[*].p'}}\n  c: {{const: 1, path: $.x}}\n  e: {{path: $.x, currency: USD}}\n  f: {{}}\n"
+        ))
+        .unwrap_err();
         let got: Vec<(DiagCode, usize, &str)> = errs.iter().map(|d| (d.code, d.span.line, d.key_path.as_str())).collect();
         assert!(got.contains(&(DiagCode::JsonPathSyntax, 6, "fields.a")), "{got:?}");
         assert!(got.contains(&(DiagCode::InvalidValue, 7, "fields.b.path")), "{got:?}");
@@ -1091,7 +1217,13 @@ mod tests {
         // Structure is checked first, all of it at once.
         let errs = compile(&format!("{HEAD}  d: {{path: $.x, curency: USD}}\n  g: {{path: $.x, as: monye}}\n")).unwrap_err();
         assert_eq!(errs.len(), 2);
-        assert_eq!((errs[0].code, errs[0].key_path.as_str(), errs[0].hint.as_deref()), (DiagCode::UnknownKey, "fields.d.curency", Some("did you mean `currency`?")));
-        assert_eq!((errs[1].code, errs[1].key_path.as_str(), errs[1].hint.as_deref()), (DiagCode::InvalidValue, "fields.g.as", Some("did you mean `money`?")));
+        assert_eq!(
+            (errs[0].code, errs[0].key_path.as_str(), errs[0].hint.as_deref()),
+            (DiagCode::UnknownKey, "fields.d.curency", Some("did you mean `currency`?"))
+        );
+        assert_eq!(
+            (errs[1].code, errs[1].key_path.as_str(), errs[1].hint.as_deref()),
+            (DiagCode::InvalidValue, "fields.g.as", Some("did you mean `money`?"))
+        );
     }
 }

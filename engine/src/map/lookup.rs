@@ -2,7 +2,7 @@
 //! A table carries a version, stamped on every output like any mapping file. Loaded once.
 
 use crate::config::de::parse_node;
-use crate::config::{yaml, DiagCode, Diagnostic, SourceFile, Span};
+use crate::config::{DiagCode, Diagnostic, SourceFile, Span, yaml};
 use indexmap::IndexMap;
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -38,13 +38,25 @@ impl LookupTable {
     /// Loads a `.csv` (first line `# version: X`, then a header row) or `.yaml` table.
     pub fn load(path: &Path) -> Result<LookupTable, Vec<Diagnostic>> {
         let file = SourceFile::read(path).map_err(|e| {
-            vec![Diagnostic::new(DiagCode::FileNotFound, &SourceFile::new(path, ""), Span::new(1, 1, 0, 0), "", format!("cannot read lookup table: {e}"))]
+            vec![Diagnostic::new(
+                DiagCode::FileNotFound,
+                &SourceFile::new(path, ""),
+                Span::new(1, 1, 0, 0),
+                "",
+                format!("cannot read lookup table: {e}"),
+            )]
         })?;
         let name = path.file_stem().map(|s| s.to_string_lossy().trim_end_matches(".lookup").to_string()).unwrap_or_default();
         match path.extension().and_then(|e| e.to_str()) {
             Some("csv") => Self::from_csv(&file, name),
             Some("yaml" | "yml") => Self::from_yaml(&file, name),
-            _ => Err(vec![Diagnostic::new(DiagCode::InvalidFile, &file, Span::new(1, 1, 0, 0), "", "a lookup table is a .csv or .yaml file")]),
+            _ => Err(vec![Diagnostic::new(
+                DiagCode::InvalidFile,
+                &file,
+                Span::new(1, 1, 0, 0),
+                "",
+                "a lookup table is a .csv or .yaml file",
+            )]),
         }
     }
 
@@ -56,19 +68,28 @@ impl LookupTable {
             .map(|v| v.trim().to_string())
             .filter(|v| !v.is_empty())
             .ok_or_else(|| {
-                vec![Diagnostic::new(DiagCode::InvalidFile, file, file.span_at(1, 1, first.chars().count().max(1)), "", "the first line of a lookup table must give its version")
+                vec![
+                    Diagnostic::new(
+                        DiagCode::InvalidFile,
+                        file,
+                        file.span_at(1, 1, first.chars().count().max(1)),
+                        "",
+                        "the first line of a lookup table must give its version",
+                    )
                     .expected("`# version: 2026.11.0`")
-                    .hint("versions are stamped on every output, so a change to the table is traceable")]
+                    .hint("versions are stamped on every output, so a change to the table is traceable"),
+                ]
             })?;
         let mut reader = csv::ReaderBuilder::new().comment(Some(b'#')).flexible(false).from_reader(file.text.as_bytes());
-        let columns: Vec<String> = reader
-            .headers()
-            .map_err(|e| vec![csv_diag(file, &e)])?
-            .iter()
-            .map(|h| h.trim().to_string())
-            .collect();
+        let columns: Vec<String> = reader.headers().map_err(|e| vec![csv_diag(file, &e)])?.iter().map(|h| h.trim().to_string()).collect();
         if columns.len() < 2 {
-            return Err(vec![Diagnostic::new(DiagCode::InvalidFile, file, file.span_at(2, 1, 1), "", "a lookup table needs a header row with at least two columns")]);
+            return Err(vec![Diagnostic::new(
+                DiagCode::InvalidFile,
+                file,
+                file.span_at(2, 1, 1),
+                "",
+                "a lookup table needs a header row with at least two columns",
+            )]);
         }
         let mut rows = HashMap::new();
         let mut diags = Vec::new();
@@ -79,7 +100,13 @@ impl LookupTable {
                     let key = row[0].clone();
                     if rows.insert(key.clone(), row).is_some() {
                         let line = r.position().map_or(1, |p| p.line() as usize);
-                        diags.push(Diagnostic::new(DiagCode::DuplicateKey, file, file.span_at(line, 1, key.chars().count().max(1)), "", format!("duplicate key `{key}` in the lookup table")));
+                        diags.push(Diagnostic::new(
+                            DiagCode::DuplicateKey,
+                            file,
+                            file.span_at(line, 1, key.chars().count().max(1)),
+                            "",
+                            format!("duplicate key `{key}` in the lookup table"),
+                        ));
                     }
                 }
                 Err(e) => diags.push(csv_diag(file, &e)),

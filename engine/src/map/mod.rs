@@ -8,9 +8,9 @@ pub mod reconcile;
 pub mod script;
 
 use crate::build::{BuildContext, Diags};
-use crate::config::{parse_node, yaml, DiagCode, Diagnostic, SourceFile, Spanned};
+use crate::config::{DiagCode, Diagnostic, SourceFile, Spanned, parse_node, yaml};
 use crate::jsonpath::{CompiledPath, Scope};
-use crate::message::{reason, Document, ErrorDetail, Failure, Metadata};
+use crate::message::{Document, ErrorDetail, Failure, Metadata, reason};
 use crate::template::Vars;
 use crate::validate::SchemaCheck;
 use fields::{FieldMap, FieldMapFile, FieldSpec};
@@ -37,7 +37,12 @@ impl<'a> StepInput<'a> {
         self.rhai_meta.get_or_init(|| {
             let m = self.meta;
             let mut map = rhai::Map::new();
-            for (k, v) in [("message_id", Some(&m.message_id)), ("correlation_id", Some(&m.correlation_id)), ("channel", m.channel.as_ref()), ("idempotency_key", m.idempotency_key.as_ref())] {
+            for (k, v) in [
+                ("message_id", Some(&m.message_id)),
+                ("correlation_id", Some(&m.correlation_id)),
+                ("channel", m.channel.as_ref()),
+                ("idempotency_key", m.idempotency_key.as_ref()),
+            ] {
                 map.insert(k.into(), v.map_or(rhai::Dynamic::UNIT, |s| s.clone().into()));
             }
             map.insert("pipeline".into(), m.pipeline.clone().into());
@@ -214,17 +219,27 @@ impl MapStepConfig {
             MapStepConfig::Reconcile(c) => {
                 let tolerance = match &c.tolerance {
                     None => rust_decimal::Decimal::ZERO,
-                    Some(t) => crate::convert::parse_decimal(&t.value).map_err(|e| vec![cx.diag(DiagCode::InvalidValue, t.span, &format!("{key_path}.tolerance"), e)])?,
+                    Some(t) => crate::convert::parse_decimal(&t.value)
+                        .map_err(|e| vec![cx.diag(DiagCode::InvalidValue, t.span, &format!("{key_path}.tolerance"), e)])?,
                 };
                 let _ = c.model;
-                Ok(Box::new(reconcile::Reconcile { tolerance, fill: c.fill, reason: c.reason.clone().unwrap_or_else(|| reason::TOTALS_MISMATCH.into()) }))
+                Ok(Box::new(reconcile::Reconcile {
+                    tolerance,
+                    fill: c.fill,
+                    reason: c.reason.clone().unwrap_or_else(|| reason::TOTALS_MISMATCH.into()),
+                }))
             }
         }
     }
 }
 
 /// Compiles a JSON Schema reference from a pipeline.
-pub fn build_schema_check(schema: &Spanned<String>, cx: &BuildContext, key_path: &str, document: Document) -> Result<SchemaCheck, Diagnostic> {
+pub fn build_schema_check(
+    schema: &Spanned<String>,
+    cx: &BuildContext,
+    key_path: &str,
+    document: Document,
+) -> Result<SchemaCheck, Diagnostic> {
     let path = cx.existing_file(schema, key_path, "schema")?;
     let store = cx.schema_store(&path);
     let validator = store.validator(&path).map_err(|e| e.to_diagnostic())?;
@@ -232,9 +247,15 @@ pub fn build_schema_check(schema: &Spanned<String>, cx: &BuildContext, key_path:
 }
 
 /// Reads and parses an analyst-authored YAML file referenced from `cx.file`.
-pub fn read_yaml<T: serde::de::DeserializeOwned>(cx: &BuildContext, at: &Spanned<String>, key_path: &str, what: &str) -> Result<(T, SourceFile), Vec<Diagnostic>> {
+pub fn read_yaml<T: serde::de::DeserializeOwned>(
+    cx: &BuildContext,
+    at: &Spanned<String>,
+    key_path: &str,
+    what: &str,
+) -> Result<(T, SourceFile), Vec<Diagnostic>> {
     let path = cx.existing_file(at, key_path, what).map_err(|d| vec![d])?;
-    let file = SourceFile::read(&path).map_err(|e| vec![cx.diag(DiagCode::FileNotFound, at.span, key_path, format!("cannot read {what}: {e}"))])?;
+    let file = SourceFile::read(&path)
+        .map_err(|e| vec![cx.diag(DiagCode::FileNotFound, at.span, key_path, format!("cannot read {what}: {e}"))])?;
     let node = yaml::parse(&file, &*cx.shared.env)?;
     let value = parse_node(&node, &file, &[])?;
     Ok((value, file))
@@ -273,8 +294,16 @@ fn build_fields(c: &FieldsStepConfig, cx: &BuildContext, key_path: &str) -> Resu
             let map = FieldMap::compile("inline", "", fields, &format!("{key_path}.fields"), cx)?;
             Ok(Box::new(FieldsStep { map, inline: true }))
         }
-        (Some(file), Some(_)) => Err(vec![cx.diag(DiagCode::Conflict, file.span, key_path, "a `fields` step takes either `file:` or inline `fields:`, not both").hint("use one of them")]),
-        (None, None) => Err(vec![cx.diag(DiagCode::MissingKey, cx.file.span_at(1, 1, 1), key_path, "a `fields` step needs `file:` or inline `fields:`")]),
+        (Some(file), Some(_)) => Err(vec![
+            cx.diag(DiagCode::Conflict, file.span, key_path, "a `fields` step takes either `file:` or inline `fields:`, not both")
+                .hint("use one of them"),
+        ]),
+        (None, None) => Err(vec![cx.diag(
+            DiagCode::MissingKey,
+            cx.file.span_at(1, 1, 1),
+            key_path,
+            "a `fields` step needs `file:` or inline `fields:`",
+        )]),
     }
 }
 
@@ -307,7 +336,8 @@ fn build_script(c: &ScriptStepConfig, cx: &BuildContext, key_path: &str) -> Resu
         }
     }
     let path = cx.existing_file(&c.file, &format!("{key_path}.file"), "script").map_err(|d| vec![d])?;
-    let file = SourceFile::read(&path).map_err(|e| vec![cx.diag(DiagCode::FileNotFound, c.file.span, key_path, format!("cannot read script: {e}"))])?;
+    let file = SourceFile::read(&path)
+        .map_err(|e| vec![cx.diag(DiagCode::FileNotFound, c.file.span, key_path, format!("cannot read script: {e}"))])?;
     let versions = tables.values().map(|t| (t.name.clone(), t.version.clone())).collect();
     let engine = Arc::new(script::sandboxed_engine(c.limits.unwrap_or_default(), Arc::new(tables)));
     let compiled = diags.take_all(script::Script::compile(&file, engine));
@@ -335,12 +365,21 @@ impl MapStep for LookupStep {
         for ptr in targets {
             let Some(obj) = record.pointer(&ptr) else { continue };
             let scope = Scope { current: obj, root: &record };
-            let key_ptr = || format!("{ptr}{}", self.key.all_with_pointers(scope).first().map(|p| p.1.clone()).unwrap_or_else(|| self.key.nominal_pointer()));
+            let key_ptr = || {
+                format!(
+                    "{ptr}{}",
+                    self.key.all_with_pointers(scope).first().map(|p| p.1.clone()).unwrap_or_else(|| self.key.nominal_pointer())
+                )
+            };
             let key = match self.key.first(scope) {
                 Some(Value::String(s)) => s.clone(),
                 Some(Value::Number(n)) => n.to_string(),
                 _ => {
-                    errors.push(ErrorDetail { pointer: key_ptr(), message: format!("no `{}` to look up in {}", self.key.text(), self.table.name), document: input.document });
+                    errors.push(ErrorDetail {
+                        pointer: key_ptr(),
+                        message: format!("no `{}` to look up in {}", self.key.text(), self.table.name),
+                        document: input.document,
+                    });
                     continue;
                 }
             };
@@ -382,9 +421,14 @@ fn build_lookup(c: &LookupStepConfig, cx: &BuildContext, key_path: &str) -> Resu
             None => {
                 let names: Vec<&str> = t.columns.iter().map(String::as_str).collect();
                 diags.push(
-                    cx.diag(DiagCode::InvalidValue, col.span, &format!("{key_path}.column"), format!("the table has no column `{}`", col.value))
-                        .expected(crate::config::diag::one_of(&names))
-                        .hint_opt(crate::config::diag::suggestion(&col.value, names.iter().copied())),
+                    cx.diag(
+                        DiagCode::InvalidValue,
+                        col.span,
+                        &format!("{key_path}.column"),
+                        format!("the table has no column `{}`", col.value),
+                    )
+                    .expected(crate::config::diag::one_of(&names))
+                    .hint_opt(crate::config::diag::suggestion(&col.value, names.iter().copied())),
                 );
                 None
             }
@@ -438,16 +482,21 @@ struct AssertStep {
 
 impl MapStep for AssertStep {
     fn apply(&self, record: Value, input: &StepInput) -> Result<Value, Failure> {
-        let dynamic = rhai::serde::to_dynamic(&record).map_err(|e| Failure::one(reason::SCRIPT_ERROR, ErrorDetail { pointer: String::new(), message: e.to_string(), document: input.document }))?;
+        let dynamic = rhai::serde::to_dynamic(&record).map_err(|e| {
+            Failure::one(reason::SCRIPT_ERROR, ErrorDetail { pointer: String::new(), message: e.to_string(), document: input.document })
+        })?;
         let mut failures: Vec<(String, ErrorDetail)> = Vec::new();
         for (ast, rule) in &self.rules {
             let mut scope = script::declared_scope();
             scope.set_value("input", dynamic.clone());
-            let detail = |message: String| ErrorDetail { pointer: rule.pointer.clone().unwrap_or_default(), message, document: input.document };
+            let detail =
+                |message: String| ErrorDetail { pointer: rule.pointer.clone().unwrap_or_default(), message, document: input.document };
             match self.engine.eval_ast_with_scope::<rhai::Dynamic>(&mut scope, ast).map(|v| v.as_bool()) {
                 Ok(Ok(true)) => {}
                 Ok(Ok(false)) => failures.push((rule.reason.clone(), detail(rule.message.clone()))),
-                Ok(Err(t)) => failures.push((reason::SCRIPT_ERROR.into(), detail(format!("`{}` gave a {t}, not true or false", rule.that.value)))),
+                Ok(Err(t)) => {
+                    failures.push((reason::SCRIPT_ERROR.into(), detail(format!("`{}` gave a {t}, not true or false", rule.that.value))))
+                }
                 Err(e) => failures.push((reason::SCRIPT_ERROR.into(), detail(format!("`{}` failed: {e}", rule.that.value)))),
             }
         }

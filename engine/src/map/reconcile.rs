@@ -3,7 +3,7 @@
 //! not add up fails with every difference listed; nothing that does not reconcile passes silently.
 
 use crate::convert::{self, Money};
-use crate::message::{reason, Document, ErrorDetail, Failure};
+use crate::message::{Document, ErrorDetail, Failure, reason};
 use rust_decimal::Decimal;
 use serde_json::{Map, Value};
 
@@ -37,11 +37,13 @@ impl Check<'_> {
             Some((amount, currency)) if currency == self.currency => Some(amount),
             Some((amount, currency)) => {
                 self.currency_errors += 1;
-                self.errors.push(ErrorDetail::record(pointer(), format!("{amount} {currency} is not in the order currency {}", self.currency)));
+                self.errors
+                    .push(ErrorDetail::record(pointer(), format!("{amount} {currency} is not in the order currency {}", self.currency)));
                 None
             }
             None => {
-                self.errors.push(ErrorDetail::record(pointer(), format!("expected money {{amount, currency}}, found {}", convert::describe(v))));
+                self.errors
+                    .push(ErrorDetail::record(pointer(), format!("expected money {{amount, currency}}, found {}", convert::describe(v))));
                 None
             }
         }
@@ -57,7 +59,13 @@ impl Check<'_> {
     }
 
     /// Compares a stated amount with the computed one; returns whether they agree.
-    fn compare(&mut self, stated: Option<Decimal>, computed: Decimal, pointer: impl FnOnce() -> String, how: impl FnOnce() -> String) -> bool {
+    fn compare(
+        &mut self,
+        stated: Option<Decimal>,
+        computed: Decimal,
+        pointer: impl FnOnce() -> String,
+        how: impl FnOnce() -> String,
+    ) -> bool {
         match stated {
             Some(s) if (s - computed).abs() > self.tolerance => {
                 let pointer = pointer();
@@ -87,10 +95,18 @@ fn quantity(v: Option<&Value>) -> Option<Decimal> {
 
 impl Reconcile {
     pub fn apply(&self, mut record: Value, document: Document) -> Result<Value, Failure> {
-        let fail = |errors: Vec<ErrorDetail>, r: &str| Failure::new(r.to_string(), errors.into_iter().map(|mut e| {
-            e.document = document;
-            e
-        }).collect());
+        let fail = |errors: Vec<ErrorDetail>, r: &str| {
+            Failure::new(
+                r.to_string(),
+                errors
+                    .into_iter()
+                    .map(|mut e| {
+                        e.document = document;
+                        e
+                    })
+                    .collect(),
+            )
+        };
         let Some(order) = record.as_object() else {
             return Err(fail(vec![ErrorDetail::record("", "reconcile expects a canonical Order object")], &self.reason));
         };
@@ -139,7 +155,8 @@ impl Reconcile {
         }
 
         // Shipping charges (before their discounts) and their allocated discounts and taxes.
-        let (mut shipping, mut shipping_discounts, mut shipping_taxes, mut any_shipping_detail) = (Decimal::ZERO, Decimal::ZERO, Decimal::ZERO, false);
+        let (mut shipping, mut shipping_discounts, mut shipping_taxes, mut any_shipping_detail) =
+            (Decimal::ZERO, Decimal::ZERO, Decimal::ZERO, false);
         if let Some(ss) = order.get("shipping").and_then(Value::as_array) {
             for (i, s) in ss.iter().enumerate() {
                 any_shipping_detail = true;
@@ -155,12 +172,23 @@ impl Reconcile {
         let allocated = line_discounts + shipping_discounts;
         let listed = c.sum(order.get("discounts"), "amount", || "/discounts".into());
         if let (Some(listed), true) = (listed, allocated != Decimal::ZERO) {
-            c.compare(Some(listed), allocated, || "/discounts".into(), || format!("line discounts {line_discounts} + shipping discounts {shipping_discounts}"));
+            c.compare(
+                Some(listed),
+                allocated,
+                || "/discounts".into(),
+                || format!("line discounts {line_discounts} + shipping discounts {shipping_discounts}"),
+            );
         }
         let order_taxes = c.sum(order.get("taxes"), "amount", || "/taxes".into());
         let totals = order.get("totals");
         let stated = |c: &mut Check, k: &str| c.money(totals.and_then(|t| t.get(k)), || format!("/totals/{k}"));
-        let (s_sub, s_disc, s_ship, s_tax, s_total) = (stated(&mut c, "subtotal"), stated(&mut c, "discount"), stated(&mut c, "shipping"), stated(&mut c, "tax"), stated(&mut c, "total"));
+        let (s_sub, s_disc, s_ship, s_tax, s_total) = (
+            stated(&mut c, "subtotal"),
+            stated(&mut c, "discount"),
+            stated(&mut c, "shipping"),
+            stated(&mut c, "tax"),
+            stated(&mut c, "total"),
+        );
 
         c.compare(s_sub, subtotal, || "/totals/subtotal".into(), || format!("the sum of {} line subtotal(s)", lines.len()));
         let discount = match listed {
@@ -169,18 +197,37 @@ impl Reconcile {
             None => {
                 // A discount nobody can trace to a code or a line cannot be posted per line.
                 if let Some(d) = s_disc.filter(|d| d.abs() > self.tolerance) {
-                    c.errors.push(ErrorDetail::record("/totals/discount", format!("discount {d} {currency} is not itemised: no `discounts` and no line or shipping `discount` explains it")));
+                    c.errors.push(ErrorDetail::record(
+                        "/totals/discount",
+                        format!("discount {d} {currency} is not itemised: no `discounts` and no line or shipping `discount` explains it"),
+                    ));
                 }
                 s_disc.unwrap_or_default()
             }
         };
-        c.compare(s_disc, discount, || "/totals/discount".into(), || if listed.is_some() { "the sum of discounts[]".to_string() } else { format!("line discounts {line_discounts} + shipping discounts {shipping_discounts}") });
+        c.compare(
+            s_disc,
+            discount,
+            || "/totals/discount".into(),
+            || {
+                if listed.is_some() {
+                    "the sum of discounts[]".to_string()
+                } else {
+                    format!("line discounts {line_discounts} + shipping discounts {shipping_discounts}")
+                }
+            },
+        );
         let shipping = if any_shipping_detail { shipping } else { s_ship.unwrap_or_default() };
         c.compare(s_ship, shipping, || "/totals/shipping".into(), || "the sum of the shipping charges before discounts".to_string());
         let detail_tax = line_taxes + shipping_taxes;
         let tax = if any_tax_detail {
             if let Some(ot) = order_taxes {
-                c.compare(Some(ot), detail_tax, || "/taxes".into(), || format!("line taxes {line_taxes} + shipping taxes {shipping_taxes}"));
+                c.compare(
+                    Some(ot),
+                    detail_tax,
+                    || "/taxes".into(),
+                    || format!("line taxes {line_taxes} + shipping taxes {shipping_taxes}"),
+                );
             }
             detail_tax
         } else {
@@ -191,10 +238,15 @@ impl Reconcile {
         match s_total {
             None => c.errors.push(ErrorDetail::record("/totals/total", "the order has no grand total to reconcile")),
             Some(_) => {
-                c.compare(s_total, total, || "/totals/total".into(), || {
-                    let tax_part = if include_tax { "(tax included in prices)".to_string() } else { format!("+ tax {tax}") };
-                    format!("subtotal {subtotal} - discount {discount} + shipping {shipping} {tax_part}")
-                });
+                c.compare(
+                    s_total,
+                    total,
+                    || "/totals/total".into(),
+                    || {
+                        let tax_part = if include_tax { "(tax included in prices)".to_string() } else { format!("+ tax {tax}") };
+                        format!("subtotal {subtotal} - discount {discount} + shipping {shipping} {tax_part}")
+                    },
+                );
             }
         }
 
@@ -252,7 +304,10 @@ mod tests {
         let out = rec().apply(order, Document::Record).unwrap();
         assert_eq!(out["lines"][0]["subtotal"], m("20.00"));
         assert_eq!(out["lines"][0]["total"], m("19.00"));
-        assert_eq!(out["totals"], json!({"total": m("32.98"), "subtotal": m("25.50"), "discount": m("3.00"), "shipping": m("8.50"), "tax": m("1.98")}));
+        assert_eq!(
+            out["totals"],
+            json!({"total": m("32.98"), "subtotal": m("25.50"), "discount": m("3.00"), "shipping": m("8.50"), "tax": m("1.98")})
+        );
     }
 
     #[test]

@@ -9,8 +9,8 @@
 use super::lookup::LookupTable;
 use crate::config::{DiagCode, Diagnostic, SourceFile};
 use crate::convert::{self, DateOptions, Precision, Zone};
-use crate::message::{reason, Document, ErrorDetail, Failure};
-use rhai::{Dynamic, Engine, EvalAltResult, ImmutableString, Position, Scope, AST};
+use crate::message::{Document, ErrorDetail, Failure, reason};
+use rhai::{AST, Dynamic, Engine, EvalAltResult, ImmutableString, Position, Scope};
 use rust_decimal::Decimal;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
@@ -49,7 +49,12 @@ fn default_items() -> usize {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_operations: default_ops(), max_call_depth: default_calls(), max_string_size: default_string(), max_collection_size: default_items() }
+        Limits {
+            max_operations: default_ops(),
+            max_call_depth: default_calls(),
+            max_string_size: default_string(),
+            max_collection_size: default_items(),
+        }
     }
 }
 
@@ -166,7 +171,9 @@ pub fn sandboxed_engine(limits: Limits, tables: Arc<ScriptTables>) -> Engine {
         let m = convert::money_from(&Value::from(units), Some(c), true, Precision::Currency).map_err(runtime_error)?;
         money(&Dynamic::from(m.amount), c, Precision::Currency)
     });
-    e.register_fn("divide_exact", |a: Dynamic, b: Dynamic| -> Result<Dynamic, Box<EvalAltResult>> { Ok(divide_exact(to_decimal(&a)?, to_decimal(&b)?)) });
+    e.register_fn("divide_exact", |a: Dynamic, b: Dynamic| -> Result<Dynamic, Box<EvalAltResult>> {
+        Ok(divide_exact(to_decimal(&a)?, to_decimal(&b)?))
+    });
     e.register_fn("round_money", |v: Dynamic, c: &str| -> Result<Dynamic, Box<EvalAltResult>> {
         let exp = convert::currency_exponent(&c.to_ascii_uppercase()).map_err(runtime_error)?;
         let d = to_decimal(&v)?.round_dp_with_strategy(exp, rust_decimal::RoundingStrategy::MidpointAwayFromZero);
@@ -186,7 +193,9 @@ pub fn sandboxed_engine(limits: Limits, tables: Arc<ScriptTables>) -> Engine {
     // Values.
     e.register_fn("is_blank", |v: Dynamic| v.is_unit() || v.clone().into_string().is_ok_and(|s| s.trim().is_empty()));
     e.register_fn("fail", |reason: &str, message: &str| -> Result<Dynamic, Box<EvalAltResult>> { Err(fail_value(reason, "", message)) });
-    e.register_fn("fail", |reason: &str, pointer: &str, message: &str| -> Result<Dynamic, Box<EvalAltResult>> { Err(fail_value(reason, pointer, message)) });
+    e.register_fn("fail", |reason: &str, pointer: &str, message: &str| -> Result<Dynamic, Box<EvalAltResult>> {
+        Err(fail_value(reason, pointer, message))
+    });
     let t = tables.clone();
     e.register_fn("lookup", move |name: &str, key: &str| -> Result<Dynamic, Box<EvalAltResult>> {
         let table = t.get(name).ok_or_else(|| runtime_error(format!("no lookup table named `{name}` in this step's `tables:`")))?;
@@ -205,7 +214,9 @@ pub fn sandboxed_engine(limits: Limits, tables: Arc<ScriptTables>) -> Engine {
 fn header(text: &str, key: &str) -> Option<String> {
     text.lines()
         .take_while(|l| l.trim_start().starts_with("//") || l.trim().is_empty())
-        .find_map(|l| l.trim_start().trim_start_matches('/').trim().strip_prefix(key).and_then(|r| r.strip_prefix(':')).map(|v| v.trim().to_string()))
+        .find_map(|l| {
+            l.trim_start().trim_start_matches('/').trim().strip_prefix(key).and_then(|r| r.strip_prefix(':')).map(|v| v.trim().to_string())
+        })
         .filter(|v| !v.is_empty())
 }
 
@@ -267,18 +278,29 @@ impl std::fmt::Debug for Script {
 impl Script {
     pub fn compile(file: &SourceFile, engine: Arc<Engine>) -> Result<Script, Vec<Diagnostic>> {
         let Some(version) = header(&file.text, "version") else {
-            return Err(vec![Diagnostic::new(DiagCode::InvalidFile, file, file.span_at(1, 1, 1), "", "a script must declare its version in a first-line comment")
+            return Err(vec![
+                Diagnostic::new(
+                    DiagCode::InvalidFile,
+                    file,
+                    file.span_at(1, 1, 1),
+                    "",
+                    "a script must declare its version in a first-line comment",
+                )
                 .expected("`// version: 1.0.0`")
-                .hint("versions are stamped on every output, so a change to the script is traceable")]);
+                .hint("versions are stamped on every output, so a change to the script is traceable"),
+            ]);
         };
-        let name = header(&file.text, "name").unwrap_or_else(|| file.path.file_stem().map(|s| s.to_string_lossy().trim_end_matches(".rhai").to_string()).unwrap_or_default());
+        let name = header(&file.text, "name").unwrap_or_else(|| {
+            file.path.file_stem().map(|s| s.to_string_lossy().trim_end_matches(".rhai").to_string()).unwrap_or_default()
+        });
         let ast = engine.compile_with_scope(&declared_scope(), &*file.text).map_err(|e| vec![parse_error_diag(file, &e)])?;
         Ok(Script { name, version, engine, ast })
     }
 
     /// Runs the script on `record`; `meta` is visible as `meta`.
     pub fn apply(&self, record: &Value, meta: &rhai::Map, document: Document) -> Result<Value, Failure> {
-        let input = rhai::serde::to_dynamic(record).map_err(|e| Failure::one(reason::SCRIPT_ERROR, ErrorDetail { pointer: String::new(), message: e.to_string(), document }))?;
+        let input = rhai::serde::to_dynamic(record)
+            .map_err(|e| Failure::one(reason::SCRIPT_ERROR, ErrorDetail { pointer: String::new(), message: e.to_string(), document }))?;
         let mut scope = Scope::new();
         scope.push("input", input);
         scope.push_constant("meta", Dynamic::from_map(meta.clone()));
@@ -286,7 +308,11 @@ impl Script {
         if out.is_unit() {
             return Err(Failure::one(
                 reason::SCRIPT_ERROR,
-                ErrorDetail { pointer: String::new(), message: format!("script {} returned nothing: end it with the record to output", self.name), document },
+                ErrorDetail {
+                    pointer: String::new(),
+                    message: format!("script {} returned nothing: end it with the record to output", self.name),
+                    document,
+                },
             ));
         }
         dynamic_to_json(&out).map_err(|m| Failure::one(reason::SCRIPT_ERROR, ErrorDetail { pointer: String::new(), message: m, document }))
@@ -306,7 +332,10 @@ impl Script {
         if let Some(i) = text.rfind(" (line ") {
             text.truncate(i);
         }
-        Failure::one(reason::SCRIPT_ERROR, ErrorDetail { pointer: String::new(), message: format!("script {} failed{at}: {text}", self.name), document })
+        Failure::one(
+            reason::SCRIPT_ERROR,
+            ErrorDetail { pointer: String::new(), message: format!("script {} failed{at}: {text}", self.name), document },
+        )
     }
 }
 
@@ -331,7 +360,10 @@ mod tests {
             json!({"price": "17.95", "qty": 2, "at": "2019-05-07T15:42:57.058Z"}),
         )
         .unwrap();
-        assert_eq!(out, json!({"at": "2019-05-07T15:42:57.058Z", "total": {"amount": "18.05", "currency": "USD"}, "unit": {"amount": "8.975", "currency": "USD"}}));
+        assert_eq!(
+            out,
+            json!({"at": "2019-05-07T15:42:57.058Z", "total": {"amount": "18.05", "currency": "USD"}, "unit": {"amount": "8.975", "currency": "USD"}})
+        );
     }
 
     #[test]
@@ -342,14 +374,26 @@ mod tests {
 
     #[test]
     fn fail_works_from_inside_functions() {
-        let f = run("// version: 1\nfn check(x) { if x < 0 { fail(\"negative\", \"/x\", `x is ${x}`); } x }\ncheck(input.x)", json!({"x": -2})).unwrap_err();
+        let f =
+            run("// version: 1\nfn check(x) { if x < 0 { fail(\"negative\", \"/x\", `x is ${x}`); } x }\ncheck(input.x)", json!({"x": -2}))
+                .unwrap_err();
         assert_eq!(f, Failure::one("negative", ErrorDetail { pointer: "/x".into(), message: "x is -2".into(), document: Document::Input }));
     }
 
     #[test]
     fn fail_sends_a_reason_and_pointer() {
-        let f = run("// version: 1\nif input.items.len() == 0 { fail(\"no_items\", \"/items\", \"order has no items\") }\ninput", json!({"items": []})).unwrap_err();
-        assert_eq!(f, Failure::one("no_items", ErrorDetail { pointer: "/items".into(), message: "order has no items".into(), document: Document::Input }));
+        let f = run(
+            "// version: 1\nif input.items.len() == 0 { fail(\"no_items\", \"/items\", \"order has no items\") }\ninput",
+            json!({"items": []}),
+        )
+        .unwrap_err();
+        assert_eq!(
+            f,
+            Failure::one(
+                "no_items",
+                ErrorDetail { pointer: "/items".into(), message: "order has no items".into(), document: Document::Input }
+            )
+        );
     }
 
     #[test]

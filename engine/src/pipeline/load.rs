@@ -2,7 +2,7 @@
 
 use super::{Pipeline, PipelineConfig};
 use crate::build::{BuildContext, Shared};
-use crate::config::{parse_node_lenient, yaml, DiagCode, Diagnostic, SourceFile, Span};
+use crate::config::{DiagCode, Diagnostic, SourceFile, Span, parse_node_lenient, yaml};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -52,7 +52,8 @@ pub fn discover(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
         if p.is_file() {
             out.push(p.clone());
         } else if p.is_dir() {
-            walk(p, &mut out, &|f| is_yaml(f) && !is_test_file(f) && looks_like_pipeline(f)).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+            walk(p, &mut out, &|f| is_yaml(f) && !is_test_file(f) && looks_like_pipeline(f))
+                .map_err(|e| format!("cannot read {}: {e}", p.display()))?;
         } else {
             return Err(format!("{} does not exist", p.display()));
         }
@@ -85,7 +86,15 @@ pub fn discover_tests(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
 
 /// Loads and builds one pipeline file.
 pub fn load_file(path: &Path, shared: &Shared) -> Result<Pipeline, Vec<Diagnostic>> {
-    let file = SourceFile::read(path).map_err(|e| vec![Diagnostic::new(DiagCode::FileNotFound, &SourceFile::new(path, ""), Span::new(1, 1, 0, 0), "", format!("cannot read pipeline: {e}"))])?;
+    let file = SourceFile::read(path).map_err(|e| {
+        vec![Diagnostic::new(
+            DiagCode::FileNotFound,
+            &SourceFile::new(path, ""),
+            Span::new(1, 1, 0, 0),
+            "",
+            format!("cannot read pipeline: {e}"),
+        )]
+    })?;
     load_source(file, shared)
 }
 
@@ -129,8 +138,14 @@ pub fn load_all(paths: &[PathBuf], shared: &Shared) -> Result<Loaded, String> {
                     let file = SourceFile::read(f).unwrap_or_else(|_| SourceFile::new(f, ""));
                     let span = yaml::parse_plain(&file).ok().and_then(|n| n.get("name").map(|v| v.span)).unwrap_or_default();
                     loaded.diagnostics.push(
-                        Diagnostic::new(DiagCode::Conflict, &file, span, "name", format!("pipeline name `{}` is already used by {}", p.name, first.display()))
-                            .hint("pipeline names are unique: they name queues, exception records and metrics"),
+                        Diagnostic::new(
+                            DiagCode::Conflict,
+                            &file,
+                            span,
+                            "name",
+                            format!("pipeline name `{}` is already used by {}", p.name, first.display()),
+                        )
+                        .hint("pipeline names are unique: they name queues, exception records and metrics"),
                     );
                     continue;
                 }

@@ -7,8 +7,8 @@ use crate::build::{BuildContext, Diags};
 use crate::config::{DiagCode, Diagnostic, Spanned};
 use crate::jsonpath::{CompiledPath, Scope};
 use crate::map::fields::ApiVersion;
-use crate::map::{build_schema_check, MapStep, MapStepConfig, StepInput};
-use crate::message::{reason, Document, ErrorDetail, ExceptionRecord, Failure, Metadata, OriginalPayload, Output, RawMessage, Stage};
+use crate::map::{MapStep, MapStepConfig, StepInput, build_schema_check};
+use crate::message::{Document, ErrorDetail, ExceptionRecord, Failure, Metadata, OriginalPayload, Output, RawMessage, Stage, reason};
 use crate::registry::{Component, SinkConfig, SourceConfig, ValidateStepConfig};
 use crate::route::{RouteConfig, Router};
 use crate::template::Template;
@@ -133,10 +133,15 @@ impl std::fmt::Debug for Pipeline {
 }
 
 /// What became of one message.
+// Routing is the common case: boxing it would cost an allocation per message.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Outcome {
     /// The record, and the sinks (indexes into `Pipeline::sinks`) it goes to.
-    Routed { output: Output, sinks: Vec<usize> },
+    Routed {
+        output: Output,
+        sinks: Vec<usize>,
+    },
     Failed(Box<ExceptionRecord>),
 }
 
@@ -152,26 +157,43 @@ impl Pipeline {
         let mut diags = Diags::default();
         let file = &cx.file;
         if !valid_name(&config.name.value) {
-            diags.push(cx.diag(DiagCode::InvalidValue, config.name.span, "name", format!("`{}` is not a valid pipeline name", config.name.value)).expected("lowercase letters, digits, `-` and `_`, e.g. `shopify-orders`"));
+            diags.push(
+                cx.diag(DiagCode::InvalidValue, config.name.span, "name", format!("`{}` is not a valid pipeline name", config.name.value))
+                    .expected("lowercase letters, digits, `-` and `_`, e.g. `shopify-orders`"),
+            );
         }
         let source = diags.take_all(config.source.resolve(file));
         if let Some(SourceConfig::File(f)) = &source {
             let path = cx.resolve(&f.path.value);
             if !path.exists() {
-                diags.push(cx.diag(DiagCode::FileNotFound, f.path.span, "source.path", format!("source path `{}` does not exist", f.path.value)).hint(format!("paths are relative to the folder of {}", file.path.display())));
+                diags.push(
+                    cx.diag(DiagCode::FileNotFound, f.path.span, "source.path", format!("source path `{}` does not exist", f.path.value))
+                        .hint(format!("paths are relative to the folder of {}", file.path.display())),
+                );
             }
         }
         let mut sinks = Vec::new();
         for (name, c) in config.sinks.iter() {
             if !valid_name(name) {
-                diags.push(cx.diag(DiagCode::InvalidValue, c.raw.node.span, &format!("sinks.{name}"), format!("`{name}` is not a valid sink name")).expected("lowercase letters, digits, `-` and `_`"));
+                diags.push(
+                    cx.diag(
+                        DiagCode::InvalidValue,
+                        c.raw.node.span,
+                        &format!("sinks.{name}"),
+                        format!("`{name}` is not a valid sink name"),
+                    )
+                    .expected("lowercase letters, digits, `-` and `_`"),
+                );
             }
             if let Some(s) = diags.take_all(c.resolve(file)) {
                 sinks.push((name.clone(), s));
             }
         }
         if config.sinks.is_empty() {
-            diags.push(cx.diag(DiagCode::MissingKey, config.sinks.span, "sinks", "the pipeline declares no sinks").hint("add at least one under `sinks:`"));
+            diags.push(
+                cx.diag(DiagCode::MissingKey, config.sinks.span, "sinks", "the pipeline declares no sinks")
+                    .hint("add at least one under `sinks:`"),
+            );
         }
         let correlation = match &config.envelope.correlation_id {
             None => Some(Correlation::Generated),
@@ -180,7 +202,12 @@ impl Pipeline {
                 (None, Some(h), None) => Some(Correlation::Header(h.to_ascii_lowercase())),
                 (None, None, Some(t)) => diags.take(cx.template(t, "envelope.correlation_id.template")).map(Correlation::Template),
                 _ => {
-                    diags.push(cx.diag(DiagCode::Conflict, config.name.span, "envelope.correlation_id", "give exactly one of `path`, `header` or `template`"));
+                    diags.push(cx.diag(
+                        DiagCode::Conflict,
+                        config.name.span,
+                        "envelope.correlation_id",
+                        "give exactly one of `path`, `header` or `template`",
+                    ));
                     None
                 }
             },
@@ -188,26 +215,36 @@ impl Pipeline {
         let idempotency_key = config.envelope.idempotency_key.as_ref().and_then(|t| diags.take(cx.template(t, "envelope.idempotency_key")));
         let mut validate = Vec::new();
         for (i, c) in config.validate.iter().enumerate() {
-            if let Some(ValidateStepConfig::JsonSchema(s)) = diags.take_all(c.resolve(file)) {
-                if let Some(check) = diags.take(build_schema_check(&s.schema, cx, &format!("validate[{i}].schema"), Document::Input)) {
-                    validate.push(check);
-                }
+            if let Some(ValidateStepConfig::JsonSchema(s)) = diags.take_all(c.resolve(file))
+                && let Some(check) = diags.take(build_schema_check(&s.schema, cx, &format!("validate[{i}].schema"), Document::Input))
+            {
+                validate.push(check);
             }
         }
         let mut steps = Vec::new();
         for (i, c) in config.map.iter().enumerate() {
-            if let Some(step) = diags.take_all(c.resolve(file)) {
-                if let Some(built) = diags.take_all(step.build(cx, &format!("map[{i}]"))) {
-                    steps.push(built);
-                }
+            if let Some(step) = diags.take_all(c.resolve(file))
+                && let Some(built) = diags.take_all(step.build(cx, &format!("map[{i}]")))
+            {
+                steps.push(built);
             }
         }
         let sink_names: Vec<String> = config.sinks.keys().cloned().collect();
         let router = match &config.route {
             Some(r) => diags.take_all(Router::build(r, &sink_names, cx)),
-            None if sink_names.len() <= 1 => diags.take_all(Router::build(&RouteConfig { default: sink_names.first().map(|s| Spanned::new(crate::route::SinkRefs::One(s.clone()))), ..Default::default() }, &sink_names, cx)),
+            None if sink_names.len() <= 1 => diags.take_all(Router::build(
+                &RouteConfig {
+                    default: sink_names.first().map(|s| Spanned::new(crate::route::SinkRefs::One(s.clone()))),
+                    ..Default::default()
+                },
+                &sink_names,
+                cx,
+            )),
             None => {
-                diags.push(cx.diag(DiagCode::MissingKey, config.name.span, "route", "the pipeline has several sinks but no `route:`").hint("add `route:` with rules naming the sinks, or a `default:`"));
+                diags.push(
+                    cx.diag(DiagCode::MissingKey, config.name.span, "route", "the pipeline has several sinks but no `route:`")
+                        .hint("add `route:` with rules naming the sinks, or a `default:`"),
+                );
                 None
             }
         };
@@ -293,7 +330,10 @@ impl Pipeline {
                 Some(k) => meta.idempotency_key = Some(k),
                 None => {
                     let pointer = t.first_path().map(|p| p.nominal_pointer()).unwrap_or_default();
-                    let f = Failure::one(reason::MISSING_REQUIRED_FIELD, ErrorDetail::input(pointer, "the idempotency key cannot be built: a value it needs is missing"));
+                    let f = Failure::one(
+                        reason::MISSING_REQUIRED_FIELD,
+                        ErrorDetail::input(pointer, "the idempotency key cannot be built: a value it needs is missing"),
+                    );
                     return self.failed(meta, &raw.body, Stage::Source, Some("envelope.idempotency_key".into()), f);
                 }
             }

@@ -184,7 +184,8 @@ pub struct FileSource {
 
 impl FileSource {
     pub fn new(config: &FileSourceConfig, path: PathBuf) -> Result<Self, SourceError> {
-        let files = list_files(&path, config.pattern.as_deref(), config.format).map_err(|source| SourceError::Read { path: path.clone(), source })?;
+        let files = list_files(&path, config.pattern.as_deref(), config.format)
+            .map_err(|source| SourceError::Read { path: path.clone(), source })?;
         Ok(FileSource {
             files: files.into(),
             format: config.format,
