@@ -76,8 +76,8 @@ fn every_input_ends_in_a_sink_or_the_exception_file() {
         .current_dir(repo())
         .output()
         .expect("switchyard runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}");
 
     // The summary's own arithmetic.
     let total = stdout.lines().find(|l| l.starts_with("total:")).expect("a total line");
@@ -163,4 +163,49 @@ fn every_input_ends_in_a_sink_or_the_exception_file() {
         }
     }
     assert_eq!(orders, 9);
+}
+
+#[test]
+fn stdin_to_stdout_keeps_data_and_summary_apart() {
+    use std::io::Write;
+    let data = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["run", "examples/pipelines/stdin-to-stdout.yaml", "--once", "--data-dir"])
+        .arg(data.path())
+        .current_dir(repo())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"{\"sku\":\"a-1\",\"qty\":\"2\",\"price\":\"9.5\"}\n{\"qty\":1}\nnot json\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout, "{\"quantity\":2,\"sku\":\"A-1\",\"unit_price\":{\"amount\":\"9.50\",\"currency\":\"USD\"}}\n");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("total: 3 in = 1 routed + 2 exceptions"), "{stderr}");
+    let records = ndjson(&data.path().join("exceptions/example-stdin-to-stdout.ndjson"));
+    let reasons: Vec<&str> = records.iter().map(|r| r["reason"].as_str().unwrap()).collect();
+    assert_eq!(reasons, ["missing_required_field", "invalid_json"]);
+    assert_eq!(records[1]["original_payload"], "not json");
+    assert_eq!(records[1]["origin"], "<stdin>:3");
+}
+
+#[test]
+fn all_matches_sends_a_copy_to_every_matching_sink() {
+    let data = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["run", "examples/pipelines/route-and-assert.yaml", "--once", "--data-dir"])
+        .arg(data.path())
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let review = ndjson(&data.path().join("out/examples/large-orders.ndjson"));
+    let archive = ndjson(&data.path().join("out/examples/all-orders.ndjson"));
+    assert_eq!(archive.len(), 3, "every order is archived (payload only)");
+    assert!(archive.iter().all(|o| o.get("metadata").is_none() && o["erp_customer"] == "WEB-SHOPIFY"));
+    assert_eq!(review.len(), 1, "one order is 1000.00 or more");
+    assert_eq!(review[0]["payload"]["order_id"], "shopify:5000000001002");
 }

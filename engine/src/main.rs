@@ -271,6 +271,7 @@ fn cmd_run(paths: Vec<PathBuf>, once: bool, data_dir: PathBuf) -> ExitCode {
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let opts = RunOptions { data_dir };
+    // The summary goes to stderr: stdout belongs to pipelines that write there.
     let mut code = ExitCode::SUCCESS;
     let (mut total_in, mut total_out, mut total_exc) = (0, 0, 0);
     for p in &loaded.pipelines {
@@ -279,15 +280,15 @@ fn cmd_run(paths: Vec<PathBuf>, once: bool, data_dir: PathBuf) -> ExitCode {
                 total_in += s.received;
                 total_out += s.routed;
                 total_exc += s.exception_count();
-                println!("{} {} ({})", s.pipeline, p.version, p.file.display());
-                println!("  in          {:>6}", s.received);
-                println!("  routed      {:>6}", s.routed);
+                eprintln!("{} {} ({})", s.pipeline, p.version, p.file.display());
+                eprintln!("  in          {:>6}", s.received);
+                eprintln!("  routed      {:>6}", s.routed);
                 for (sink, n) in &s.outputs {
-                    println!("    {sink:<22} {n:>6}  -> {}", s.targets[sink]);
+                    eprintln!("    {sink:<22} {n:>6}  -> {}", s.targets[sink]);
                 }
-                println!("  exceptions  {:>6}  -> {}", s.exception_count(), s.exceptions_file.display());
+                eprintln!("  exceptions  {:>6}  -> {}", s.exception_count(), s.exceptions_file.display());
                 for (reason, n) in &s.exceptions {
-                    println!("    {reason:<22} {n:>6}");
+                    eprintln!("    {reason:<22} {n:>6}");
                 }
             }
             Err(e) => {
@@ -296,7 +297,7 @@ fn cmd_run(paths: Vec<PathBuf>, once: bool, data_dir: PathBuf) -> ExitCode {
             }
         }
     }
-    println!("total: {total_in} in = {total_out} routed + {total_exc} exceptions");
+    eprintln!("total: {total_in} in = {total_out} routed + {total_exc} exceptions");
     code
 }
 

@@ -283,7 +283,7 @@ def read_lookup(name):
 
 def check_lookups():
     tables = {"sku-items.csv": ("channel_sku", ["channel_sku", "item_code", "description"]),
-              "pos-stores.csv": ("store_no", ["store_no", "node", "name"]),
+              "pos-stores.csv": ("store_no", ["store_no", "node", "name", "timezone"]),
               "channel-customers.csv": ("channel", ["channel", "customer_number", "name"])}
     keys = {}
     for name, (key, header) in tables.items():
