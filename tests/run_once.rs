@@ -117,7 +117,7 @@ fn every_input_ends_in_a_sink_or_the_exception_file() {
                 Some(l) => {
                     let rows = split(&bytes, Format::Csv, file, &Default::default());
                     let row = rows.into_iter().find(|m| m.headers.get("file.line") == Some(&l.to_string())).expect("the row");
-                    (row.body, row.parsed.unwrap())
+                    (row.body, row.parsed.unwrap().to_json())
                 }
             };
             assert_eq!(original, expected_bytes, "{pipeline}: original payload of {origin} is byte for byte");
@@ -157,7 +157,9 @@ fn every_input_ends_in_a_sink_or_the_exception_file() {
             assert!(out["metadata"]["mapping_versions"].as_object().is_some_and(|m| !m.is_empty()));
             if *pipeline == "shopify-orders" || *pipeline == "amazon-orders" {
                 orders += 1;
-                check.check(&out["payload"]).unwrap_or_else(|f| panic!("{pipeline}: canonical order invalid: {:?}", f.errors));
+                check
+                    .check(&switchyard::doc::Doc::from(&out["payload"]))
+                    .unwrap_or_else(|f| panic!("{pipeline}: canonical order invalid: {:?}", f.errors));
                 assert!(reconciles(&out["payload"]), "{pipeline}: {} reconciles", out["payload"]["order_id"]);
             }
         }
@@ -182,7 +184,8 @@ fn stdin_to_stdout_keeps_data_and_summary_apart() {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     let stdout = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(stdout, "{\"quantity\":2,\"sku\":\"A-1\",\"unit_price\":{\"amount\":\"9.50\",\"currency\":\"USD\"}}\n");
+    // Keys come out in the order the field map writes them.
+    assert_eq!(stdout, "{\"sku\":\"A-1\",\"quantity\":2,\"unit_price\":{\"amount\":\"9.50\",\"currency\":\"USD\"}}\n");
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(stderr.contains("total: 3 in = 1 routed + 2 exceptions"), "{stderr}");
     let records = ndjson(&data.path().join("exceptions/example-stdin-to-stdout.ndjson"));

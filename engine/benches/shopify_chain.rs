@@ -56,7 +56,7 @@ fn pipeline(without: &[&str]) -> Pipeline {
 /// Declarative: parse, validate, map, reconcile, validate the canonical order, route, serialize.
 fn declarative(p: &Pipeline, body: &[u8]) -> (usize, Vec<u8>) {
     match p.process(RawMessage::json(body.to_vec())) {
-        Outcome::Routed { output, sinks } => (sinks[0], serde_json::to_vec(&output.payload).expect("serializes")),
+        Outcome::Routed { output, sinks } => (sinks[0], output.payload.to_json_bytes()),
         Outcome::Failed(e) => panic!("workload orders are valid: {:?}", e.errors),
     }
 }

@@ -1,29 +1,29 @@
 //! Value conversions shared by field maps, scripts and checks: decimal money in the four shapes
 //! channels send, integers from strings, and dates normalised to RFC 3339 UTC.
 
+use crate::doc::{Doc, Number, Object, Str};
 use chrono::{DateTime, FixedOffset, NaiveDate, NaiveDateTime, NaiveTime, SecondsFormat, TimeZone, Utc};
 use rust_decimal::Decimal;
-use serde_json::{Number, Value};
 
 /// A short description of a JSON value for messages ("string \"abc\"", "number 4.5", "an object").
-pub fn describe(v: &Value) -> String {
+pub fn describe(v: &Doc) -> String {
     match v {
-        Value::Null => "null".into(),
-        Value::Bool(b) => format!("boolean {b}"),
-        Value::Number(n) => format!("number {n}"),
-        Value::String(s) if s.chars().count() > 40 => format!("string \"{}…\"", s.chars().take(40).collect::<String>()),
-        Value::String(s) => format!("string \"{s}\""),
-        Value::Array(_) => "a list".into(),
-        Value::Object(_) => "an object".into(),
+        Doc::Null => "null".into(),
+        Doc::Bool(b) => format!("boolean {b}"),
+        Doc::Number(n) => format!("number {n}"),
+        Doc::String(s) if s.chars().count() > 40 => format!("string \"{}…\"", s.chars().take(40).collect::<String>()),
+        Doc::String(s) => format!("string \"{s}\""),
+        Doc::Array(_) => "a list".into(),
+        Doc::Object(_) => "an object".into(),
     }
 }
 
 /// A decimal from a decimal string ("19.99", "1.5E3") or a JSON number (via its shortest exact
 /// text, so 1397.3 is 1397.3, not 1397.2999999999999545).
-pub fn decimal_from(v: &Value) -> Result<Decimal, String> {
+pub fn decimal_from(v: &Doc) -> Result<Decimal, String> {
     match v {
-        Value::String(s) => parse_decimal(s),
-        Value::Number(n) => {
+        Doc::String(s) => parse_decimal(s),
+        Doc::Number(n) => {
             if let Some(i) = n.as_i64() {
                 Ok(Decimal::from(i))
             } else if let Some(u) = n.as_u64() {
@@ -103,16 +103,19 @@ pub fn decimal_text(d: &Decimal) -> String {
     digits
 }
 
+const AMOUNT: Str = Str::from_static("amount");
+const CURRENCY: Str = Str::from_static("currency");
+
 impl Money {
-    pub fn to_json(&self) -> Value {
-        let mut m = serde_json::Map::new();
-        m.insert("amount".into(), Value::String(decimal_text(&self.amount)));
-        m.insert("currency".into(), Value::String(self.currency.clone()));
-        Value::Object(m)
+    pub fn to_doc(&self) -> Doc {
+        let mut m = Object::with_capacity(2);
+        m.push_unique(AMOUNT, Doc::from(decimal_text(&self.amount)));
+        m.push_unique(CURRENCY, Doc::from(self.currency.as_str()));
+        Doc::Object(m)
     }
 
     /// Reads canonical money `{amount, currency}`.
-    pub fn from_canonical(v: &Value) -> Option<Money> {
+    pub fn from_canonical(v: &Doc) -> Option<Money> {
         let o = v.as_object()?;
         Some(Money { amount: parse_decimal(o.get("amount")?.as_str()?).ok()?, currency: o.get("currency")?.as_str()?.to_string() })
     }
@@ -124,25 +127,26 @@ const CURRENCY_KEYS: [&str; 6] = ["currency", "currency_code", "currencyCode", "
 /// Money from a decimal string, a JSON number, integer minor units (`minor_units`), or an object
 /// such as `{Amount, CurrencyCode}`, `{amount, currency_code}`, `{value, currency}`, `{amount, currency}`.
 /// An object's own currency wins over `currency` (the order currency).
-pub fn money_from(v: &Value, currency: Option<&str>, minor_units: bool, precision: Precision) -> Result<Money, String> {
+pub fn money_from(v: &Doc, currency: Option<&str>, minor_units: bool, precision: Precision) -> Result<Money, String> {
     let (amount_v, own_currency) = match v {
-        Value::Object(o) => {
-            let amount = AMOUNT_KEYS.iter().find_map(|k| o.get(*k)).ok_or_else(|| {
+        Doc::Object(o) => {
+            let amount = AMOUNT_KEYS.iter().find_map(|k| o.get(k)).ok_or_else(|| {
                 format!("expected a money object with an amount (`{}`), found keys {}", AMOUNT_KEYS.join("`, `"), keys_of(o))
             })?;
-            let cur = CURRENCY_KEYS.iter().find_map(|k| o.get(*k)).and_then(Value::as_str);
+            let cur = CURRENCY_KEYS.iter().find_map(|k| o.get(k)).and_then(Doc::as_str);
             (amount, cur)
         }
         other => (other, None),
     };
     let code =
         own_currency.or(currency).ok_or("no currency: set `currency:` on this field (a code like USD or a path like $root.currency)")?;
-    let code = code.trim().to_ascii_uppercase();
+    let code = code.trim();
+    let code = if code.bytes().any(|b| b.is_ascii_lowercase()) { code.to_ascii_uppercase() } else { code.to_string() };
     let exponent = currency_exponent(&code)?;
     let mut amount = if minor_units {
         match amount_v {
-            Value::Number(n) if n.as_i64().is_some() => Decimal::new(n.as_i64().unwrap_or_default(), exponent),
-            Value::String(s) => {
+            Doc::Number(n) if n.as_i64().is_some() => Decimal::new(n.as_i64().unwrap_or_default(), exponent),
+            Doc::String(s) => {
                 let i: i64 = s.trim().parse().map_err(|_| format!("\"{s}\" is not a whole number of minor units"))?;
                 Decimal::new(i, exponent)
             }
@@ -165,30 +169,30 @@ pub fn money_from(v: &Value, currency: Option<&str>, minor_units: bool, precisio
     Ok(Money { amount, currency: code })
 }
 
-fn keys_of(o: &serde_json::Map<String, Value>) -> String {
-    let k: Vec<&str> = o.keys().map(String::as_str).take(6).collect();
+fn keys_of(o: &Object) -> String {
+    let k: Vec<&str> = o.keys().take(6).collect();
     format!("`{}`", k.join("`, `"))
 }
 
 /// An integer from a JSON integer, an integral decimal, or a string of digits ("2", "-1", "2.0").
-pub fn integer_from(v: &Value) -> Result<Value, String> {
+pub fn integer_from(v: &Doc) -> Result<Doc, String> {
     match v {
-        Value::Number(n) if n.is_i64() || n.is_u64() => Ok(v.clone()),
-        Value::Number(_) | Value::String(_) => {
+        Doc::Number(n) if n.is_i64() || n.is_u64() => Ok(v.clone()),
+        Doc::Number(_) | Doc::String(_) => {
             let d = decimal_from(v).map_err(|_| format!("expected a whole number, found {}", describe(v)))?;
             if !d.fract().is_zero() {
                 return Err(format!("expected a whole number, found {}", describe(v)));
             }
             let d = d.trunc();
-            i64::try_from(d).map(Value::from).map_err(|_| format!("{d} is too large for a whole number"))
+            i64::try_from(d).map(Doc::from).map_err(|_| format!("{d} is too large for a whole number"))
         }
         other => Err(format!("expected a whole number, found {}", describe(other))),
     }
 }
 
 /// A JSON number from a decimal string or number, refusing values a JSON number would round.
-pub fn number_from(v: &Value) -> Result<Value, String> {
-    if let Value::Number(_) = v {
+pub fn number_from(v: &Doc) -> Result<Doc, String> {
+    if let Doc::Number(_) = v {
         return Ok(v.clone());
     }
     let d = decimal_from(v)?;
@@ -196,46 +200,46 @@ pub fn number_from(v: &Value) -> Result<Value, String> {
 }
 
 /// A decimal as a JSON number, when it fits exactly (integers, or up to 15 significant digits).
-pub fn decimal_to_number(d: Decimal) -> Result<Value, String> {
+pub fn decimal_to_number(d: Decimal) -> Result<Doc, String> {
     let d = d.normalize();
     if d.scale() == 0
         && let Ok(i) = i64::try_from(d)
     {
-        return Ok(Value::from(i));
+        return Ok(Doc::from(i));
     }
     let text = d.to_string();
     let f: f64 = text.parse().map_err(|_| format!("{d} is not a number"))?;
     let back = Number::from_f64(f).ok_or_else(|| format!("{d} is not a finite number"))?;
     match parse_decimal(&back.to_string()) {
-        Ok(b) if b == d => Ok(Value::Number(back)),
+        Ok(b) if b == d => Ok(Doc::Number(back)),
         _ => Err(format!("{d} cannot be written exactly as a JSON number; keep it as a decimal string")),
     }
 }
 
 /// A string from a string, number or boolean (integer ids keep every digit).
-pub fn string_from(v: &Value) -> Result<Value, String> {
+pub fn string_from(v: &Doc) -> Result<Doc, String> {
     match v {
-        Value::String(_) => Ok(v.clone()),
-        Value::Number(n) => Ok(Value::String(n.to_string())),
-        Value::Bool(b) => Ok(Value::String(b.to_string())),
+        Doc::String(_) => Ok(v.clone()),
+        Doc::Number(n) => Ok(Doc::from(n.to_string())),
+        Doc::Bool(b) => Ok(Doc::from(if *b { "true" } else { "false" })),
         other => Err(format!("expected text, found {}", describe(other))),
     }
 }
 
 /// A boolean from a boolean, `"true"`/`"false"`, `"yes"`/`"no"`, `"1"`/`"0"` (any case) or 1/0.
-pub fn boolean_from(v: &Value) -> Result<Value, String> {
+pub fn boolean_from(v: &Doc) -> Result<Doc, String> {
     let b = match v {
-        Value::Bool(b) => *b,
-        Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
+        Doc::Bool(b) => *b,
+        Doc::String(s) => match s.trim().to_ascii_lowercase().as_str() {
             "true" | "yes" | "y" | "1" | "t" => true,
             "false" | "no" | "n" | "0" | "f" => false,
             _ => return Err(format!("expected true or false, found {}", describe(v))),
         },
-        Value::Number(n) if n.as_i64() == Some(1) => true,
-        Value::Number(n) if n.as_i64() == Some(0) => false,
+        Doc::Number(n) if n.as_i64() == Some(1) => true,
+        Doc::Number(n) if n.as_i64() == Some(0) => false,
         other => return Err(format!("expected true or false, found {}", describe(other))),
     };
-    Ok(Value::Bool(b))
+    Ok(Doc::Bool(b))
 }
 
 /// The timezone naive times are in (store-local POS exports, WooCommerce `date_created`).
@@ -293,11 +297,11 @@ pub struct DateOptions {
 /// RFC 3339 with `Z` or an offset (with or without fraction), ISO 8601 without an offset (in
 /// `timezone`), RFC 2822, a date alone (midnight), epoch seconds or milliseconds as a number or
 /// string (also in scientific notation, as Amazon's sandbox sends).
-pub fn datetime_from(v: &Value, opts: &DateOptions) -> Result<DateTime<Utc>, String> {
+pub fn datetime_from(v: &Doc, opts: &DateOptions) -> Result<DateTime<Utc>, String> {
     let zone = opts.timezone.unwrap_or(Zone::Fixed(FixedOffset::east_opt(0).expect("zero")));
     match v {
-        Value::Number(_) => epoch_to_datetime(decimal_from(v)?, opts.epoch),
-        Value::String(s) => {
+        Doc::Number(_) => epoch_to_datetime(decimal_from(v)?, opts.epoch),
+        Doc::String(s) => {
             let t = s.trim();
             if let Some(fmt) = &opts.format {
                 if let Ok(d) = DateTime::parse_from_str(t, fmt) {
@@ -359,8 +363,8 @@ pub fn format_datetime(t: &DateTime<Utc>) -> String {
 
 /// A calendar date `YYYY-MM-DD`: a date alone stays as written; a date-time becomes its UTC date
 /// unless `timezone` says which local date is meant.
-pub fn date_from(v: &Value, opts: &DateOptions) -> Result<String, String> {
-    if let Value::String(s) = v
+pub fn date_from(v: &Doc, opts: &DateOptions) -> Result<String, String> {
+    if let Doc::String(s) = v
         && opts.format.is_none()
         && let Ok(d) = NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d")
     {
@@ -377,37 +381,37 @@ pub fn date_from(v: &Value, opts: &DateOptions) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use crate::doc;
 
-    fn m(v: Value, cur: Option<&str>, minor: bool) -> Result<Value, String> {
-        money_from(&v, cur, minor, Precision::Currency).map(|m| m.to_json())
+    fn m(v: Doc, cur: Option<&str>, minor: bool) -> Result<Doc, String> {
+        money_from(&v, cur, minor, Precision::Currency).map(|m| m.to_doc())
     }
 
     #[test]
     fn money_in_every_shape_channels_send() {
-        assert_eq!(m(json!("199.00"), Some("USD"), false).unwrap(), json!({"amount": "199.00", "currency": "USD"}));
-        assert_eq!(m(json!("41.8"), Some("eur"), false).unwrap(), json!({"amount": "41.80", "currency": "EUR"}));
-        assert_eq!(m(json!(1397.3), Some("USD"), false).unwrap(), json!({"amount": "1397.30", "currency": "USD"}));
-        assert_eq!(m(json!(3), Some("USD"), false).unwrap(), json!({"amount": "3.00", "currency": "USD"}));
-        assert_eq!(m(json!({"amount": 1599, "currency": "USD"}), None, true).unwrap(), json!({"amount": "15.99", "currency": "USD"}));
-        assert_eq!(m(json!({"amount": 500, "currency": "JPY"}), None, true).unwrap(), json!({"amount": "500", "currency": "JPY"}));
+        assert_eq!(m(doc!("199.00"), Some("USD"), false).unwrap(), doc!({"amount": "199.00", "currency": "USD"}));
+        assert_eq!(m(doc!("41.8"), Some("eur"), false).unwrap(), doc!({"amount": "41.80", "currency": "EUR"}));
+        assert_eq!(m(doc!(1397.3), Some("USD"), false).unwrap(), doc!({"amount": "1397.30", "currency": "USD"}));
+        assert_eq!(m(doc!(3), Some("USD"), false).unwrap(), doc!({"amount": "3.00", "currency": "USD"}));
+        assert_eq!(m(doc!({"amount": 1599, "currency": "USD"}), None, true).unwrap(), doc!({"amount": "15.99", "currency": "USD"}));
+        assert_eq!(m(doc!({"amount": 500, "currency": "JPY"}), None, true).unwrap(), doc!({"amount": "500", "currency": "JPY"}));
         assert_eq!(
-            m(json!({"CurrencyCode": "EUR", "Amount": "11.01"}), Some("USD"), false).unwrap(),
-            json!({"amount": "11.01", "currency": "EUR"})
+            m(doc!({"CurrencyCode": "EUR", "Amount": "11.01"}), Some("USD"), false).unwrap(),
+            doc!({"amount": "11.01", "currency": "EUR"})
         );
-        assert_eq!(m(json!({"value": "-13.24", "currency": "EUR"}), None, false).unwrap(), json!({"amount": "-13.24", "currency": "EUR"}));
-        assert_eq!(m(json!("10.000"), Some("USD"), false).unwrap(), json!({"amount": "10.00", "currency": "USD"}));
+        assert_eq!(m(doc!({"value": "-13.24", "currency": "EUR"}), None, false).unwrap(), doc!({"amount": "-13.24", "currency": "EUR"}));
+        assert_eq!(m(doc!("10.000"), Some("USD"), false).unwrap(), doc!({"amount": "10.00", "currency": "USD"}));
     }
 
     #[test]
     fn money_refuses_what_would_lose_cents() {
-        let e = m(json!("25.99"), Some("JPY"), false).unwrap_err();
+        let e = m(doc!("25.99"), Some("JPY"), false).unwrap_err();
         assert!(e.contains("more decimal places than JPY allows (0)"), "{e}");
-        assert!(m(json!("1,234.50"), Some("USD"), false).unwrap_err().contains("thousands separator"));
-        assert!(m(json!("12"), Some("XYZ"), false).unwrap_err().contains("ISO 4217"));
-        assert!(m(json!("12"), None, false).unwrap_err().contains("no currency"));
-        assert!(m(json!(true), Some("USD"), false).is_err());
-        let kept = money_from(&json!("0.0125"), Some("USD"), false, Precision::Keep).unwrap();
+        assert!(m(doc!("1,234.50"), Some("USD"), false).unwrap_err().contains("thousands separator"));
+        assert!(m(doc!("12"), Some("XYZ"), false).unwrap_err().contains("ISO 4217"));
+        assert!(m(doc!("12"), None, false).unwrap_err().contains("no currency"));
+        assert!(m(doc!(true), Some("USD"), false).is_err());
+        let kept = money_from(&doc!("0.0125"), Some("USD"), false, Precision::Keep).unwrap();
         assert_eq!(kept.amount.to_string(), "0.0125");
     }
 
@@ -421,34 +425,34 @@ mod tests {
 
     #[test]
     fn integers_numbers_strings_booleans() {
-        assert_eq!(integer_from(&json!("2")).unwrap(), json!(2));
-        assert_eq!(integer_from(&json!("2.0")).unwrap(), json!(2));
-        assert!(integer_from(&json!("2.5")).is_err());
-        assert!(integer_from(&json!("2.5x")).is_err());
-        assert_eq!(number_from(&json!("1397.30")).unwrap(), json!(1397.3));
-        assert!(number_from(&json!("12345678901234567.89")).is_err());
-        assert_eq!(string_from(&json!(820982911946154508u64)).unwrap(), json!("820982911946154508"));
-        assert_eq!(boolean_from(&json!("false")).unwrap(), json!(false));
-        assert_eq!(boolean_from(&json!("Yes")).unwrap(), json!(true));
+        assert_eq!(integer_from(&doc!("2")).unwrap(), doc!(2));
+        assert_eq!(integer_from(&doc!("2.0")).unwrap(), doc!(2));
+        assert!(integer_from(&doc!("2.5")).is_err());
+        assert!(integer_from(&doc!("2.5x")).is_err());
+        assert_eq!(number_from(&doc!("1397.30")).unwrap(), doc!(1397.3));
+        assert!(number_from(&doc!("12345678901234567.89")).is_err());
+        assert_eq!(string_from(&doc!(820982911946154508u64)).unwrap(), doc!("820982911946154508"));
+        assert_eq!(boolean_from(&doc!("false")).unwrap(), doc!(false));
+        assert_eq!(boolean_from(&doc!("Yes")).unwrap(), doc!(true));
     }
 
     #[test]
     fn dates_from_every_channel_become_rfc3339_utc() {
         let o = DateOptions::default();
-        let f = |v: Value, o: &DateOptions| datetime_from(&v, o).map(|t| format_datetime(&t));
-        assert_eq!(f(json!("2008-01-10T11:00:00-05:00"), &o).unwrap(), "2008-01-10T16:00:00Z");
-        assert_eq!(f(json!("2019-05-07T15:42:57.058Z"), &o).unwrap(), "2019-05-07T15:42:57.058Z");
-        assert_eq!(f(json!("Fri, 02 Mar 2012 21:36:24 +0000"), &o).unwrap(), "2012-03-02T21:36:24Z");
-        assert_eq!(f(json!(1568466571000i64), &o).unwrap(), "2019-09-14T13:09:31Z");
-        assert_eq!(f(json!("1.569521782042E9"), &o).unwrap(), "2019-09-26T18:16:22.042Z");
-        assert_eq!(f(json!("2023-09-01"), &o).unwrap(), "2023-09-01T00:00:00Z");
+        let f = |v: Doc, o: &DateOptions| datetime_from(&v, o).map(|t| format_datetime(&t));
+        assert_eq!(f(doc!("2008-01-10T11:00:00-05:00"), &o).unwrap(), "2008-01-10T16:00:00Z");
+        assert_eq!(f(doc!("2019-05-07T15:42:57.058Z"), &o).unwrap(), "2019-05-07T15:42:57.058Z");
+        assert_eq!(f(doc!("Fri, 02 Mar 2012 21:36:24 +0000"), &o).unwrap(), "2012-03-02T21:36:24Z");
+        assert_eq!(f(doc!(1568466571000i64), &o).unwrap(), "2019-09-14T13:09:31Z");
+        assert_eq!(f(doc!("1.569521782042E9"), &o).unwrap(), "2019-09-26T18:16:22.042Z");
+        assert_eq!(f(doc!("2023-09-01"), &o).unwrap(), "2023-09-01T00:00:00Z");
         let ny = DateOptions { timezone: Some(Zone::parse("America/New_York").unwrap()), ..Default::default() };
-        assert_eq!(f(json!("2017-03-22T16:28:02"), &ny).unwrap(), "2017-03-22T20:28:02Z");
+        assert_eq!(f(doc!("2017-03-22T16:28:02"), &ny).unwrap(), "2017-03-22T20:28:02Z");
         let pos =
             DateOptions { format: Some("%m/%d/%Y %H:%M:%S".into()), timezone: Some(Zone::parse("-05:00").unwrap()), ..Default::default() };
-        assert_eq!(f(json!("11/26/2026 09:14:07"), &pos).unwrap(), "2026-11-26T14:14:07Z");
-        assert!(f(json!("26.11.2026"), &o).unwrap_err().contains("format:"));
-        assert_eq!(date_from(&json!("2008-01-10T23:00:00-05:00"), &o).unwrap(), "2008-01-11");
-        assert_eq!(date_from(&json!("2023-09-01"), &o).unwrap(), "2023-09-01");
+        assert_eq!(f(doc!("11/26/2026 09:14:07"), &pos).unwrap(), "2026-11-26T14:14:07Z");
+        assert!(f(doc!("26.11.2026"), &o).unwrap_err().contains("format:"));
+        assert_eq!(date_from(&doc!("2008-01-10T23:00:00-05:00"), &o).unwrap(), "2008-01-11");
+        assert_eq!(date_from(&doc!("2023-09-01"), &o).unwrap(), "2023-09-01");
     }
 }

@@ -1,19 +1,17 @@
-//! JSONPath (RFC 9535), compiled once at load.
+//! JSONPath (RFC 9535), compiled once at load, evaluated on [`Doc`]s by our own evaluator.
 //!
-//! Paths are parsed by `jsonpath-rust`; queries made only of names, indexes and wildcards (nearly
-//! every mapping) then run on a small evaluator of our own that neither re-parses nor builds result
-//! path strings. Anything else (filters, slices, descendants) runs on `jsonpath-rust`'s compiled
-//! query. Inside `each:` blocks `$` is the current element; `$root` reaches the whole message.
+//! Paths are parsed by `jsonpath-rust` (errors carry a column). Paths made only of names, indexes
+//! and wildcards (nearly every mapping) run on a fast plan that builds nothing; filters, slices and
+//! descendants run on the general evaluator below, which also evaluates route and field conditions.
+//! Inside `each:` blocks `$` is the current element; `$root` reaches the whole message.
 
+use crate::doc::Doc;
 use crate::message::escape_pointer_token;
 use jsonpath_rust::parser::model::{
-    Comparable, Comparison, Filter, FilterAtom, FnArg, JpQuery, Literal, Segment, Selector, SingularQuery, SingularQuerySegment, Test,
-    TestFunction,
+    Comparable, Comparison, Filter, FilterAtom, FnArg, Literal, Segment, Selector, SingularQuery, SingularQuerySegment, Test, TestFunction,
 };
 use jsonpath_rust::parser::parse_json_path;
-use jsonpath_rust::query::js_path_process;
 use regex::Regex;
-use serde_json::Value;
 use std::collections::HashMap;
 use std::fmt;
 
@@ -35,7 +33,7 @@ enum Step {
 #[derive(Debug, Clone)]
 enum Plan {
     Simple(Vec<Step>),
-    General(JpQuery),
+    General(Vec<Segment>),
 }
 
 /// A compiled JSONPath.
@@ -44,6 +42,7 @@ pub struct CompiledPath {
     text: String,
     plan: Plan,
     from_root: bool,
+    eval: Evaluator,
 }
 
 impl fmt::Debug for CompiledPath {
@@ -55,12 +54,12 @@ impl fmt::Debug for CompiledPath {
 /// Where a path is evaluated: the current value (an `each:` element, or the message) and the root.
 #[derive(Clone, Copy)]
 pub struct Scope<'a> {
-    pub current: &'a Value,
-    pub root: &'a Value,
+    pub current: &'a Doc,
+    pub root: &'a Doc,
 }
 
 impl<'a> Scope<'a> {
-    pub fn root(v: &'a Value) -> Self {
+    pub fn root(v: &'a Doc) -> Self {
         Scope { current: v, root: v }
     }
 }
@@ -104,17 +103,20 @@ impl CompiledPath {
             .segments
             .iter()
             .map(|s| match s {
-                Segment::Selector(Selector::Name(n)) => Some(Step::Name(unquote(n))),
+                Segment::Selector(Selector::Name(n)) => Some(Step::Name(unquote(n).to_string())),
                 Segment::Selector(Selector::Index(i)) => Some(Step::Index(*i)),
                 Segment::Selector(Selector::Wildcard) => Some(Step::Wildcard),
                 _ => None,
             })
             .collect();
+        let mut patterns = Vec::new();
+        q.segments.iter().for_each(|s| patterns_in_segment(s, &mut patterns));
+        let eval = Evaluator::compile(patterns)?;
         let plan = match simple {
             Some(steps) => Plan::Simple(steps),
-            None => Plan::General(q),
+            None => Plan::General(q.segments),
         };
-        Ok(CompiledPath { text: text.to_string(), plan, from_root })
+        Ok(CompiledPath { text: text.to_string(), plan, from_root, eval })
     }
 
     pub fn text(&self) -> &str {
@@ -126,12 +128,12 @@ impl CompiledPath {
         matches!(&self.plan, Plan::Simple(steps) if !steps.iter().any(|s| matches!(s, Step::Wildcard)))
     }
 
-    fn start<'a>(&self, scope: Scope<'a>) -> &'a Value {
+    fn start<'a>(&self, scope: Scope<'a>) -> &'a Doc {
         if self.from_root { scope.root } else { scope.current }
     }
 
     /// The first value selected, if any. JSON `null` counts as absent.
-    pub fn first<'a>(&self, scope: Scope<'a>) -> Option<&'a Value> {
+    pub fn first<'a>(&self, scope: Scope<'a>) -> Option<&'a Doc> {
         let start = self.start(scope);
         match &self.plan {
             Plan::Simple(steps) if self.is_singular() => {
@@ -147,42 +149,38 @@ impl CompiledPath {
             }
             _ => {
                 let mut out = Vec::new();
-                self.collect(start, &mut out);
+                self.collect(start, scope.root, &mut out);
                 out.into_iter().find(|v| !v.is_null())
             }
         }
     }
 
     /// Every value selected, in document order (nulls included: the caller decides).
-    pub fn all<'a>(&self, scope: Scope<'a>, out: &mut Vec<&'a Value>) {
-        self.collect(self.start(scope), out)
+    pub fn all<'a>(&self, scope: Scope<'a>, out: &mut Vec<&'a Doc>) {
+        self.collect(self.start(scope), scope.root, out)
     }
 
-    fn collect<'a>(&self, start: &'a Value, out: &mut Vec<&'a Value>) {
+    fn collect<'a>(&self, start: &'a Doc, root: &'a Doc, out: &mut Vec<&'a Doc>) {
         match &self.plan {
             Plan::Simple(steps) => walk(start, steps, out),
-            Plan::General(q) => {
-                if let Ok(found) = js_path_process(q, start) {
-                    out.extend(found.into_iter().map(|r| r.val));
-                }
+            Plan::General(segs) => {
+                let mut found = Vec::new();
+                self.eval.segments(start, segs, root, String::new(), false, &mut found);
+                out.extend(found.into_iter().map(|(v, _)| v));
             }
         }
     }
 
     /// Every value selected with its JSON pointer, relative to the scope's start value.
     /// Slower than [`Self::all`]; used for error reports and for steps that modify in place.
-    pub fn all_with_pointers<'a>(&self, scope: Scope<'a>) -> Vec<(&'a Value, String)> {
+    pub fn all_with_pointers<'a>(&self, scope: Scope<'a>) -> Vec<(&'a Doc, String)> {
         let start = self.start(scope);
+        let mut out = Vec::new();
         match &self.plan {
-            Plan::Simple(steps) => {
-                let mut out = Vec::new();
-                walk_with_pointer(start, steps, String::new(), &mut out);
-                out
-            }
-            Plan::General(q) => js_path_process(q, start)
-                .map(|found| found.into_iter().map(|r| (r.val, normalized_to_pointer(&r.path))).collect())
-                .unwrap_or_default(),
+            Plan::Simple(steps) => walk_with_pointer(start, steps, String::new(), &mut out),
+            Plan::General(segs) => self.eval.segments(start, segs, scope.root, String::new(), true, &mut out),
         }
+        out
     }
 
     /// The pointer the path would have if it selected one value: for messages about absent values.
@@ -213,21 +211,21 @@ impl CompiledPath {
 }
 
 /// Names from `['a b']` selectors arrive without quotes from the parser, but be safe.
-fn unquote(n: &str) -> String {
+fn unquote(n: &str) -> &str {
     let t = n.trim();
     if t.len() >= 2 && ((t.starts_with('\'') && t.ends_with('\'')) || (t.starts_with('"') && t.ends_with('"'))) {
-        t[1..t.len() - 1].to_string()
+        &t[1..t.len() - 1]
     } else {
-        n.to_string()
+        n
     }
 }
 
-fn index(arr: &[Value], i: i64) -> Option<&Value> {
+fn index(arr: &[Doc], i: i64) -> Option<&Doc> {
     let idx = if i < 0 { arr.len().checked_sub(i.unsigned_abs() as usize)? } else { i as usize };
     arr.get(idx)
 }
 
-fn walk<'a>(cur: &'a Value, steps: &[Step], out: &mut Vec<&'a Value>) {
+fn walk<'a>(cur: &'a Doc, steps: &[Step], out: &mut Vec<&'a Doc>) {
     let Some((step, rest)) = steps.split_first() else {
         out.push(cur);
         return;
@@ -244,14 +242,14 @@ fn walk<'a>(cur: &'a Value, steps: &[Step], out: &mut Vec<&'a Value>) {
             }
         }
         Step::Wildcard => match cur {
-            Value::Array(a) => a.iter().for_each(|v| walk(v, rest, out)),
-            Value::Object(o) => o.values().for_each(|v| walk(v, rest, out)),
+            Doc::Array(a) => a.iter().for_each(|v| walk(v, rest, out)),
+            Doc::Object(o) => o.values().for_each(|v| walk(v, rest, out)),
             _ => {}
         },
     }
 }
 
-fn walk_with_pointer<'a>(cur: &'a Value, steps: &[Step], ptr: String, out: &mut Vec<(&'a Value, String)>) {
+fn walk_with_pointer<'a>(cur: &'a Doc, steps: &[Step], ptr: String, out: &mut Vec<(&'a Doc, String)>) {
     let Some((step, rest)) = steps.split_first() else {
         out.push((cur, ptr));
         return;
@@ -271,38 +269,11 @@ fn walk_with_pointer<'a>(cur: &'a Value, steps: &[Step], ptr: String, out: &mut 
             }
         }
         Step::Wildcard => match cur {
-            Value::Array(a) => a.iter().enumerate().for_each(|(i, v)| walk_with_pointer(v, rest, format!("{ptr}/{i}"), out)),
-            Value::Object(o) => o.iter().for_each(|(k, v)| walk_with_pointer(v, rest, format!("{ptr}/{}", escape_pointer_token(k)), out)),
+            Doc::Array(a) => a.iter().enumerate().for_each(|(i, v)| walk_with_pointer(v, rest, format!("{ptr}/{i}"), out)),
+            Doc::Object(o) => o.iter().for_each(|(k, v)| walk_with_pointer(v, rest, format!("{ptr}/{}", escape_pointer_token(k)), out)),
             _ => {}
         },
     }
-}
-
-/// `$['a'][0]['b c']` to `/a/0/b c`.
-pub fn normalized_to_pointer(path: &str) -> String {
-    let mut out = String::new();
-    let mut rest = path.strip_prefix('$').unwrap_or(path);
-    while let Some(open) = rest.find('[') {
-        let after = &rest[open + 1..];
-        if let Some(q) = after.strip_prefix('\'') {
-            // Quoted name: find the closing quote that is not escaped.
-            let mut end = 0;
-            let bytes = q.as_bytes();
-            while end < bytes.len() && !(bytes[end] == b'\'' && (end == 0 || bytes[end - 1] != b'\\')) {
-                end += 1;
-            }
-            out.push('/');
-            out.push_str(&escape_pointer_token(&q[..end].replace("\\'", "'")));
-            rest = q.get(end + 2..).unwrap_or("");
-        } else if let Some(close) = after.find(']') {
-            out.push('/');
-            out.push_str(&after[..close]);
-            rest = &after[close + 1..];
-        } else {
-            break;
-        }
-    }
-    out
 }
 
 /// A condition written as an RFC 9535 filter expression, e.g. `$.ship_to.country == 'US'` or
@@ -312,8 +283,7 @@ pub fn normalized_to_pointer(path: &str) -> String {
 pub struct Condition {
     text: String,
     filter: Filter,
-    /// `match()`/`search()` patterns, compiled at load.
-    regexes: HashMap<String, Regex>,
+    eval: Evaluator,
 }
 
 impl fmt::Debug for Condition {
@@ -410,13 +380,13 @@ fn patterns_in_fn(f: &TestFunction, out: &mut Vec<String>) {
 /// A value in a filter: a node, a computed value, or nothing (absent).
 #[derive(Debug, Clone, PartialEq)]
 enum Val<'a> {
-    Node(&'a Value),
-    Owned(Value),
+    Node(&'a Doc),
+    Owned(Doc),
     Nothing,
 }
 
 impl Val<'_> {
-    fn get(&self) -> Option<&Value> {
+    fn get(&self) -> Option<&Doc> {
         match self {
             Val::Node(v) => Some(v),
             Val::Owned(v) => Some(v),
@@ -465,12 +435,7 @@ impl Condition {
         };
         let mut patterns = Vec::new();
         collect_patterns(&filter, &mut patterns);
-        let mut regexes = HashMap::new();
-        for p in patterns {
-            let re = Regex::new(&p).map_err(|e| PathError { message: format!("invalid regular expression `{p}`: {e}"), column: 1 })?;
-            regexes.insert(p, re);
-        }
-        Ok(Condition { text: text.to_string(), filter, regexes })
+        Ok(Condition { text: text.to_string(), filter, eval: Evaluator::compile(patterns)? })
     }
 
     pub fn text(&self) -> &str {
@@ -479,17 +444,35 @@ impl Condition {
 
     /// Whether the condition holds for `scope.current` (`$root` is `scope.root`).
     pub fn matches(&self, scope: Scope<'_>) -> bool {
-        self.filter_holds(&self.filter, scope.current, scope.root)
+        self.eval.filter_holds(&self.filter, scope.current, scope.root)
+    }
+}
+
+/// Evaluates RFC 9535 segments and filter expressions on documents. Holds the regular expressions
+/// of `match()`/`search()`, compiled at load.
+#[derive(Clone, Default)]
+struct Evaluator {
+    regexes: HashMap<String, Regex>,
+}
+
+impl Evaluator {
+    fn compile(patterns: Vec<String>) -> Result<Evaluator, PathError> {
+        let mut regexes = HashMap::new();
+        for p in patterns {
+            let re = Regex::new(&p).map_err(|e| PathError { message: format!("invalid regular expression `{p}`: {e}"), column: 1 })?;
+            regexes.insert(p, re);
+        }
+        Ok(Evaluator { regexes })
     }
 
-    fn filter_holds(&self, f: &Filter, cur: &Value, root: &Value) -> bool {
+    fn filter_holds(&self, f: &Filter, cur: &Doc, root: &Doc) -> bool {
         match f {
             Filter::Or(v) => v.iter().any(|x| self.filter_holds(x, cur, root)),
             Filter::And(v) => v.iter().all(|x| self.filter_holds(x, cur, root)),
             Filter::Atom(FilterAtom::Filter { expr, not }) => self.filter_holds(expr, cur, root) != *not,
             Filter::Atom(FilterAtom::Test { expr, not }) => {
                 let holds = match &**expr {
-                    Test::Function(func) => self.function(func, cur, root).get().and_then(Value::as_bool).unwrap_or(false),
+                    Test::Function(func) => self.function(func, cur, root).get().and_then(Doc::as_bool).unwrap_or(false),
                     // A null value counts as absent, as everywhere in Switchyard.
                     t => self.test_nodes(t, cur, root).iter().any(|v| !v.is_null()),
                 };
@@ -499,69 +482,71 @@ impl Condition {
         }
     }
 
-    fn test_nodes<'a>(&self, t: &Test, cur: &'a Value, root: &'a Value) -> Vec<&'a Value> {
+    fn test_nodes<'a>(&self, t: &Test, cur: &'a Doc, root: &'a Doc) -> Vec<&'a Doc> {
         let mut out = Vec::new();
         match t {
-            Test::RelQuery(segs) => self.segments(cur, segs, root, &mut out),
-            Test::AbsQuery(q) => self.segments(root, &q.segments, root, &mut out),
+            Test::RelQuery(segs) => self.segments(cur, segs, root, String::new(), false, &mut out),
+            Test::AbsQuery(q) => self.segments(root, &q.segments, root, String::new(), false, &mut out),
             Test::Function(_) => {}
         }
-        out
+        out.into_iter().map(|(v, _)| v).collect()
     }
 
-    fn segments<'a>(&self, v: &'a Value, segs: &[Segment], root: &'a Value, out: &mut Vec<&'a Value>) {
+    /// Selects along `segs`; pointers are built only when `track` is set.
+    fn segments<'a>(&self, v: &'a Doc, segs: &[Segment], root: &'a Doc, ptr: String, track: bool, out: &mut Vec<(&'a Doc, String)>) {
         let Some((seg, rest)) = segs.split_first() else {
-            out.push(v);
+            out.push((v, ptr));
             return;
         };
         let mut here = Vec::new();
-        self.segment(v, seg, root, &mut here);
-        for n in here {
-            self.segments(n, rest, root, out);
+        self.segment(v, seg, root, &ptr, track, &mut here);
+        for (n, p) in here {
+            self.segments(n, rest, root, p, track, out);
         }
     }
 
-    fn segment<'a>(&self, v: &'a Value, seg: &Segment, root: &'a Value, out: &mut Vec<&'a Value>) {
+    fn segment<'a>(&self, v: &'a Doc, seg: &Segment, root: &'a Doc, ptr: &str, track: bool, out: &mut Vec<(&'a Doc, String)>) {
         match seg {
-            Segment::Selector(sel) => self.selector(v, sel, root, out),
-            Segment::Selectors(sels) => sels.iter().for_each(|s| self.selector(v, s, root, out)),
+            Segment::Selector(sel) => self.selector(v, sel, root, ptr, track, out),
+            Segment::Selectors(sels) => sels.iter().for_each(|s| self.selector(v, s, root, ptr, track, out)),
             Segment::Descendant(inner) => {
-                self.segment(v, inner, root, out);
-                let children: Vec<&Value> = match v {
-                    Value::Array(a) => a.iter().collect(),
-                    Value::Object(o) => o.values().collect(),
-                    _ => Vec::new(),
-                };
-                for c in children {
-                    self.segment(c, seg, root, out);
+                self.segment(v, inner, root, ptr, track, out);
+                for (c, p) in children(v, ptr, track) {
+                    self.segment(c, seg, root, &p, track, out);
                 }
             }
         }
     }
 
-    fn selector<'a>(&self, v: &'a Value, sel: &Selector, root: &'a Value, out: &mut Vec<&'a Value>) {
+    fn selector<'a>(&self, v: &'a Doc, sel: &Selector, root: &'a Doc, ptr: &str, track: bool, out: &mut Vec<(&'a Doc, String)>) {
+        let key = |k: &str| if track { format!("{ptr}/{}", escape_pointer_token(k)) } else { String::new() };
+        let idx = |i: usize| if track { format!("{ptr}/{i}") } else { String::new() };
         match sel {
-            Selector::Name(n) => out.extend(v.as_object().and_then(|o| o.get(&unquote(n)))),
-            Selector::Index(i) => out.extend(v.as_array().and_then(|a| index(a, *i))),
-            Selector::Wildcard => match v {
-                Value::Array(a) => out.extend(a.iter()),
-                Value::Object(o) => out.extend(o.values()),
-                _ => {}
-            },
+            Selector::Name(n) => {
+                let n = unquote(n);
+                if let Some(c) = v.as_object().and_then(|o| o.get(n)) {
+                    out.push((c, key(n)));
+                }
+            }
+            Selector::Index(i) => {
+                if let Some(a) = v.as_array() {
+                    let at = if *i < 0 { a.len().checked_sub(i.unsigned_abs() as usize) } else { Some(*i as usize) };
+                    if let Some((at, c)) = at.and_then(|at| a.get(at).map(|c| (at, c))) {
+                        out.push((c, idx(at)));
+                    }
+                }
+            }
+            Selector::Wildcard => out.extend(children(v, ptr, track)),
             Selector::Slice(s, e, st) => {
                 if let Some(a) = v.as_array() {
-                    out.extend(slice_indexes(a.len(), *s, *e, *st).into_iter().map(|i| &a[i]));
+                    out.extend(slice_indexes(a.len(), *s, *e, *st).into_iter().map(|i| (&a[i], idx(i))));
                 }
             }
-            Selector::Filter(f) => match v {
-                Value::Array(a) => out.extend(a.iter().filter(|c| self.filter_holds(f, c, root))),
-                Value::Object(o) => out.extend(o.values().filter(|c| self.filter_holds(f, c, root))),
-                _ => {}
-            },
+            Selector::Filter(f) => out.extend(children(v, ptr, track).into_iter().filter(|(c, _)| self.filter_holds(f, c, root))),
         }
     }
 
-    fn comparable<'a>(&self, c: &'a Comparable, cur: &'a Value, root: &'a Value) -> Val<'a> {
+    fn comparable<'a>(&self, c: &'a Comparable, cur: &'a Doc, root: &'a Doc) -> Val<'a> {
         match c {
             Comparable::Literal(l) => Val::Owned(literal(l)),
             Comparable::Function(f) => self.function(f, cur, root),
@@ -573,7 +558,7 @@ impl Condition {
                 let mut v = start;
                 for s in segs {
                     let next = match s {
-                        SingularQuerySegment::Name(n) => v.as_object().and_then(|o| o.get(&unquote(n))),
+                        SingularQuerySegment::Name(n) => v.as_object().and_then(|o| o.get(unquote(n))),
                         SingularQuerySegment::Index(i) => v.as_array().and_then(|a| index(a, *i)),
                     };
                     match next {
@@ -586,10 +571,10 @@ impl Condition {
         }
     }
 
-    fn arg<'a>(&self, a: &'a FnArg, cur: &'a Value, root: &'a Value) -> (Val<'a>, Vec<&'a Value>) {
+    fn arg<'a>(&self, a: &'a FnArg, cur: &'a Doc, root: &'a Doc) -> (Val<'a>, Vec<&'a Doc>) {
         match a {
             FnArg::Literal(l) => (Val::Owned(literal(l)), Vec::new()),
-            FnArg::Filter(f) => (Val::Owned(Value::Bool(self.filter_holds(f, cur, root))), Vec::new()),
+            FnArg::Filter(f) => (Val::Owned(Doc::Bool(self.filter_holds(f, cur, root))), Vec::new()),
             FnArg::Test(t) => match &**t {
                 Test::Function(f) => (self.function(f, cur, root), Vec::new()),
                 t => {
@@ -601,34 +586,34 @@ impl Condition {
         }
     }
 
-    fn function<'a>(&self, f: &'a TestFunction, cur: &'a Value, root: &'a Value) -> Val<'a> {
+    fn function<'a>(&self, f: &'a TestFunction, cur: &'a Doc, root: &'a Doc) -> Val<'a> {
         match f {
             TestFunction::Length(a) => match self.arg(a, cur, root).0.get() {
-                Some(Value::String(s)) => Val::Owned(Value::from(s.chars().count())),
-                Some(Value::Array(a)) => Val::Owned(Value::from(a.len())),
-                Some(Value::Object(o)) => Val::Owned(Value::from(o.len())),
+                Some(Doc::String(s)) => Val::Owned(Doc::from(s.chars().count())),
+                Some(Doc::Array(a)) => Val::Owned(Doc::from(a.len())),
+                Some(Doc::Object(o)) => Val::Owned(Doc::from(o.len())),
                 _ => Val::Nothing,
             },
-            TestFunction::Count(a) => Val::Owned(Value::from(self.arg(a, cur, root).1.len())),
+            TestFunction::Count(a) => Val::Owned(Doc::from(self.arg(a, cur, root).1.len())),
             TestFunction::Value(a) => self.arg(a, cur, root).0,
             TestFunction::Match(a, p) | TestFunction::Search(a, p) => {
                 let full = matches!(f, TestFunction::Match(..));
                 let text = self.arg(a, cur, root).0;
                 let pattern = self.arg(p, cur, root).0;
-                let (Some(Value::String(t)), Some(Value::String(p))) = (text.get(), pattern.get()) else {
-                    return Val::Owned(Value::Bool(false));
+                let (Some(Doc::String(t)), Some(Doc::String(p))) = (text.get(), pattern.get()) else {
+                    return Val::Owned(Doc::Bool(false));
                 };
-                let hit = match self.regexes.get(p) {
+                let hit = match self.regexes.get(p.as_str()) {
                     Some(re) => regex_hit(re, t, full),
                     None => Regex::new(p).is_ok_and(|re| regex_hit(&re, t, full)),
                 };
-                Val::Owned(Value::Bool(hit))
+                Val::Owned(Doc::Bool(hit))
             }
             TestFunction::Custom(..) => Val::Nothing,
         }
     }
 
-    fn compare(&self, c: &Comparison, cur: &Value, root: &Value) -> bool {
+    fn compare(&self, c: &Comparison, cur: &Doc, root: &Doc) -> bool {
         let (a, b) = c.vals();
         // null and absent are the same thing: `$.x == null` holds for both.
         let (a, b) = (absent_if_null(self.comparable(a, cur, root)), absent_if_null(self.comparable(b, cur, root)));
@@ -637,9 +622,9 @@ impl Condition {
             (Some(x), Some(y)) => json_eq(x, y),
             _ => false,
         };
-        let lt = |x: Option<&Value>, y: Option<&Value>| match (x, y) {
-            (Some(Value::Number(x)), Some(Value::Number(y))) => x.as_f64() < y.as_f64(),
-            (Some(Value::String(x)), Some(Value::String(y))) => x < y,
+        let lt = |x: Option<&Doc>, y: Option<&Doc>| match (x, y) {
+            (Some(Doc::Number(x)), Some(Doc::Number(y))) => x.as_f64() < y.as_f64(),
+            (Some(Doc::String(x)), Some(Doc::String(y))) => x.as_str() < y.as_str(),
             _ => false,
         };
         match c {
@@ -653,8 +638,19 @@ impl Condition {
     }
 }
 
+/// The children of an array or object, with their pointers when tracked.
+fn children<'a>(v: &'a Doc, ptr: &str, track: bool) -> Vec<(&'a Doc, String)> {
+    match v {
+        Doc::Array(a) => a.iter().enumerate().map(|(i, c)| (c, if track { format!("{ptr}/{i}") } else { String::new() })).collect(),
+        Doc::Object(o) => {
+            o.iter().map(|(k, c)| (c, if track { format!("{ptr}/{}", escape_pointer_token(k)) } else { String::new() })).collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
 fn absent_if_null(v: Val<'_>) -> Val<'_> {
-    if v.get().is_some_and(Value::is_null) { Val::Nothing } else { v }
+    if v.get().is_some_and(Doc::is_null) { Val::Nothing } else { v }
 }
 
 fn regex_hit(re: &Regex, text: &str, full: bool) -> bool {
@@ -666,37 +662,37 @@ fn regex_hit(re: &Regex, text: &str, full: bool) -> bool {
     }
 }
 
-fn comparable_order(v: Option<&Value>) -> bool {
-    matches!(v, Some(Value::Number(_) | Value::String(_)))
+fn comparable_order(v: Option<&Doc>) -> bool {
+    matches!(v, Some(Doc::Number(_) | Doc::String(_)))
 }
 
 /// Equality as RFC 9535 defines it: numbers by value (1 == 1.0), everything else structurally.
-fn json_eq(a: &Value, b: &Value) -> bool {
+fn json_eq(a: &Doc, b: &Doc) -> bool {
     match (a, b) {
-        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
-        (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(p, q)| json_eq(p, q)),
-        (Value::Object(x), Value::Object(y)) => x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| json_eq(v, w))),
+        (Doc::Number(x), Doc::Number(y)) => x.as_f64() == y.as_f64(),
+        (Doc::Array(x), Doc::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(p, q)| json_eq(p, q)),
+        (Doc::Object(x), Doc::Object(y)) => x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| json_eq(v, w))),
         _ => a == b,
     }
 }
 
-fn literal(l: &Literal) -> Value {
+fn literal(l: &Literal) -> Doc {
     match l {
-        Literal::Int(i) => Value::from(*i),
-        Literal::Float(f) => serde_json::Number::from_f64(*f).map_or(Value::Null, Value::Number),
-        Literal::String(s) => Value::String(s.clone()),
-        Literal::Bool(b) => Value::Bool(*b),
-        Literal::Null => Value::Null,
+        Literal::Int(i) => Doc::from(*i),
+        Literal::Float(f) => serde_json::Number::from_f64(*f).map_or(Doc::Null, Doc::Number),
+        Literal::String(s) => Doc::from(s.as_str()),
+        Literal::Bool(b) => Doc::Bool(*b),
+        Literal::Null => Doc::Null,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use crate::doc;
 
-    fn doc() -> Value {
-        json!({"id": 7, "currency": "USD", "lines": [{"sku": "A", "qty": 1, "tax": [{"p": "1.00"}, {"p": "2.00"}]}, {"sku": "B", "qty": 2, "tax": []}], "ship": {"country": "US"}, "n": null, "a/b": 1})
+    fn doc() -> Doc {
+        doc!({"id": 7, "currency": "USD", "lines": [{"sku": "A", "qty": 1, "tax": [{"p": "1.00"}, {"p": "2.00"}]}, {"sku": "B", "qty": 2, "tax": []}], "ship": {"country": "US"}, "n": null, "a/b": 1})
     }
 
     #[test]
@@ -704,11 +700,11 @@ mod tests {
         let d = doc();
         let p = CompiledPath::compile("$.lines[1].sku").unwrap();
         assert!(p.is_singular());
-        assert_eq!(p.first(Scope::root(&d)), Some(&json!("B")));
-        assert_eq!(CompiledPath::compile("$.lines[-1].qty").unwrap().first(Scope::root(&d)), Some(&json!(2)));
+        assert_eq!(p.first(Scope::root(&d)), Some(&doc!("B")));
+        assert_eq!(CompiledPath::compile("$.lines[-1].qty").unwrap().first(Scope::root(&d)), Some(&doc!(2)));
         assert_eq!(CompiledPath::compile("$.n").unwrap().first(Scope::root(&d)), None);
         assert_eq!(CompiledPath::compile("$.missing.x").unwrap().first(Scope::root(&d)), None);
-        assert_eq!(CompiledPath::compile("$['a/b']").unwrap().first(Scope::root(&d)), Some(&json!(1)));
+        assert_eq!(CompiledPath::compile("$['a/b']").unwrap().first(Scope::root(&d)), Some(&doc!(1)));
     }
 
     #[test]
@@ -716,10 +712,10 @@ mod tests {
         let d = doc();
         let mut out = Vec::new();
         CompiledPath::compile("$.lines[*].tax[*].p").unwrap().all(Scope::root(&d), &mut out);
-        assert_eq!(out, vec![&json!("1.00"), &json!("2.00")]);
+        assert_eq!(out, vec![&doc!("1.00"), &doc!("2.00")]);
         let p = CompiledPath::compile("$.lines[?@.qty > 1].sku").unwrap();
         assert!(!p.is_singular());
-        assert_eq!(p.first(Scope::root(&d)), Some(&json!("B")));
+        assert_eq!(p.first(Scope::root(&d)), Some(&doc!("B")));
         let ptrs = p.all_with_pointers(Scope::root(&d));
         assert_eq!(ptrs[0].1, "/lines/1/sku");
         let ptrs = CompiledPath::compile("$.lines[*].sku").unwrap().all_with_pointers(Scope::root(&d));
@@ -731,8 +727,8 @@ mod tests {
         let d = doc();
         let line = &d["lines"][0];
         let scope = Scope { current: line, root: &d };
-        assert_eq!(CompiledPath::compile("$.sku").unwrap().first(scope), Some(&json!("A")));
-        assert_eq!(CompiledPath::compile("$root.currency").unwrap().first(scope), Some(&json!("USD")));
+        assert_eq!(CompiledPath::compile("$.sku").unwrap().first(scope), Some(&doc!("A")));
+        assert_eq!(CompiledPath::compile("$root.currency").unwrap().first(scope), Some(&doc!("USD")));
     }
 
     #[test]
@@ -777,9 +773,7 @@ mod tests {
     }
 
     #[test]
-    fn normalized_paths_become_pointers() {
-        assert_eq!(normalized_to_pointer("$['a'][0]['b/c']"), "/a/0/b~1c");
-        assert_eq!(normalized_to_pointer("$"), "");
+    fn roots_are_rewritten_outside_strings() {
         assert_eq!(to_rfc_roots("$.a == '$x' && $root.b == \"\\\"$\" && $rooted"), "@.a == '$x' && $.b == \"\\\"$\" && @rooted");
     }
 }

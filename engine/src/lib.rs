@@ -8,6 +8,7 @@
 pub mod build;
 pub mod config;
 pub mod convert;
+pub mod doc;
 pub mod jsonpath;
 pub mod map;
 pub mod message;

@@ -1,9 +1,9 @@
 //! What flows through a pipeline: the raw input, the envelope metadata, outputs and exception records.
 
+use crate::doc::Doc;
 use chrono::{DateTime, SecondsFormat, Utc};
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -13,7 +13,7 @@ pub struct RawMessage {
     /// The original payload, byte for byte (a JSON document, an NDJSON line, a CSV row).
     pub body: Vec<u8>,
     /// The payload already parsed, when the transport parses (CSV rows); otherwise `body` is JSON.
-    pub parsed: Option<Value>,
+    pub parsed: Option<Doc>,
     /// Transport headers and properties (`file.path`, AMQP headers, HTTP headers), names lowercase.
     pub headers: BTreeMap<String, String>,
     /// Where it came from, for people: `examples/shopify/orders/x.json`, `sales.csv:12`.
@@ -40,11 +40,12 @@ pub struct Metadata {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub idempotency_key: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub channel: Option<String>,
+    pub channel: Option<Arc<str>>,
     #[serde(with = "rfc3339")]
     pub received_at: DateTime<Utc>,
-    pub pipeline: String,
-    pub pipeline_version: String,
+    /// Pipeline name and version: shared by every message of the pipeline.
+    pub pipeline: Arc<str>,
+    pub pipeline_version: Arc<str>,
     /// Name and version of every mapping file (field map, script, lookup table) the pipeline used.
     pub mapping_versions: Arc<IndexMap<String, String>>,
     pub attempt: u32,
@@ -56,7 +57,7 @@ pub struct Metadata {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Output {
     pub metadata: Metadata,
-    pub payload: Value,
+    pub payload: Doc,
 }
 
 /// Which stage a failure happened in.

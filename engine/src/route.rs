@@ -4,13 +4,13 @@
 
 use crate::build::{BuildContext, Diags};
 use crate::config::{DiagCode, Diagnostic, Spanned};
+use crate::doc::Doc;
 use crate::jsonpath::Condition;
 use crate::map::script::{Limits, ScriptTables, declared_scope, parse_error_diag, sandboxed_engine};
 use crate::message::{ErrorDetail, Failure, reason};
 use rhai::{AST, Dynamic, Engine};
 use schemars::JsonSchema;
 use serde::Deserialize;
-use serde_json::Value;
 use std::fmt;
 use std::sync::Arc;
 
@@ -183,14 +183,14 @@ impl Router {
     }
 
     /// The sinks (by index) a record goes to; `unrouted` when none.
-    pub fn route(&self, record: &mut Value) -> Result<Vec<usize>, Failure> {
+    pub fn route(&self, record: &Doc) -> Result<Vec<usize>, Failure> {
         let mut out: Vec<usize> = Vec::new();
         for rule in &self.rules {
             let hit = match &rule.cond {
                 Cond::Always => true,
                 Cond::Path(c) => c.matches(crate::jsonpath::Scope::root(record)),
                 Cond::Script(engine, ast) => {
-                    let input = rhai::serde::to_dynamic(&*record)
+                    let input = rhai::serde::to_dynamic(record)
                         .map_err(|e| Failure::one(reason::SCRIPT_ERROR, ErrorDetail::record("", e.to_string())))?;
                     let mut scope = crate::map::script::declared_scope();
                     scope.set_value("input", input);

@@ -1,8 +1,8 @@
 //! Text templates such as `shopify:{$.id}` or `{channel}:{$.order_id}`: literal text with
 //! placeholders holding a JSONPath or an envelope variable. `{{` and `}}` write braces.
 
+use crate::doc::Doc;
 use crate::jsonpath::{CompiledPath, PathError, Scope};
-use serde_json::Value;
 
 /// Envelope values a template may name without `$`.
 pub const VARIABLES: &[&str] = &["channel", "pipeline", "pipeline_version", "message_id", "correlation_id"];
@@ -103,9 +103,9 @@ impl Template {
             match p {
                 Part::Text(t) => out.push_str(t),
                 Part::Path(path) => match path.first(scope)? {
-                    Value::String(s) => out.push_str(s),
-                    Value::Number(n) => out.push_str(&n.to_string()),
-                    Value::Bool(b) => out.push_str(&b.to_string()),
+                    Doc::String(s) => out.push_str(s),
+                    Doc::Number(n) => out.push_str(&n.to_string()),
+                    Doc::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
                     other => out.push_str(&other.to_string()),
                 },
                 Part::Var(v) => out.push_str(vars.var(v)?),
@@ -140,7 +140,7 @@ fn find_close(s: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use crate::doc;
 
     struct V;
     impl Vars for V {
@@ -151,7 +151,7 @@ mod tests {
 
     #[test]
     fn renders_paths_variables_and_braces() {
-        let d = json!({"id": 820982911946154508u64, "name": "#1001", "x": {"k": "a}b"}});
+        let d = doc!({"id": 820982911946154508u64, "name": "#1001", "x": {"k": "a}b"}});
         let t = Template::compile("{channel}:{$.id} {{{$.name}}} {$['x'].k}").unwrap();
         assert_eq!(t.render(Scope::root(&d), &V).unwrap(), "shopify:820982911946154508 {#1001} a}b");
         assert_eq!(Template::compile("{$.missing}-x").unwrap().render(Scope::root(&d), &V), None);

@@ -5,9 +5,12 @@
 //! references are read from disk. Nothing is ever fetched over the network.
 
 use crate::config::{DiagCode, Diagnostic, SourceFile, Span, yaml};
+use crate::doc::{self, Doc};
 use crate::message::{Document, ErrorDetail, Failure, reason};
-use jsonschema::{Draft, Retrieve, Uri, Validator};
+use jsonschema::json::{Array, Json, Node, NodeIdentity, Object};
+use jsonschema::{Draft, JsonType, Retrieve, Uri};
 use serde_json::Value;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -61,6 +64,114 @@ pub fn span_of_pointer(file: &SourceFile, pointer: &str) -> Span {
             parent.key_node(&last).or_else(|| parent.get(&last)).map(|n| n.span)
         })
         .unwrap_or(Span::new(1, 1, 0, 0))
+}
+
+/// Validators check [`Doc`]s directly: jsonschema is generic over the JSON representation.
+pub type Validator = jsonschema::Validator<DocJson>;
+
+/// The [`Doc`] representation for jsonschema.
+pub struct DocJson;
+
+impl Json for DocJson {
+    type Node<'a> = &'a Doc;
+    type PreparedKey = String;
+    type StringBuffer = ();
+    // Objects are small vectors scanned by `get`: one pass over the members beats repeated lookups.
+    const KEYS_PER_LOOKUP: usize = 8;
+    const ACYCLIC: bool = true;
+
+    fn prepare_key(key: &str) -> String {
+        key.to_owned()
+    }
+
+    fn with_string_node<T>((): &mut (), string: &str, f: impl FnOnce(&Doc) -> T) -> T {
+        f(&Doc::from(string))
+    }
+}
+
+impl<'a> Node<'a, DocJson> for &'a Doc {
+    type Object = &'a doc::Object;
+    type Array = &'a [Doc];
+    type Number = &'a serde_json::Number;
+
+    fn as_object(&self) -> Option<&'a doc::Object> {
+        Doc::as_object(self)
+    }
+    fn as_array(&self) -> Option<&'a [Doc]> {
+        Doc::as_array(self).map(Vec::as_slice)
+    }
+    fn as_string(&self) -> Option<Cow<'a, str>> {
+        Doc::as_str(self).map(Cow::Borrowed)
+    }
+    fn as_number(&self) -> Option<&'a serde_json::Number> {
+        Doc::as_number(self)
+    }
+    fn as_boolean(&self) -> Option<bool> {
+        Doc::as_bool(self)
+    }
+    fn is_null(&self) -> bool {
+        Doc::is_null(self)
+    }
+    fn json_type(&self) -> JsonType {
+        match self {
+            Doc::Null => JsonType::Null,
+            Doc::Bool(_) => JsonType::Boolean,
+            Doc::Number(_) => JsonType::Number,
+            Doc::String(_) => JsonType::String,
+            Doc::Array(_) => JsonType::Array,
+            Doc::Object(_) => JsonType::Object,
+        }
+    }
+    fn equals_value(&self, expected: &Value) -> bool {
+        doc_equals_value(self, expected)
+    }
+    fn to_value(&self) -> Cow<'a, Value> {
+        Cow::Owned(self.to_json())
+    }
+    fn identity(&self) -> Option<NodeIdentity> {
+        Some(NodeIdentity::new(std::ptr::from_ref::<Doc>(self) as usize))
+    }
+}
+
+/// `const`/`enum` comparison without converting the document (numbers compare by value).
+fn doc_equals_value(d: &Doc, v: &Value) -> bool {
+    match (d, v) {
+        (Doc::Null, Value::Null) => true,
+        (Doc::Bool(a), Value::Bool(b)) => a == b,
+        (Doc::String(a), Value::String(b)) => a.as_str() == b,
+        (Doc::Number(a), Value::Number(b)) => jsonschema::json::cmp::equal_numbers(a, b),
+        (Doc::Array(a), Value::Array(b)) => a.len() == b.len() && a.iter().zip(b).all(|(x, y)| doc_equals_value(x, y)),
+        (Doc::Object(a), Value::Object(b)) => a.len() == b.len() && a.iter().all(|(k, x)| b.get(k).is_some_and(|y| doc_equals_value(x, y))),
+        _ => false,
+    }
+}
+
+impl<'a> Object<'a, DocJson> for &'a doc::Object {
+    type Node = &'a Doc;
+    type MemberName = &'a str;
+    type MembersIter = doc::Members<'a>;
+
+    fn len(&self) -> usize {
+        doc::Object::len(self)
+    }
+    fn get(&self, key: &String) -> Option<&'a Doc> {
+        doc::Object::get(self, key)
+    }
+    fn members(&self) -> doc::Members<'a> {
+        doc::Object::iter(self)
+    }
+}
+
+impl<'a> Array<'a, DocJson> for &'a [Doc] {
+    type Node = &'a Doc;
+    type ElementsIter = std::slice::Iter<'a, Doc>;
+
+    fn len(&self) -> usize {
+        <[Doc]>::len(self)
+    }
+    fn elements(&self) -> std::slice::Iter<'a, Doc> {
+        (*self).iter()
+    }
 }
 
 /// Every schema under one `schemas/` folder, indexed by `$id`, with compiled validators cached.
@@ -158,7 +269,7 @@ impl SchemaStore {
         if let Err(e) = jsonschema::meta::validate(&schema) {
             return Err(SchemaError::Invalid { path: abs, pointer: e.instance_path().to_string(), message: e.to_string() });
         }
-        let mut options = jsonschema::options()
+        let mut options = jsonschema::options_for::<DocJson>()
             .should_validate_formats(true)
             // The regex crate (linear time, no backtracking) rather than fancy-regex: schema
             // patterns are matched on every message.
@@ -193,7 +304,7 @@ impl SchemaCheck {
     }
 
     /// Ok, or a failure listing every violation with its pointer.
-    pub fn check(&self, value: &Value) -> Result<(), Failure> {
+    pub fn check(&self, value: &Doc) -> Result<(), Failure> {
         if self.validator.is_valid(value) {
             return Ok(());
         }
@@ -251,8 +362,8 @@ mod tests {
         let store = SchemaStore::open(&schema_root(&order));
         assert_eq!(store.root(), schemas.as_path());
         let check = SchemaCheck::new(store.validator(&order).unwrap(), Document::Input);
-        assert!(check.check(&json!({"id": 1, "total": {"amount": "1.00", "currency": "USD"}})).is_ok());
-        let f = check.check(&json!({"total": {"amount": "1.0"}, "placed_at": "yesterday"})).unwrap_err();
+        assert!(check.check(&crate::doc!({"id": 1, "total": {"amount": "1.00", "currency": "USD"}})).is_ok());
+        let f = check.check(&crate::doc!({"total": {"amount": "1.0"}, "placed_at": "yesterday"})).unwrap_err();
         assert_eq!(f.reason, "schema_violation");
         let pointers: Vec<&str> = f.errors.iter().map(|e| e.pointer.as_str()).collect();
         assert!(pointers.contains(&""), "{pointers:?}"); // missing id
@@ -288,7 +399,7 @@ mod tests {
         );
         let store = SchemaStore::open(dir.path());
         let check = SchemaCheck::new(store.validator(&s).unwrap(), Document::Input);
-        assert!(check.check(&json!(9)).is_ok());
-        assert!(check.check(&json!(10)).is_err());
+        assert!(check.check(&crate::doc!(9)).is_ok());
+        assert!(check.check(&crate::doc!(10)).is_err());
     }
 }

@@ -6,6 +6,7 @@ use super::lookup::LookupTable;
 use crate::build::{BuildContext, Diags};
 use crate::config::{DiagCode, Diagnostic, Spanned};
 use crate::convert::{self, DateOptions, Epoch, Money, Precision, Zone};
+use crate::doc::{Doc, Object, Str};
 use crate::jsonpath::{CompiledPath, Condition, Scope};
 use crate::message::{Document, ErrorDetail, Failure, reason};
 use crate::template::{Template, Vars};
@@ -13,7 +14,7 @@ use indexmap::IndexMap;
 use rust_decimal::Decimal;
 use schemars::JsonSchema;
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::fmt;
 use std::sync::Arc;
 
@@ -253,7 +254,7 @@ pub struct FieldMap {
 #[derive(Debug)]
 enum Source {
     Path(CompiledPath),
-    Const(Value),
+    Const(Doc),
     Template(Template),
     Concat(Vec<ConcatPart>, String),
     FirstOf(Vec<Field>),
@@ -297,18 +298,20 @@ struct Lookup {
 #[derive(Debug)]
 struct Field {
     name: String,
+    /// `name` as an output key: cloning it copies nothing.
+    key: Str,
     when: Option<Condition>,
     source: Source,
     shape: Shape,
     required: bool,
-    default: Option<Value>,
+    default: Option<Doc>,
     null_if: Vec<String>,
     trim: bool,
     split: Option<String>,
     absolute: bool,
     case: Option<Case>,
-    values: Option<IndexMap<String, Value>>,
-    otherwise: Option<Value>,
+    values: Option<IndexMap<String, Doc>>,
+    otherwise: Option<Doc>,
     lookup: Option<Lookup>,
     convert: Option<Convert>,
     currency: Option<Currency>,
@@ -320,11 +323,11 @@ struct Field {
     separator: Option<String>,
 }
 
-fn text_of(v: &Value) -> Option<std::borrow::Cow<'_, str>> {
+fn text_of(v: &Doc) -> Option<std::borrow::Cow<'_, str>> {
     match v {
-        Value::String(s) => Some(s.as_str().into()),
-        Value::Number(n) => Some(n.to_string().into()),
-        Value::Bool(b) => Some(b.to_string().into()),
+        Doc::String(s) => Some(s.as_str().into()),
+        Doc::Number(n) => Some(n.to_string().into()),
+        Doc::Bool(b) => Some(if *b { "true" } else { "false" }.into()),
         _ => None,
     }
 }
@@ -366,14 +369,14 @@ impl FieldMap {
     }
 
     /// Builds the output record from `input`. Every failing field is reported, not only the first.
-    pub fn apply(&self, input: &Value, vars: &dyn Vars, document: Document) -> Result<Value, Failure> {
+    pub fn apply(&self, input: &Doc, vars: &dyn Vars, document: Document) -> Result<Doc, Failure> {
         let mut errors = Vec::new();
-        let mut out = Map::with_capacity(self.fields.len());
+        let mut out = Object::with_capacity(self.fields.len());
         let cx = Eval { vars, document, reason: None };
         let mut cx = cx;
         eval_fields(&self.fields, Scope::root(input), &Ptr::Root, &Target::Root, &mut cx, &mut out, &mut errors);
         if errors.is_empty() {
-            Ok(Value::Object(out))
+            Ok(Doc::Object(out))
         } else {
             Err(Failure::new(cx.reason.unwrap_or_else(|| reason::INVALID_VALUE.to_string()), errors))
         }
@@ -409,6 +412,7 @@ fn multi_value_diag(cx: &BuildContext, span: crate::config::Span, kp: &str) -> D
 impl Field {
     fn simple(name: String, source: Source) -> Field {
         Field {
+            key: Str::from(name.as_str()),
             name,
             when: None,
             source,
@@ -513,7 +517,7 @@ fn compile_rule(name: &str, r: &FieldRule, span: crate::config::Span, kp: &str, 
         }
         Source::Path(path)
     } else if let Some(c) = &r.constant {
-        Source::Const(c.clone())
+        Source::Const(Doc::from(c))
     } else if let Some(t) = &r.template {
         Source::Template(diags.take(cx.template(t, &format!("{kp}.template")))?)
     } else if let Some(parts) = &r.concat {
@@ -622,18 +626,19 @@ fn compile_rule(name: &str, r: &FieldRule, span: crate::config::Span, kp: &str, 
     }
     Some(Field {
         name: name.to_string(),
+        key: Str::new(name),
         when,
         source,
         shape,
         required: r.required,
-        default: r.default.clone(),
-        null_if: r.null_if.iter().filter_map(|v| text_of(v).map(|t| t.into_owned())).collect(),
+        default: r.default.as_ref().map(Doc::from),
+        null_if: r.null_if.iter().filter_map(|v| text_of(&Doc::from(v)).map(|t| t.into_owned())).collect(),
         trim: r.trim,
         split: r.split.clone(),
         absolute: r.absolute,
         case: r.case,
-        values: r.values.clone(),
-        otherwise: r.otherwise.clone(),
+        values: r.values.as_ref().map(|m| m.iter().map(|(k, v)| (k.clone(), Doc::from(v))).collect()),
+        otherwise: r.otherwise.as_ref().map(Doc::from),
         lookup,
         convert: r.convert,
         currency,
@@ -715,13 +720,13 @@ fn eval_fields(
     ptr: &Ptr<'_>,
     target: &Target<'_>,
     cx: &mut Eval<'_>,
-    out: &mut Map<String, Value>,
+    out: &mut Object,
     errors: &mut Vec<ErrorDetail>,
 ) {
     for f in fields {
         let t = Target::Field(target, &f.name);
         if let Some(v) = eval_field(f, scope, ptr, &t, cx, errors) {
-            out.insert(f.name.clone(), v);
+            out.push_unique(f.key.clone(), v);
         }
     }
 }
@@ -733,7 +738,7 @@ fn eval_field(
     target: &Target<'_>,
     cx: &mut Eval<'_>,
     errors: &mut Vec<ErrorDetail>,
-) -> Option<Value> {
+) -> Option<Doc> {
     if let Some(w) = &f.when
         && !w.matches(scope)
     {
@@ -749,9 +754,9 @@ fn eval_field(
                 _ => (scope, Ptr::Root),
             };
             let inner_ptr_ref = if matches!(f.source, Source::Path(_)) { &inner_ptr } else { ptr };
-            let mut obj = Map::with_capacity(fields.len());
+            let mut obj = Object::with_capacity(fields.len());
             eval_fields(fields, inner, inner_ptr_ref, target, cx, &mut obj, errors);
-            if obj.is_empty() { missing(f, scope, ptr, target, cx, errors) } else { Some(Value::Object(obj)) }
+            if obj.is_empty() { missing(f, scope, ptr, target, cx, errors) } else { Some(Doc::Object(obj)) }
         }
         Shape::Each(path, fields) => {
             let mut items = Vec::new();
@@ -763,9 +768,9 @@ fn eval_field(
                 let t = Target::Index(target, i);
                 match fields {
                     Some(fields) => {
-                        let mut obj = Map::with_capacity(fields.len());
+                        let mut obj = Object::with_capacity(fields.len());
                         eval_fields(fields, item_scope, &item_ptr, &t, cx, &mut obj, errors);
-                        list.push(Value::Object(obj));
+                        list.push(Doc::Object(obj));
                     }
                     None => {
                         if let Some(v) = finish(f, Some(item), scope, || item_ptr.render(), &t, cx, errors) {
@@ -774,7 +779,7 @@ fn eval_field(
                     }
                 }
             }
-            if list.is_empty() { missing(f, scope, ptr, target, cx, errors) } else { Some(Value::Array(list)) }
+            if list.is_empty() { missing(f, scope, ptr, target, cx, errors) } else { Some(Doc::Array(list)) }
         }
         Shape::Scalar => match &f.source {
             Source::Path(p) if !p.is_singular() || f.aggregate.is_some() => aggregate(f, p, scope, ptr, target, cx, errors),
@@ -784,7 +789,7 @@ fn eval_field(
             }
             Source::Const(c) => finish(f, Some(c), scope, || ptr.render(), target, cx, errors),
             Source::Template(t) => {
-                let s = t.render(scope, cx.vars).map(Value::String);
+                let s = t.render(scope, cx.vars).map(Doc::from);
                 let pointer = || t.first_path().map(|p| ptr.of(p, scope, 0)).unwrap_or_default();
                 finish(f, s.as_ref(), scope, pointer, target, cx, errors)
             }
@@ -804,19 +809,19 @@ fn eval_field(
                 }
                 let has_value = parts.iter().any(|p| matches!(p, ConcatPart::Path(_)))
                     && pieces.len() > parts.iter().filter(|p| matches!(p, ConcatPart::Text(_))).count();
-                let v = has_value.then(|| Value::String(pieces.join(sep)));
+                let v = has_value.then(|| Doc::from(pieces.join(sep)));
                 finish(f, v.as_ref(), scope, || ptr.render(), target, cx, errors)
             }
             Source::Append(parts) => {
                 let mut list = Vec::new();
                 for part in parts {
                     match eval_field(part, scope, ptr, target, cx, errors) {
-                        Some(Value::Array(items)) if matches!(part.shape, Shape::Each(..)) => list.extend(items),
+                        Some(Doc::Array(items)) if matches!(part.shape, Shape::Each(..)) => list.extend(items),
                         Some(v) => list.push(v),
                         None => {}
                     }
                 }
-                if list.is_empty() { missing(f, scope, ptr, target, cx, errors) } else { Some(Value::Array(list)) }
+                if list.is_empty() { missing(f, scope, ptr, target, cx, errors) } else { Some(Doc::Array(list)) }
             }
             Source::FirstOf(alts) => {
                 let chosen = alts.iter().find_map(|a| eval_field(a, scope, ptr, target, cx, errors));
@@ -835,7 +840,7 @@ fn missing(
     target: &Target<'_>,
     cx: &mut Eval<'_>,
     errors: &mut Vec<ErrorDetail>,
-) -> Option<Value> {
+) -> Option<Doc> {
     if f.default.is_some() {
         return finish(f, None, scope, || ptr.render(), target, cx, errors);
     }
@@ -852,13 +857,13 @@ fn missing(
 /// Applies null_if, default/required, trim, case, values, lookup and the conversion to one value.
 fn finish(
     f: &Field,
-    raw: Option<&Value>,
+    raw: Option<&Doc>,
     scope: Scope<'_>,
     pointer: impl Fn() -> String,
     target: &Target<'_>,
     cx: &mut Eval<'_>,
     errors: &mut Vec<ErrorDetail>,
-) -> Option<Value> {
+) -> Option<Doc> {
     let mut raw = raw.filter(|v| !v.is_null());
     if let Some(v) = raw
         && !f.null_if.is_empty()
@@ -876,24 +881,23 @@ fn finish(
             return None;
         }
     };
-    let mut owned: Option<Value> = None;
+    let mut owned: Option<Doc> = None;
     if (f.trim || f.case.is_some())
-        && let Value::String(s) = raw
+        && let Doc::String(s) = raw
     {
-        let mut s = if f.trim { s.trim().to_string() } else { s.clone() };
+        let mut s = if f.trim { s.trim().to_string() } else { s.to_string() };
         match f.case {
             Some(Case::Upper) => s = s.to_uppercase(),
             Some(Case::Lower) => s = s.to_lowercase(),
             None => {}
         }
-        owned = Some(Value::String(s));
+        owned = Some(Doc::from(s));
     }
     if let Some(sep) = &f.split
-        && let Value::String(s) = owned.as_ref().unwrap_or(raw)
+        && let Doc::String(s) = owned.as_ref().unwrap_or(raw)
     {
-        let parts: Vec<Value> =
-            s.split(sep.as_str()).map(str::trim).filter(|p| !p.is_empty()).map(|p| Value::String(p.to_string())).collect();
-        return (!parts.is_empty()).then_some(Value::Array(parts));
+        let parts: Vec<Doc> = s.split(sep.as_str()).map(str::trim).filter(|p| !p.is_empty()).map(Doc::from).collect();
+        return (!parts.is_empty()).then_some(Doc::Array(parts));
     }
     if let Some(values) = &f.values {
         let key = text_of(owned.as_ref().unwrap_or(raw)).map(|t| t.into_owned()).unwrap_or_default();
@@ -914,7 +918,7 @@ fn finish(
     if let Some(l) = &f.lookup {
         let key = text_of(owned.as_ref().unwrap_or(raw)).map(|t| t.into_owned()).unwrap_or_default();
         match l.table.get(&key, l.column) {
-            Some(v) => owned = Some(Value::String(v.to_string())),
+            Some(v) => owned = Some(Doc::from(v)),
             None => {
                 cx.fail(
                     errors,
@@ -940,20 +944,23 @@ fn finish(
 }
 
 /// The value without its sign: numbers, decimal strings and money amounts.
-fn absolute(v: Value) -> Value {
+fn absolute(v: Doc) -> Doc {
     match v {
-        Value::Number(n) if n.as_i64().is_some_and(|i| i < 0) => Value::from(n.as_i64().unwrap_or_default().unsigned_abs()),
-        Value::Number(n) if n.as_f64().is_some_and(|f| f < 0.0) => {
-            serde_json::Number::from_f64(-n.as_f64().unwrap_or_default()).map_or(Value::Number(n), Value::Number)
+        Doc::Number(n) if n.as_i64().is_some_and(|i| i < 0) => Doc::from(n.as_i64().unwrap_or_default().unsigned_abs()),
+        Doc::Number(n) if n.as_f64().is_some_and(|f| f < 0.0) => {
+            serde_json::Number::from_f64(-n.as_f64().unwrap_or_default()).map_or(Doc::Number(n), Doc::Number)
         }
-        Value::String(s) => Value::String(s.strip_prefix('-').map(str::to_string).unwrap_or(s)),
-        Value::Object(mut o) => {
-            if let Some(Value::String(a)) = o.get_mut("amount")
+        Doc::String(s) => match s.strip_prefix('-') {
+            Some(rest) => Doc::from(rest),
+            None => Doc::String(s),
+        },
+        Doc::Object(mut o) => {
+            if let Some(Doc::String(a)) = o.get_mut("amount")
                 && let Some(rest) = a.strip_prefix('-')
             {
-                *a = rest.to_string();
+                *a = Str::new(rest);
             }
-            Value::Object(o)
+            Doc::Object(o)
         }
         other => other,
     }
@@ -963,32 +970,32 @@ fn currency_of<'a>(f: &'a Field, scope: Scope<'a>) -> Option<&'a str> {
     match &f.currency {
         None => None,
         Some(Currency::Code(c)) => Some(c),
-        Some(Currency::Path(p)) => p.first(scope).and_then(Value::as_str),
+        Some(Currency::Path(p)) => p.first(scope).and_then(Doc::as_str),
     }
 }
 
-fn convert_value(f: &Field, conv: Convert, v: &Value, scope: Scope<'_>) -> Result<Value, String> {
+fn convert_value(f: &Field, conv: Convert, v: &Doc, scope: Scope<'_>) -> Result<Doc, String> {
     match conv {
         Convert::String => convert::string_from(v),
         Convert::Integer => convert::integer_from(v),
         Convert::Number => convert::number_from(v),
-        Convert::Decimal => convert::decimal_from(v).map(|d| Value::String(d.to_string())),
+        Convert::Decimal => convert::decimal_from(v).map(|d| Doc::from(convert::decimal_text(&d))),
         Convert::Boolean => convert::boolean_from(v),
-        Convert::Money => convert::money_from(v, currency_of(f, scope), f.minor_units, f.precision).map(|m| m.to_json()),
+        Convert::Money => convert::money_from(v, currency_of(f, scope), f.minor_units, f.precision).map(|m| m.to_doc()),
         Convert::Datetime | Convert::Date => {
             let per_message;
             let dates = match &f.timezone_from {
                 TimezoneFrom::Fixed => &f.dates,
                 TimezoneFrom::Path(p) => {
-                    let name = p.first(scope).and_then(Value::as_str).ok_or_else(|| format!("no timezone at `{}`", p.text()))?;
+                    let name = p.first(scope).and_then(Doc::as_str).ok_or_else(|| format!("no timezone at `{}`", p.text()))?;
                     per_message = DateOptions { timezone: Some(Zone::parse(name)?), ..f.dates.clone() };
                     &per_message
                 }
             };
             if conv == Convert::Datetime {
-                convert::datetime_from(v, dates).map(|t| Value::String(convert::format_datetime(&t)))
+                convert::datetime_from(v, dates).map(|t| Doc::from(convert::format_datetime(&t)))
             } else {
-                convert::date_from(v, dates).map(Value::String)
+                convert::date_from(v, dates).map(Doc::from)
             }
         }
     }
@@ -1002,13 +1009,13 @@ fn aggregate(
     target: &Target<'_>,
     cx: &mut Eval<'_>,
     errors: &mut Vec<ErrorDetail>,
-) -> Option<Value> {
+) -> Option<Doc> {
     let mut found = Vec::new();
     p.all(scope, &mut found);
     found.retain(|v| !v.is_null());
     let agg = f.aggregate.unwrap_or(Aggregate::List);
     match agg {
-        Aggregate::Count => return Some(Value::from(found.len())),
+        Aggregate::Count => return Some(Doc::from(found.len())),
         Aggregate::First => return finish(f, found.first().copied(), scope, || ptr.of(p, scope, 0), target, cx, errors),
         Aggregate::Last => {
             let n = found.len().saturating_sub(1);
@@ -1017,7 +1024,7 @@ fn aggregate(
         _ => {}
     }
     let before = errors.len();
-    let converted: Vec<Value> = found
+    let converted: Vec<Doc> = found
         .iter()
         .enumerate()
         .filter_map(|(i, v)| finish(f, Some(v), scope, || ptr.of(p, scope, i), &Target::Index(target, i), cx, errors))
@@ -1026,11 +1033,11 @@ fn aggregate(
         return None;
     }
     match agg {
-        Aggregate::List => Some(Value::Array(converted)),
+        Aggregate::List => Some(Doc::Array(converted)),
         Aggregate::Join => {
             let sep = f.separator.as_deref().unwrap_or(", ");
             let parts: Vec<String> = converted.iter().filter_map(|v| text_of(v).map(|t| t.into_owned())).collect();
-            if parts.is_empty() { missing(f, scope, ptr, target, cx, errors) } else { Some(Value::String(parts.join(sep))) }
+            if parts.is_empty() { missing(f, scope, ptr, target, cx, errors) } else { Some(Doc::from(parts.join(sep))) }
         }
         Aggregate::Sum => sum(f, &converted, scope)
             .map_err(|e| cx.fail(errors, reason::INVALID_VALUE, ptr.of(p, scope, 0), format!("`{target}`: {e}")))
@@ -1039,7 +1046,7 @@ fn aggregate(
     }
 }
 
-fn sum(f: &Field, values: &[Value], scope: Scope<'_>) -> Result<Value, String> {
+fn sum(f: &Field, values: &[Doc], scope: Scope<'_>) -> Result<Doc, String> {
     match f.convert {
         Some(Convert::Money) => {
             let mut total: Option<Money> = None;
@@ -1057,8 +1064,8 @@ fn sum(f: &Field, values: &[Value], scope: Scope<'_>) -> Result<Value, String> {
                 }
             }
             match total {
-                Some(t) => Ok(t.to_json()),
-                None => convert::money_from(&Value::from(0), currency_of(f, scope), false, f.precision).map(|m| m.to_json()),
+                Some(t) => Ok(t.to_doc()),
+                None => convert::money_from(&Doc::from(0i64), currency_of(f, scope), false, f.precision).map(|m| m.to_doc()),
             }
         }
         Some(Convert::Decimal) => {
@@ -1066,7 +1073,7 @@ fn sum(f: &Field, values: &[Value], scope: Scope<'_>) -> Result<Value, String> {
             for v in values {
                 total += convert::decimal_from(v)?;
             }
-            Ok(Value::String(total.to_string()))
+            Ok(Doc::from(convert::decimal_text(&total)))
         }
         _ => {
             let mut total = Decimal::ZERO;
@@ -1083,7 +1090,7 @@ mod tests {
     use super::*;
     use crate::build::Shared;
     use crate::config::{SourceFile, parse_node, yaml};
-    use serde_json::json;
+    use crate::doc;
 
     struct V;
     impl Vars for V {
@@ -1113,14 +1120,14 @@ mod tests {
             "{HEAD}  order_id: {{template: 'shopify:{{$.id}}'}}\n  channel: {{template: '{{channel}}'}}\n  channel_order_id: {{path: $.id, as: string, required: true}}\n  placed_at: {{path: $.created_at, as: datetime}}\n  name:\n    concat: [$.customer.first_name, $.customer.last_name]\n  missing: $.nope\n  status: {{path: $.financial_status, values: {{paid: paid}}, otherwise: unknown}}\n  lines:\n    each: $.line_items[*]\n    fields:\n      sku: $.sku\n      quantity: {{path: $.quantity, as: integer}}\n      unit_price: {{path: $.price, as: money, currency: $root.currency}}\n      tax: {{path: '$.tax_lines[*].price', aggregate: sum, as: money, currency: $root.currency}}\n  tags: {{path: $.tags, null_if: ['']}}\n  total: {{path: $.total_price, as: money, currency: $root.currency}}\n"
         ))
         .unwrap();
-        let input = json!({"id": 820982911946154508u64, "created_at": "2021-12-31T19:00:00-05:00", "currency": "USD", "financial_status": "voided",
+        let input = doc!({"id": 820982911946154508u64, "created_at": "2021-12-31T19:00:00-05:00", "currency": "USD", "financial_status": "voided",
             "customer": {"first_name": "Ada", "last_name": null}, "tags": "",
             "line_items": [{"sku": "A", "quantity": "2", "price": "9.5", "tax_lines": [{"price": "0.57"}, {"price": "0.10"}]}, {"sku": "B", "quantity": 1, "price": "1.00", "tax_lines": []}],
             "total_price": "21.67"});
         let out = m.apply(&input, &V, Document::Input).unwrap();
         assert_eq!(
             out,
-            json!({"order_id": "shopify:820982911946154508", "channel": "shopify", "channel_order_id": "820982911946154508", "placed_at": "2022-01-01T00:00:00Z",
+            doc!({"order_id": "shopify:820982911946154508", "channel": "shopify", "channel_order_id": "820982911946154508", "placed_at": "2022-01-01T00:00:00Z",
                 "name": "Ada", "status": "unknown",
                 "lines": [{"sku": "A", "quantity": 2, "unit_price": {"amount": "9.50", "currency": "USD"}, "tax": {"amount": "0.67", "currency": "USD"}},
                           {"sku": "B", "quantity": 1, "unit_price": {"amount": "1.00", "currency": "USD"}, "tax": {"amount": "0.00", "currency": "USD"}}],
@@ -1134,13 +1141,13 @@ mod tests {
             "{HEAD}  status:\n    first_of:\n      - {{when: $.cancelled_at, const: cancelled}}\n      - {{when: \"$.fulfillment_status == 'fulfilled'\", const: completed}}\n      - {{const: open}}\n  gift: {{when: '$.gift == true', const: true}}\n"
         ))
         .unwrap();
-        let run = |v: Value| m.apply(&v, &(), Document::Input).unwrap();
-        assert_eq!(run(json!({"cancelled_at": "2021-01-01", "fulfillment_status": "fulfilled"})), json!({"status": "cancelled"}));
+        let run = |v: Doc| m.apply(&v, &(), Document::Input).unwrap();
+        assert_eq!(run(doc!({"cancelled_at": "2021-01-01", "fulfillment_status": "fulfilled"})), doc!({"status": "cancelled"}));
         assert_eq!(
-            run(json!({"cancelled_at": null, "fulfillment_status": "fulfilled", "gift": true})),
-            json!({"status": "completed", "gift": true})
+            run(doc!({"cancelled_at": null, "fulfillment_status": "fulfilled", "gift": true})),
+            doc!({"status": "completed", "gift": true})
         );
-        assert_eq!(run(json!({})), json!({"status": "open"}));
+        assert_eq!(run(doc!({})), doc!({"status": "open"}));
     }
 
     #[test]
@@ -1151,7 +1158,7 @@ mod tests {
         .unwrap();
         let f = m
             .apply(
-                &json!({"items": [{"sku": "A"}], "ship": [{}], "tags": " vip, ,gift ", "qty": "-2", "refund": "-1.5"}),
+                &doc!({"items": [{"sku": "A"}], "ship": [{}], "tags": " vip, ,gift ", "qty": "-2", "refund": "-1.5"}),
                 &(),
                 Document::Input,
             )
@@ -1164,14 +1171,14 @@ mod tests {
         .unwrap();
         let out = m
             .apply(
-                &json!({"items": [{"sku": "A"}], "ship": [{}], "tags": " vip, ,gift ", "qty": "-2", "refund": "-1.5"}),
+                &doc!({"items": [{"sku": "A"}], "ship": [{}], "tags": " vip, ,gift ", "qty": "-2", "refund": "-1.5"}),
                 &(),
                 Document::Input,
             )
             .unwrap();
         assert_eq!(
             out,
-            json!({"lines": [{"sku": "A"}, {"sku": "FREIGHT"}], "tags": ["vip", "gift"], "qty": 2, "refund": {"amount": "1.50", "currency": "USD"}})
+            doc!({"lines": [{"sku": "A"}, {"sku": "FREIGHT"}], "tags": ["vip", "gift"], "qty": 2, "refund": {"amount": "1.50", "currency": "USD"}})
         );
     }
 
@@ -1179,7 +1186,7 @@ mod tests {
     fn every_bad_field_is_reported_with_its_input_pointer() {
         let m = compile(&format!("{HEAD}  id: {{path: $.id, required: true}}\n  lines:\n    each: $.items[*]\n    fields:\n      qty: {{path: $.qty, as: integer}}\n      price: {{path: $.price, as: money, currency: USD}}\n")).unwrap();
         let f =
-            m.apply(&json!({"items": [{"qty": 1, "price": "1.00"}, {"qty": "2.5x", "price": "abc"}]}), &(), Document::Input).unwrap_err();
+            m.apply(&doc!({"items": [{"qty": 1, "price": "1.00"}, {"qty": "2.5x", "price": "abc"}]}), &(), Document::Input).unwrap_err();
         assert_eq!(f.reason, "missing_required_field");
         let got: Vec<(&str, &str)> = f.errors.iter().map(|e| (e.pointer.as_str(), e.message.as_str())).collect();
         assert_eq!(got[0], ("/id", "required field `id` has no value in the input"));
@@ -1194,8 +1201,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("skus.csv"), "# version: 7\nsku,item\nA,ITM-A\n").unwrap();
         let m = compile_in(dir.path(), &format!("{HEAD}  lines:\n    each: $.l[*]\n    fields:\n      item: {{path: $.sku, lookup: {{table: skus.csv, column: item, on_miss: unknown_sku}}}}\n")).unwrap();
-        assert_eq!(m.apply(&json!({"l": [{"sku": "A"}]}), &(), Document::Input).unwrap(), json!({"lines": [{"item": "ITM-A"}]}));
-        let f = m.apply(&json!({"l": [{"sku": "A"}, {"sku": "Z"}]}), &(), Document::Input).unwrap_err();
+        assert_eq!(m.apply(&doc!({"l": [{"sku": "A"}]}), &(), Document::Input).unwrap(), doc!({"lines": [{"item": "ITM-A"}]}));
+        let f = m.apply(&doc!({"l": [{"sku": "A"}, {"sku": "Z"}]}), &(), Document::Input).unwrap_err();
         assert_eq!(f.reason, "unknown_sku");
         assert_eq!(f.errors[0].pointer, "/l/1/sku");
         assert!(f.errors[0].message.contains("\"Z\" is not in lookup table skus (version 7)"));

@@ -9,6 +9,7 @@ pub mod script;
 
 use crate::build::{BuildContext, Diags};
 use crate::config::{DiagCode, Diagnostic, SourceFile, Spanned, parse_node, yaml};
+use crate::doc::Doc;
 use crate::jsonpath::{CompiledPath, Scope};
 use crate::message::{Document, ErrorDetail, Failure, Metadata, reason};
 use crate::template::Vars;
@@ -18,7 +19,6 @@ use indexmap::IndexMap;
 use lookup::LookupTable;
 use schemars::JsonSchema;
 use serde::Deserialize;
-use serde_json::Value;
 use std::sync::{Arc, OnceLock};
 
 /// What a step sees besides the record: the envelope, and which document its pointers refer to.
@@ -38,15 +38,15 @@ impl<'a> StepInput<'a> {
             let m = self.meta;
             let mut map = rhai::Map::new();
             for (k, v) in [
-                ("message_id", Some(&m.message_id)),
-                ("correlation_id", Some(&m.correlation_id)),
-                ("channel", m.channel.as_ref()),
-                ("idempotency_key", m.idempotency_key.as_ref()),
+                ("message_id", Some(m.message_id.as_str())),
+                ("correlation_id", Some(m.correlation_id.as_str())),
+                ("channel", m.channel.as_deref()),
+                ("idempotency_key", m.idempotency_key.as_deref()),
+                ("pipeline", Some(&*m.pipeline)),
+                ("pipeline_version", Some(&*m.pipeline_version)),
             ] {
-                map.insert(k.into(), v.map_or(rhai::Dynamic::UNIT, |s| s.clone().into()));
+                map.insert(k.into(), v.map_or(rhai::Dynamic::UNIT, |s| rhai::Dynamic::from(s.to_string())));
             }
-            map.insert("pipeline".into(), m.pipeline.clone().into());
-            map.insert("pipeline_version".into(), m.pipeline_version.clone().into());
             map.insert("attempt".into(), rhai::Dynamic::from(i64::from(m.attempt)));
             map
         })
@@ -74,7 +74,7 @@ pub fn meta_var<'m>(m: &'m Metadata, name: &str) -> Option<&'m str> {
 /// One map step. Contract: takes the record built so far and returns the next one, or a
 /// [`Failure`] (bad data is an outcome, not an error); it never half-applies.
 pub trait MapStep: Send + Sync {
-    fn apply(&self, record: Value, input: &StepInput) -> Result<Value, Failure>;
+    fn apply(&self, record: Doc, input: &StepInput) -> Result<Doc, Failure>;
     /// Short description for exception records and logs, e.g. `fields shopify-order`.
     fn label(&self) -> String;
     /// The versioned files this step uses: (name, version).
@@ -267,7 +267,7 @@ struct FieldsStep {
 }
 
 impl MapStep for FieldsStep {
-    fn apply(&self, record: Value, input: &StepInput) -> Result<Value, Failure> {
+    fn apply(&self, record: Doc, input: &StepInput) -> Result<Doc, Failure> {
         self.map.apply(&record, input, input.document)
     }
     fn label(&self) -> String {
@@ -313,7 +313,7 @@ struct ScriptStep {
 }
 
 impl MapStep for ScriptStep {
-    fn apply(&self, record: Value, input: &StepInput) -> Result<Value, Failure> {
+    fn apply(&self, record: Doc, input: &StepInput) -> Result<Doc, Failure> {
         self.script.apply(&record, input.rhai_meta(), input.document)
     }
     fn label(&self) -> String {
@@ -355,7 +355,7 @@ struct LookupStep {
 }
 
 impl MapStep for LookupStep {
-    fn apply(&self, mut record: Value, input: &StepInput) -> Result<Value, Failure> {
+    fn apply(&self, mut record: Doc, input: &StepInput) -> Result<Doc, Failure> {
         let targets: Vec<String> = match &self.for_each {
             Some(p) => p.all_with_pointers(Scope::root(&record)).into_iter().map(|(_, ptr)| ptr).collect(),
             None => vec![String::new()],
@@ -372,8 +372,8 @@ impl MapStep for LookupStep {
                 )
             };
             let key = match self.key.first(scope) {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Number(n)) => n.to_string(),
+                Some(Doc::String(s)) => s.to_string(),
+                Some(Doc::Number(n)) => n.to_string(),
                 _ => {
                     errors.push(ErrorDetail {
                         pointer: key_ptr(),
@@ -396,8 +396,8 @@ impl MapStep for LookupStep {
             return Err(Failure::new(self.on_miss.clone(), errors));
         }
         for (ptr, v) in sets {
-            if let Some(Value::Object(o)) = record.pointer_mut(&ptr) {
-                o.insert(self.set.clone(), Value::String(v));
+            if let Some(Doc::Object(o)) = record.pointer_mut(&ptr) {
+                o.insert(self.set.as_str(), Doc::from(v));
             }
         }
         Ok(record)
@@ -452,7 +452,7 @@ struct SchemaStep {
 }
 
 impl MapStep for SchemaStep {
-    fn apply(&self, record: Value, _input: &StepInput) -> Result<Value, Failure> {
+    fn apply(&self, record: Doc, _input: &StepInput) -> Result<Doc, Failure> {
         self.check.check(&record).map(|()| record)
     }
     fn label(&self) -> String {
@@ -464,7 +464,7 @@ impl MapStep for SchemaStep {
 }
 
 impl MapStep for reconcile::Reconcile {
-    fn apply(&self, record: Value, input: &StepInput) -> Result<Value, Failure> {
+    fn apply(&self, record: Doc, input: &StepInput) -> Result<Doc, Failure> {
         reconcile::Reconcile::apply(self, record, input.document)
     }
     fn label(&self) -> String {
@@ -481,7 +481,7 @@ struct AssertStep {
 }
 
 impl MapStep for AssertStep {
-    fn apply(&self, record: Value, input: &StepInput) -> Result<Value, Failure> {
+    fn apply(&self, record: Doc, input: &StepInput) -> Result<Doc, Failure> {
         let dynamic = rhai::serde::to_dynamic(&record).map_err(|e| {
             Failure::one(reason::SCRIPT_ERROR, ErrorDetail { pointer: String::new(), message: e.to_string(), document: input.document })
         })?;

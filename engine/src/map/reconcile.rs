@@ -3,9 +3,9 @@
 //! not add up fails with every difference listed; nothing that does not reconcile passes silently.
 
 use crate::convert::{self, Money};
+use crate::doc::{Doc, Object};
 use crate::message::{Document, ErrorDetail, Failure, reason};
 use rust_decimal::Decimal;
-use serde_json::{Map, Value};
 
 /// Options of the `reconcile` step.
 #[derive(Debug, Clone)]
@@ -27,7 +27,7 @@ struct Check<'a> {
 
 impl Check<'_> {
     /// Pointers are built only when there is an error to report: this runs on every message.
-    fn money(&mut self, v: Option<&Value>, pointer: impl FnOnce() -> String) -> Option<Decimal> {
+    fn money(&mut self, v: Option<&Doc>, pointer: impl FnOnce() -> String) -> Option<Decimal> {
         let v = v?;
         let parsed = v.as_object().and_then(|o| {
             let amount = convert::parse_decimal(o.get("amount")?.as_str()?).ok()?;
@@ -49,7 +49,7 @@ impl Check<'_> {
         }
     }
 
-    fn sum(&mut self, list: Option<&Value>, key: &str, pointer: impl Fn() -> String) -> Option<Decimal> {
+    fn sum(&mut self, list: Option<&Doc>, key: &str, pointer: impl Fn() -> String) -> Option<Decimal> {
         let items = list?.as_array()?;
         let mut total = Decimal::ZERO;
         for (i, item) in items.iter().enumerate() {
@@ -78,23 +78,23 @@ impl Check<'_> {
     }
 }
 
-fn set_money(obj: &mut Map<String, Value>, key: &str, mut amount: Decimal, currency: &str) -> Result<(), String> {
+fn set_money(obj: &mut Object, key: &str, mut amount: Decimal, currency: &str) -> Result<(), String> {
     if !obj.contains_key(key) {
         let exponent = convert::currency_exponent(currency)?;
         if amount.scale() < exponent {
             amount.rescale(exponent);
         }
-        obj.insert(key.to_string(), Money { amount, currency: currency.to_string() }.to_json());
+        obj.insert(key, Money { amount, currency: currency.to_string() }.to_doc());
     }
     Ok(())
 }
 
-fn quantity(v: Option<&Value>) -> Option<Decimal> {
+fn quantity(v: Option<&Doc>) -> Option<Decimal> {
     convert::decimal_from(v?).ok()
 }
 
 impl Reconcile {
-    pub fn apply(&self, mut record: Value, document: Document) -> Result<Value, Failure> {
+    pub fn apply(&self, mut record: Doc, document: Document) -> Result<Doc, Failure> {
         let fail = |errors: Vec<ErrorDetail>, r: &str| {
             Failure::new(
                 r.to_string(),
@@ -110,13 +110,13 @@ impl Reconcile {
         let Some(order) = record.as_object() else {
             return Err(fail(vec![ErrorDetail::record("", "reconcile expects a canonical Order object")], &self.reason));
         };
-        let Some(currency) = order.get("currency").and_then(Value::as_str).map(str::to_string) else {
+        let Some(currency) = order.get("currency").and_then(Doc::as_str).map(str::to_string) else {
             return Err(fail(vec![ErrorDetail::record("/currency", "the order has no currency")], &self.reason));
         };
         let mut c = Check { errors: Vec::new(), currency: &currency, tolerance: self.tolerance, currency_errors: 0 };
-        let include_tax = order.get("prices_include_tax").and_then(Value::as_bool).unwrap_or(false);
+        let include_tax = order.get("prices_include_tax").and_then(Doc::as_bool).unwrap_or(false);
         let empty = Vec::new();
-        let lines = order.get("lines").and_then(Value::as_array).unwrap_or(&empty);
+        let lines = order.get("lines").and_then(Doc::as_array).unwrap_or(&empty);
         if lines.is_empty() {
             c.errors.push(ErrorDetail::record("/lines", "the order has no lines"));
         }
@@ -145,7 +145,7 @@ impl Reconcile {
             let line_total = line_sub - discount;
             let stated_total = c.money(line.get("total"), || p("total"));
             c.compare(stated_total, line_total, || p("total"), || format!("subtotal {line_sub} - discount {discount}"));
-            if line.get("taxes").and_then(Value::as_array).is_some_and(|t| !t.is_empty()) {
+            if line.get("taxes").and_then(Doc::as_array).is_some_and(|t| !t.is_empty()) {
                 any_tax_detail = true;
             }
             line_taxes += c.sum(line.get("taxes"), "amount", || p("taxes")).unwrap_or_default();
@@ -157,12 +157,12 @@ impl Reconcile {
         // Shipping charges (before their discounts) and their allocated discounts and taxes.
         let (mut shipping, mut shipping_discounts, mut shipping_taxes, mut any_shipping_detail) =
             (Decimal::ZERO, Decimal::ZERO, Decimal::ZERO, false);
-        if let Some(ss) = order.get("shipping").and_then(Value::as_array) {
+        if let Some(ss) = order.get("shipping").and_then(Doc::as_array) {
             for (i, s) in ss.iter().enumerate() {
                 any_shipping_detail = true;
                 shipping += c.money(s.get("amount"), || format!("/shipping/{i}/amount")).unwrap_or_default();
                 shipping_discounts += c.money(s.get("discount"), || format!("/shipping/{i}/discount")).unwrap_or_default();
-                if s.get("taxes").and_then(Value::as_array).is_some_and(|t| !t.is_empty()) {
+                if s.get("taxes").and_then(Doc::as_array).is_some_and(|t| !t.is_empty()) {
                     any_tax_detail = true;
                 }
                 shipping_taxes += c.sum(s.get("taxes"), "amount", || format!("/shipping/{i}/taxes")).unwrap_or_default();
@@ -255,9 +255,9 @@ impl Reconcile {
             return Err(fail(c.errors, r));
         }
         if self.fill {
-            let fill = |record: &mut Value| -> Result<(), String> {
+            let fill = |record: &mut Doc| -> Result<(), String> {
                 let order = record.as_object_mut().ok_or("not an object")?;
-                if let Some(lines) = order.get_mut("lines").and_then(Value::as_array_mut) {
+                if let Some(lines) = order.get_mut("lines").and_then(Doc::as_array_mut) {
                     for (line, (sub, tot)) in lines.iter_mut().zip(&derived) {
                         if let Some(l) = line.as_object_mut() {
                             set_money(l, "subtotal", *sub, &currency)?;
@@ -265,7 +265,7 @@ impl Reconcile {
                         }
                     }
                 }
-                let totals = order.entry("totals").or_insert_with(|| Value::Object(Map::new()));
+                let totals = order.entry_or_insert_with("totals", || Doc::Object(Object::new()));
                 if let Some(t) = totals.as_object_mut() {
                     set_money(t, "subtotal", subtotal, &currency)?;
                     set_money(t, "discount", discount, &currency)?;
@@ -283,10 +283,10 @@ impl Reconcile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use crate::doc;
 
-    fn m(a: &str) -> Value {
-        json!({"amount": a, "currency": "USD"})
+    fn m(a: &str) -> Doc {
+        doc!({"amount": a, "currency": "USD"})
     }
 
     fn rec() -> Reconcile {
@@ -295,7 +295,7 @@ mod tests {
 
     #[test]
     fn a_consistent_order_passes_and_gets_its_derived_amounts() {
-        let order = json!({"currency": "USD", "lines": [
+        let order = doc!({"currency": "USD", "lines": [
             {"quantity": 2, "unit_price": m("10.00"), "discount": m("1.00"), "taxes": [{"amount": m("1.14")}]},
             {"quantity": 1, "unit_price": m("5.50"), "taxes": [{"amount": m("0.33")}]}],
             "discounts": [{"code": "X", "amount": m("1.00"), "scope": "line"}, {"code": "Y", "amount": m("2.00"), "scope": "order"}],
@@ -306,14 +306,14 @@ mod tests {
         assert_eq!(out["lines"][0]["total"], m("19.00"));
         assert_eq!(
             out["totals"],
-            json!({"total": m("32.98"), "subtotal": m("25.50"), "discount": m("3.00"), "shipping": m("8.50"), "tax": m("1.98")})
+            doc!({"total": m("32.98"), "subtotal": m("25.50"), "discount": m("3.00"), "shipping": m("8.50"), "tax": m("1.98")})
         );
     }
 
     #[test]
     fn every_difference_is_reported_with_its_pointer() {
         // The Shopify REST fixture: 3 x 199.00 lines, but a subtotal of 398.00.
-        let order = json!({"currency": "USD", "lines": [
+        let order = doc!({"currency": "USD", "lines": [
             {"quantity": 1, "unit_price": m("199.00")}, {"quantity": 1, "unit_price": m("199.00")}, {"quantity": 1, "unit_price": m("199.00"), "subtotal": m("199.01")}],
             "totals": {"subtotal": m("398.00"), "tax": m("11.94"), "total": m("409.94")}});
         let f = rec().apply(order, Document::Record).unwrap_err();
@@ -326,13 +326,13 @@ mod tests {
     #[test]
     fn discounts_must_be_itemised_and_allocations_must_add_up() {
         // Shopify's test webhook: a 20.00 discount with no code and no allocation.
-        let order = json!({"currency": "USD", "lines": [{"quantity": 1, "unit_price": m("369.97")}], "shipping": [{"amount": m("10.00")}],
+        let order = doc!({"currency": "USD", "lines": [{"quantity": 1, "unit_price": m("369.97")}], "shipping": [{"amount": m("10.00")}],
             "totals": {"discount": m("20.00"), "total": m("359.97")}});
         let f = rec().apply(order, Document::Record).unwrap_err();
         assert_eq!(f.errors.len(), 1);
         assert_eq!(f.errors[0].pointer, "/totals/discount");
         assert!(f.errors[0].message.contains("not itemised"));
-        let order = json!({"currency": "USD", "lines": [{"quantity": 1, "unit_price": m("10.00"), "discount": m("1.00")}],
+        let order = doc!({"currency": "USD", "lines": [{"quantity": 1, "unit_price": m("10.00"), "discount": m("1.00")}],
             "discounts": [{"amount": m("2.00")}], "totals": {"total": m("8.00")}});
         let f = rec().apply(order, Document::Record).unwrap_err();
         assert_eq!(f.errors[0].pointer, "/discounts");
@@ -340,13 +340,13 @@ mod tests {
 
     #[test]
     fn tolerance_tax_inclusive_prices_and_foreign_currencies() {
-        let order = json!({"currency": "EUR", "prices_include_tax": true, "lines": [{"quantity": 3, "unit_price": {"amount": "3.33", "currency": "EUR"}}],
+        let order = doc!({"currency": "EUR", "prices_include_tax": true, "lines": [{"quantity": 3, "unit_price": {"amount": "3.33", "currency": "EUR"}}],
             "totals": {"tax": {"amount": "1.60", "currency": "EUR"}, "total": {"amount": "10.00", "currency": "EUR"}}});
         let mut r = rec();
         assert!(r.apply(order.clone(), Document::Record).is_err());
         r.tolerance = Decimal::new(1, 2);
         assert!(r.apply(order, Document::Record).is_ok());
-        let gbp = json!({"currency": "JPY", "lines": [{"quantity": 1, "unit_price": {"amount": "26", "currency": "JPY"}, "taxes": [{"amount": {"amount": "41.99", "currency": "GBP"}}]}], "totals": {"total": {"amount": "26", "currency": "JPY"}}});
+        let gbp = doc!({"currency": "JPY", "lines": [{"quantity": 1, "unit_price": {"amount": "26", "currency": "JPY"}, "taxes": [{"amount": {"amount": "41.99", "currency": "GBP"}}]}], "totals": {"total": {"amount": "26", "currency": "JPY"}}});
         let f = rec().apply(gbp, Document::Record).unwrap_err();
         assert_eq!(f.reason, "currency_mismatch");
         assert_eq!(f.errors[0].pointer, "/lines/0/taxes/0/amount");

@@ -9,10 +9,10 @@
 use super::lookup::LookupTable;
 use crate::config::{DiagCode, Diagnostic, SourceFile};
 use crate::convert::{self, DateOptions, Precision, Zone};
+use crate::doc::{Doc, Object};
 use crate::message::{Document, ErrorDetail, Failure, reason};
 use rhai::{AST, Dynamic, Engine, EvalAltResult, ImmutableString, Position, Scope};
 use rust_decimal::Decimal;
-use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -73,49 +73,49 @@ fn fail_value(reason: &str, pointer: &str, message: &str) -> Box<EvalAltResult> 
     EvalAltResult::ErrorRuntime(Dynamic::from_map(m), Position::NONE).into()
 }
 
-/// A Rhai value as JSON; decimals become decimal strings (money never turns into a float).
-pub fn dynamic_to_json(d: &Dynamic) -> Result<Value, String> {
+/// A Rhai value as a document; decimals become decimal strings (money never turns into a float).
+pub fn dynamic_to_doc(d: &Dynamic) -> Result<Doc, String> {
     if d.is_unit() {
-        return Ok(Value::Null);
+        return Ok(Doc::Null);
     }
     if let Ok(b) = d.as_bool() {
-        return Ok(Value::Bool(b));
+        return Ok(Doc::Bool(b));
     }
     if let Ok(i) = d.as_int() {
-        return Ok(Value::from(i));
+        return Ok(Doc::from(i));
     }
     if let Ok(f) = d.as_float() {
-        return serde_json::Number::from_f64(f).map(Value::Number).ok_or_else(|| format!("{f} is not a finite number"));
+        return serde_json::Number::from_f64(f).map(Doc::Number).ok_or_else(|| format!("{f} is not a finite number"));
     }
     if let Some(dec) = d.clone().try_cast::<Decimal>() {
-        return Ok(Value::String(dec.to_string()));
+        return Ok(Doc::from(convert::decimal_text(&dec)));
     }
     if d.is_string() {
-        return Ok(Value::String(d.clone().into_string().unwrap_or_default()));
+        return Ok(Doc::from(d.clone().into_string().unwrap_or_default()));
     }
     if let Ok(c) = d.as_char() {
-        return Ok(Value::String(c.to_string()));
+        return Ok(Doc::from(c.to_string()));
     }
     if d.is_map() {
         let map = d.read_lock::<rhai::Map>().ok_or("unreadable map")?;
-        let mut out = Map::with_capacity(map.len());
+        let mut out = Object::with_capacity(map.len());
         for (k, v) in map.iter() {
-            out.insert(k.to_string(), dynamic_to_json(v)?);
+            out.push_unique(k.as_str().into(), dynamic_to_doc(v)?);
         }
-        return Ok(Value::Object(out));
+        return Ok(Doc::Object(out));
     }
     if d.is_array() {
         let arr = d.read_lock::<rhai::Array>().ok_or("unreadable list")?;
-        return arr.iter().map(dynamic_to_json).collect::<Result<Vec<_>, _>>().map(Value::Array);
+        return arr.iter().map(dynamic_to_doc).collect::<Result<Vec<_>, _>>().map(Doc::Array);
     }
     Err(format!("a script can output text, numbers, booleans, lists and maps, not a `{}`", d.type_name()))
 }
 
-fn json_arg(d: &Dynamic) -> Result<Value, Box<EvalAltResult>> {
+fn json_arg(d: &Dynamic) -> Result<Doc, Box<EvalAltResult>> {
     if let Some(dec) = d.clone().try_cast::<Decimal>() {
-        return Ok(Value::String(dec.to_string()));
+        return Ok(Doc::from(convert::decimal_text(&dec)));
     }
-    dynamic_to_json(d).map_err(runtime_error)
+    dynamic_to_doc(d).map_err(runtime_error)
 }
 
 fn to_decimal(d: &Dynamic) -> Result<Decimal, Box<EvalAltResult>> {
@@ -124,7 +124,7 @@ fn to_decimal(d: &Dynamic) -> Result<Decimal, Box<EvalAltResult>> {
     }
     let v = json_arg(d)?;
     let amount = match &v {
-        Value::Object(o) => o.get("amount").or_else(|| o.get("Amount")).cloned().unwrap_or(Value::Null),
+        Doc::Object(o) => o.get("amount").or_else(|| o.get("Amount")).cloned().unwrap_or(Doc::Null),
         _ => v,
     };
     convert::decimal_from(&amount).map_err(runtime_error)
@@ -168,7 +168,7 @@ pub fn sandboxed_engine(limits: Limits, tables: Arc<ScriptTables>) -> Engine {
     e.register_fn("money", |v: Dynamic, c: &str| money(&v, c, Precision::Currency));
     e.register_fn("money_exact", |v: Dynamic, c: &str| money(&v, c, Precision::Keep));
     e.register_fn("money_minor", |units: i64, c: &str| -> Result<Dynamic, Box<EvalAltResult>> {
-        let m = convert::money_from(&Value::from(units), Some(c), true, Precision::Currency).map_err(runtime_error)?;
+        let m = convert::money_from(&Doc::from(units), Some(c), true, Precision::Currency).map_err(runtime_error)?;
         money(&Dynamic::from(m.amount), c, Precision::Currency)
     });
     e.register_fn("divide_exact", |a: Dynamic, b: Dynamic| -> Result<Dynamic, Box<EvalAltResult>> {
@@ -298,7 +298,7 @@ impl Script {
     }
 
     /// Runs the script on `record`; `meta` is visible as `meta`.
-    pub fn apply(&self, record: &Value, meta: &rhai::Map, document: Document) -> Result<Value, Failure> {
+    pub fn apply(&self, record: &Doc, meta: &rhai::Map, document: Document) -> Result<Doc, Failure> {
         let input = rhai::serde::to_dynamic(record)
             .map_err(|e| Failure::one(reason::SCRIPT_ERROR, ErrorDetail { pointer: String::new(), message: e.to_string(), document }))?;
         let mut scope = Scope::new();
@@ -315,7 +315,7 @@ impl Script {
                 },
             ));
         }
-        dynamic_to_json(&out).map_err(|m| Failure::one(reason::SCRIPT_ERROR, ErrorDetail { pointer: String::new(), message: m, document }))
+        dynamic_to_doc(&out).map_err(|m| Failure::one(reason::SCRIPT_ERROR, ErrorDetail { pointer: String::new(), message: m, document }))
     }
 
     fn failure(&self, e: EvalAltResult, document: Document) -> Failure {
@@ -342,14 +342,14 @@ impl Script {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use crate::doc;
 
     fn script(text: &str) -> Result<Script, Vec<Diagnostic>> {
         let engine = Arc::new(sandboxed_engine(Limits::default(), Arc::new(ScriptTables::new())));
         Script::compile(&SourceFile::new("t.rhai", text), engine)
     }
 
-    fn run(text: &str, input: Value) -> Result<Value, Failure> {
+    fn run(text: &str, input: Doc) -> Result<Doc, Failure> {
         script(text).unwrap().apply(&input, &rhai::Map::new(), Document::Input)
     }
 
@@ -357,25 +357,25 @@ mod tests {
     fn computes_money_with_decimals_and_dates() {
         let out = run(
             "// version: 1.0.0\nlet line_total = dec(input.price);\nlet unit = line_total / input.qty;\n#{ unit: money_exact(unit, \"USD\"), total: money(line_total + dec(\"0.10\"), \"USD\"), at: to_utc(input.at) }",
-            json!({"price": "17.95", "qty": 2, "at": "2019-05-07T15:42:57.058Z"}),
+            doc!({"price": "17.95", "qty": 2, "at": "2019-05-07T15:42:57.058Z"}),
         )
         .unwrap();
         assert_eq!(
             out,
-            json!({"at": "2019-05-07T15:42:57.058Z", "total": {"amount": "18.05", "currency": "USD"}, "unit": {"amount": "8.975", "currency": "USD"}})
+            doc!({"at": "2019-05-07T15:42:57.058Z", "total": {"amount": "18.05", "currency": "USD"}, "unit": {"amount": "8.975", "currency": "USD"}})
         );
     }
 
     #[test]
     fn divide_exact_refuses_repeating_quotients() {
-        let out = run("// version: 1\n#{ a: divide_exact(dec(\"10.00\"), 4), b: divide_exact(\"10.00\", 3) == () }", json!({})).unwrap();
-        assert_eq!(out, json!({"a": "2.5", "b": true}));
+        let out = run("// version: 1\n#{ a: divide_exact(dec(\"10.00\"), 4), b: divide_exact(\"10.00\", 3) == () }", doc!({})).unwrap();
+        assert_eq!(out, doc!({"a": "2.5", "b": true}));
     }
 
     #[test]
     fn fail_works_from_inside_functions() {
         let f =
-            run("// version: 1\nfn check(x) { if x < 0 { fail(\"negative\", \"/x\", `x is ${x}`); } x }\ncheck(input.x)", json!({"x": -2}))
+            run("// version: 1\nfn check(x) { if x < 0 { fail(\"negative\", \"/x\", `x is ${x}`); } x }\ncheck(input.x)", doc!({"x": -2}))
                 .unwrap_err();
         assert_eq!(f, Failure::one("negative", ErrorDetail { pointer: "/x".into(), message: "x is -2".into(), document: Document::Input }));
     }
@@ -384,7 +384,7 @@ mod tests {
     fn fail_sends_a_reason_and_pointer() {
         let f = run(
             "// version: 1\nif input.items.len() == 0 { fail(\"no_items\", \"/items\", \"order has no items\") }\ninput",
-            json!({"items": []}),
+            doc!({"items": []}),
         )
         .unwrap_err();
         assert_eq!(
@@ -398,18 +398,18 @@ mod tests {
 
     #[test]
     fn runtime_errors_give_the_line_and_money_errors_are_caught() {
-        let f = run("// version: 1\nlet x = 1;\nlet y = input.missing.deeper;\n", json!({})).unwrap_err();
+        let f = run("// version: 1\nlet x = 1;\nlet y = input.missing.deeper;\n", doc!({})).unwrap_err();
         assert_eq!(f.reason, "script_error");
         assert!(f.errors[0].message.contains("line 3"), "{:?}", f.errors);
-        let f = run("// version: 1\nmoney(\"25.99\", \"JPY\")", json!({})).unwrap_err();
+        let f = run("// version: 1\nmoney(\"25.99\", \"JPY\")", doc!({})).unwrap_err();
         assert!(f.errors[0].message.contains("more decimal places than JPY allows"), "{:?}", f.errors);
     }
 
     #[test]
     fn sandbox_stops_runaway_scripts_and_eval() {
-        let f = run("// version: 1\nloop { }", json!({})).unwrap_err();
+        let f = run("// version: 1\nloop { }", doc!({})).unwrap_err();
         assert!(f.errors[0].message.to_lowercase().contains("too many operations"), "{:?}", f.errors);
-        let f = run("// version: 1\nfn r(n) { r(n + 1) }\nr(0)", json!({})).unwrap_err();
+        let f = run("// version: 1\nfn r(n) { r(n + 1) }\nr(0)", doc!({})).unwrap_err();
         assert!(f.errors[0].message.to_lowercase().contains("stack overflow") || f.errors[0].message.contains("call"), "{:?}", f.errors);
         let errs = script("// version: 1\neval(\"1\")").unwrap_err();
         assert_eq!(errs[0].code, DiagCode::ScriptSyntax);

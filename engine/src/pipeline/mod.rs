@@ -5,6 +5,7 @@ pub mod load;
 
 use crate::build::{BuildContext, Diags};
 use crate::config::{DiagCode, Diagnostic, Spanned};
+use crate::doc::Doc;
 use crate::jsonpath::{CompiledPath, Scope};
 use crate::map::fields::ApiVersion;
 use crate::map::{MapStep, MapStepConfig, StepInput, build_schema_check};
@@ -17,7 +18,6 @@ use chrono::Utc;
 use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::Deserialize;
-use serde_json::Value;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -124,6 +124,8 @@ pub struct Pipeline {
     hints: IndexMap<String, String>,
     default_hint: Option<String>,
     pub mapping_versions: Arc<IndexMap<String, String>>,
+    /// Name, version and channel as every message's metadata shares them.
+    shared_meta: (Arc<str>, Arc<str>, Option<Arc<str>>),
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -275,6 +277,11 @@ impl Pipeline {
             hints: config.exceptions.hints.clone(),
             default_hint: config.exceptions.default_hint.clone(),
             mapping_versions: Arc::new(versions),
+            shared_meta: (
+                Arc::from(config.name.value.as_str()),
+                Arc::from(config.version.as_str()),
+                config.channel.as_deref().map(Arc::from),
+            ),
         })
     }
 
@@ -284,10 +291,10 @@ impl Pipeline {
             correlation_id: message_id.clone(),
             message_id,
             idempotency_key: None,
-            channel: self.channel.clone(),
+            channel: self.shared_meta.2.clone(),
             received_at: raw.received_at.unwrap_or_else(Utc::now),
-            pipeline: self.name.clone(),
-            pipeline_version: self.version.clone(),
+            pipeline: self.shared_meta.0.clone(),
+            pipeline_version: self.shared_meta.1.clone(),
             mapping_versions: self.mapping_versions.clone(),
             attempt: raw.attempt.max(1),
             origin: raw.origin.clone(),
@@ -302,7 +309,7 @@ impl Pipeline {
         }
         let input = match raw.parsed {
             Some(ref v) => v.clone(),
-            None => match serde_json::from_slice::<Value>(&raw.body) {
+            None => match Doc::parse_bytes(&raw.body) {
                 Ok(v) => v,
                 Err(e) => {
                     let f = Failure::one(reason::INVALID_JSON, ErrorDetail::input("", format!("not valid JSON: {e}")));
@@ -315,8 +322,8 @@ impl Pipeline {
         let correlation = match &self.correlation {
             Correlation::Generated => None,
             Correlation::Path(p) => p.first(scope).and_then(|v| match v {
-                Value::String(s) => Some(s.clone()),
-                Value::Number(n) => Some(n.to_string()),
+                Doc::String(s) => Some(s.to_string()),
+                Doc::Number(n) => Some(n.to_string()),
                 _ => None,
             }),
             Correlation::Header(h) => raw.headers.get(h).cloned(),
@@ -355,7 +362,7 @@ impl Pipeline {
                 document = Document::Record;
             }
         }
-        match self.router.route(&mut record) {
+        match self.router.route(&record) {
             Ok(sinks) => Outcome::Routed { output: Output { metadata: meta, payload: record }, sinks },
             Err(f) => self.failed(meta, &raw.body, Stage::Route, None, f),
         }
@@ -370,8 +377,8 @@ impl Pipeline {
         let hint = self.hints.get(&failure.reason).or(self.default_hint.as_ref()).cloned();
         ExceptionRecord {
             exception_id: uuid::Uuid::now_v7().to_string(),
-            pipeline: meta.pipeline,
-            pipeline_version: meta.pipeline_version,
+            pipeline: meta.pipeline.to_string(),
+            pipeline_version: meta.pipeline_version.to_string(),
             stage,
             step,
             reason: failure.reason,
@@ -380,7 +387,7 @@ impl Pipeline {
             message_id: meta.message_id,
             correlation_id: meta.correlation_id,
             idempotency_key: meta.idempotency_key,
-            channel: meta.channel,
+            channel: meta.channel.as_deref().map(str::to_string),
             received_at: meta.received_at,
             failed_at: Utc::now(),
             attempt: meta.attempt,

@@ -23,11 +23,18 @@ pub enum OutputFormat {
 
 impl OutputFormat {
     pub fn render(self, output: &Output) -> Vec<u8> {
-        let r = match self {
-            OutputFormat::Envelope => serde_json::to_vec(output),
-            OutputFormat::Payload => serde_json::to_vec(&output.payload),
-        };
-        r.expect("JSON values always serialize")
+        match self {
+            OutputFormat::Envelope => {
+                let mut out = Vec::with_capacity(512);
+                out.extend_from_slice(b"{\"metadata\":");
+                serde_json::to_writer(&mut out, &output.metadata).expect("metadata serializes");
+                out.extend_from_slice(b",\"payload\":");
+                output.payload.write_json(&mut out);
+                out.push(b'}');
+                out
+            }
+            OutputFormat::Payload => output.payload.to_json_bytes(),
+        }
     }
 }
 

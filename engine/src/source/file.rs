@@ -3,11 +3,11 @@
 
 use super::{CsvOptions, Format, Incoming, NoAck, Source, SourceError};
 use crate::config::Spanned;
+use crate::doc::{Doc, Object};
 use crate::message::RawMessage;
 use async_trait::async_trait;
 use schemars::JsonSchema;
 use serde::Deserialize;
-use serde_json::{Map, Value};
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 
@@ -69,7 +69,7 @@ pub fn split(content: &[u8], format: Format, origin: &str, csv_opts: &CsvOptions
     }
 }
 
-fn message(body: Vec<u8>, parsed: Option<Value>, origin: String, line: Option<usize>) -> RawMessage {
+fn message(body: Vec<u8>, parsed: Option<Doc>, origin: String, line: Option<usize>) -> RawMessage {
     let mut headers = BTreeMap::new();
     if let Some(l) = line {
         headers.insert("file.line".to_string(), l.to_string());
@@ -126,11 +126,11 @@ fn split_csv(content: &[u8], origin: &str, opts: &CsvOptions) -> Vec<RawMessage>
                     body = b;
                 }
                 let row_line = line_number(content, body.as_ptr() as usize - content.as_ptr() as usize);
-                let mut obj = Map::with_capacity(headers.len());
+                let mut obj = Object::with_capacity(headers.len());
                 for (h, v) in headers.iter().zip(record.iter()) {
-                    obj.insert(h.clone(), Value::String(v.to_string()));
+                    obj.insert(h.as_str(), Doc::from(v));
                 }
-                out.push(message(body.to_vec(), Some(Value::Object(obj)), format!("{origin}:{row_line}"), Some(row_line)));
+                out.push(message(body.to_vec(), Some(Doc::Object(obj)), format!("{origin}:{row_line}"), Some(row_line)));
             }
             Err(e) => {
                 let at = e.position().map_or(start, |p| p.byte() as usize);
@@ -239,7 +239,7 @@ mod tests {
         let content = b"STORE,SKU,QTY\r\n0012,400112, 1\r\n0034,400150,2.5x\r\n0034,1\r\n0101,\"A,B\",3\r\n";
         let m = split(content, Format::Csv, "s.csv", &CsvOptions::default());
         assert_eq!(m.len(), 4);
-        assert_eq!(m[0].parsed, Some(serde_json::json!({"STORE": "0012", "SKU": "400112", "QTY": "1"})));
+        assert_eq!(m[0].parsed, Some(crate::doc!({"STORE": "0012", "SKU": "400112", "QTY": "1"})));
         assert_eq!(m[0].body, b"0012,400112, 1");
         assert_eq!(m[1].body, b"0034,400150,2.5x");
         assert!(m[2].decode_error.as_ref().unwrap().1.contains("row 4"), "{:?}", m[2].decode_error);
