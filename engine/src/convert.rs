@@ -83,24 +83,50 @@ pub enum Precision {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Money {
     pub amount: Decimal,
-    pub currency: String,
+    pub currency: Str,
 }
 
 /// A decimal as text, as `Decimal`'s `Display` writes it, without the formatting machinery
 /// (money is written many times per message).
 pub fn decimal_text(d: &Decimal) -> String {
+    decimal_str(d).to_string()
+}
+
+/// [`decimal_text`] as a document string, built on the stack (money amounts fit inline).
+pub fn decimal_str(d: &Decimal) -> Str {
     let scale = d.scale() as usize;
-    let mut digits = d.mantissa().unsigned_abs().to_string();
-    if scale > 0 {
-        if digits.len() <= scale {
-            digits.insert_str(0, &"0".repeat(scale + 1 - digits.len()));
-        }
-        digits.insert(digits.len() - scale, '.');
-    }
+    let mut digits_buf = itoa::Buffer::new();
+    let digits = digits_buf.format(d.mantissa().unsigned_abs()).as_bytes();
+    // sign + up to 29 digits + point + leading zeros up to the scale (max 28).
+    let mut out = [0u8; 64];
+    let mut n = 0;
     if d.is_sign_negative() && !d.is_zero() {
-        digits.insert(0, '-');
+        out[n] = b'-';
+        n += 1;
     }
-    digits
+    if scale == 0 {
+        out[n..n + digits.len()].copy_from_slice(digits);
+        n += digits.len();
+    } else {
+        let int_len = digits.len().saturating_sub(scale);
+        if int_len == 0 {
+            out[n] = b'0';
+            n += 1;
+        } else {
+            out[n..n + int_len].copy_from_slice(&digits[..int_len]);
+            n += int_len;
+        }
+        out[n] = b'.';
+        n += 1;
+        for _ in digits.len()..scale {
+            out[n] = b'0';
+            n += 1;
+        }
+        let frac = &digits[int_len..];
+        out[n..n + frac.len()].copy_from_slice(frac);
+        n += frac.len();
+    }
+    Str::new(std::str::from_utf8(&out[..n]).expect("ASCII digits"))
 }
 
 const AMOUNT: Str = Str::from_static("amount");
@@ -109,15 +135,15 @@ const CURRENCY: Str = Str::from_static("currency");
 impl Money {
     pub fn to_doc(&self) -> Doc {
         let mut m = Object::with_capacity(2);
-        m.push_unique(AMOUNT, Doc::from(decimal_text(&self.amount)));
-        m.push_unique(CURRENCY, Doc::from(self.currency.as_str()));
+        m.push_unique(AMOUNT, Doc::String(decimal_str(&self.amount)));
+        m.push_unique(CURRENCY, Doc::String(self.currency.clone()));
         Doc::Object(m)
     }
 
     /// Reads canonical money `{amount, currency}`.
     pub fn from_canonical(v: &Doc) -> Option<Money> {
         let o = v.as_object()?;
-        Some(Money { amount: parse_decimal(o.get("amount")?.as_str()?).ok()?, currency: o.get("currency")?.as_str()?.to_string() })
+        Some(Money { amount: parse_decimal(o.get("amount")?.as_str()?).ok()?, currency: Str::new(o.get("currency")?.as_str()?) })
     }
 }
 
@@ -141,7 +167,7 @@ pub fn money_from(v: &Doc, currency: Option<&str>, minor_units: bool, precision:
     let code =
         own_currency.or(currency).ok_or("no currency: set `currency:` on this field (a code like USD or a path like $root.currency)")?;
     let code = code.trim();
-    let code = if code.bytes().any(|b| b.is_ascii_lowercase()) { code.to_ascii_uppercase() } else { code.to_string() };
+    let code = if code.bytes().any(|b| b.is_ascii_lowercase()) { Str::from(code.to_ascii_uppercase()) } else { Str::new(code) };
     let exponent = currency_exponent(&code)?;
     let mut amount = if minor_units {
         match amount_v {
@@ -417,7 +443,7 @@ mod tests {
 
     #[test]
     fn decimal_text_matches_display() {
-        for s in ["0", "0.00", "-0.05", "1397.30", "-13.24", "123456789.123456789", "0.0001", "-1"] {
+        for s in ["0", "0.00", "-0.05", "1397.30", "-13.24", "123456789.123456789", "0.0001", "-1", "-0.00", "79228162514264337593543950335", "0.0000000000000000000000000001"] {
             let d = parse_decimal(s).unwrap();
             assert_eq!(decimal_text(&d), d.to_string(), "{s}");
         }

@@ -979,7 +979,7 @@ fn convert_value(f: &Field, conv: Convert, v: &Doc, scope: Scope<'_>) -> Result<
         Convert::String => convert::string_from(v),
         Convert::Integer => convert::integer_from(v),
         Convert::Number => convert::number_from(v),
-        Convert::Decimal => convert::decimal_from(v).map(|d| Doc::from(convert::decimal_text(&d))),
+        Convert::Decimal => convert::decimal_from(v).map(|d| Doc::String(convert::decimal_str(&d))),
         Convert::Boolean => convert::boolean_from(v),
         Convert::Money => convert::money_from(v, currency_of(f, scope), f.minor_units, f.precision).map(|m| m.to_doc()),
         Convert::Datetime | Convert::Date => {
@@ -1073,7 +1073,7 @@ fn sum(f: &Field, values: &[Doc], scope: Scope<'_>) -> Result<Doc, String> {
             for v in values {
                 total += convert::decimal_from(v)?;
             }
-            Ok(Doc::from(convert::decimal_text(&total)))
+            Ok(Doc::String(convert::decimal_str(&total)))
         }
         _ => {
             let mut total = Decimal::ZERO;

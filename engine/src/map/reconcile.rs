@@ -3,7 +3,7 @@
 //! not add up fails with every difference listed; nothing that does not reconcile passes silently.
 
 use crate::convert::{self, Money};
-use crate::doc::{Doc, Object};
+use crate::doc::{Doc, Object, Str};
 use crate::message::{Document, ErrorDetail, Failure, reason};
 use rust_decimal::Decimal;
 
@@ -84,7 +84,7 @@ fn set_money(obj: &mut Object, key: &str, mut amount: Decimal, currency: &str) -
         if amount.scale() < exponent {
             amount.rescale(exponent);
         }
-        obj.insert(key, Money { amount, currency: currency.to_string() }.to_doc());
+        obj.insert(key, Money { amount, currency: Str::new(currency) }.to_doc());
     }
     Ok(())
 }

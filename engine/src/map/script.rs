@@ -88,7 +88,7 @@ pub fn dynamic_to_doc(d: &Dynamic) -> Result<Doc, String> {
         return serde_json::Number::from_f64(f).map(Doc::Number).ok_or_else(|| format!("{f} is not a finite number"));
     }
     if let Some(dec) = d.clone().try_cast::<Decimal>() {
-        return Ok(Doc::from(convert::decimal_text(&dec)));
+        return Ok(Doc::String(convert::decimal_str(&dec)));
     }
     if d.is_string() {
         return Ok(Doc::from(d.clone().into_string().unwrap_or_default()));
@@ -113,7 +113,7 @@ pub fn dynamic_to_doc(d: &Dynamic) -> Result<Doc, String> {
 
 fn json_arg(d: &Dynamic) -> Result<Doc, Box<EvalAltResult>> {
     if let Some(dec) = d.clone().try_cast::<Decimal>() {
-        return Ok(Doc::from(convert::decimal_text(&dec)));
+        return Ok(Doc::String(convert::decimal_str(&dec)));
     }
     dynamic_to_doc(d).map_err(runtime_error)
 }
@@ -135,7 +135,7 @@ fn money(amount: &Dynamic, currency: &str, precision: Precision) -> Result<Dynam
     let m = convert::money_from(&v, Some(currency), false, precision).map_err(runtime_error)?;
     let mut out = rhai::Map::new();
     out.insert("amount".into(), m.amount.to_string().into());
-    out.insert("currency".into(), m.currency.into());
+    out.insert("currency".into(), m.currency.as_str().into());
     Ok(Dynamic::from_map(out))
 }
 
