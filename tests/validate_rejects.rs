@@ -142,3 +142,64 @@ fn two_pipelines_with_one_name_conflict() {
     assert_eq!(report["problems"][0]["code"], "conflict");
     assert!(report["problems"][0]["message"].as_str().unwrap().contains("already used"));
 }
+
+/// Every way of breaking a reference file by deleting one line or changing one indentation is
+/// reported, never a crash: load each variant in process and require diagnostics or a pipeline.
+#[test]
+fn no_single_line_edit_of_a_reference_file_crashes_the_loader() {
+    use switchyard::build::{BuildContext, Shared};
+    use switchyard::config::{parse_node, yaml, SourceFile};
+    use switchyard::map::fields::{FieldMap, FieldMapFile};
+    use switchyard::pipeline::load::load_source;
+
+    let shared = Shared::with_process_env();
+    let variants = |text: &str| -> Vec<String> {
+        let lines: Vec<&str> = text.lines().collect();
+        let mut out = Vec::new();
+        for i in 0..lines.len() {
+            let mut v = lines.clone();
+            v.remove(i);
+            out.push(v.join("\n"));
+            let mut v: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+            v[i] = format!("  {}", v[i]);
+            out.push(v.join("\n"));
+            // A misspelt key.
+            if let Some((key, rest)) = lines[i].split_once(':') {
+                let mut v: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+                v[i] = format!("{key}x:{rest}");
+                out.push(v.join("\n"));
+            }
+        }
+        out
+    };
+    let mut checked = 0;
+    for name in ["shopify-orders", "amazon-orders", "pos-store-sales", "erp-sales-orders"] {
+        let path = repo().join("pipelines").join(format!("{name}.yaml"));
+        for text in variants(&std::fs::read_to_string(&path).unwrap()) {
+            let file = SourceFile::new(path.clone(), text.clone());
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load_source(file, &shared).map(|_| ())));
+            match result {
+                Ok(Ok(())) => {}
+                Ok(Err(d)) => assert!(!d.is_empty(), "a failed load says why:\n{text}"),
+                Err(_) => panic!("the loader crashed on this variant of {name}.yaml:\n{text}"),
+            }
+            checked += 1;
+        }
+    }
+    let map_path = repo().join("mappings/shopify/order-to-canonical.yaml");
+    for text in variants(&std::fs::read_to_string(&map_path).unwrap()) {
+        let file = SourceFile::new(map_path.clone(), text.clone());
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let node = yaml::parse(&file, &yaml::ProcessEnv)?;
+            let f: FieldMapFile = parse_node(&node, &file, &[])?;
+            FieldMap::compile(&f.name, &f.version, &f.fields, "fields", &BuildContext::new(file.clone(), &shared)).map(|_| ())
+        }));
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(d)) => assert!(!d.is_empty(), "a failed load says why:\n{text}"),
+            Err(_) => panic!("the field map compiler crashed on:\n{text}"),
+        }
+        checked += 1;
+    }
+    assert!(checked > 500, "{checked} variants");
+}

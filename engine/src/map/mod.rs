@@ -341,8 +341,10 @@ fn build_script(c: &ScriptStepConfig, cx: &BuildContext, key_path: &str) -> Resu
     let versions = tables.values().map(|t| (t.name.clone(), t.version.clone())).collect();
     let engine = Arc::new(script::sandboxed_engine(c.limits.unwrap_or_default(), Arc::new(tables)));
     let compiled = diags.take_all(script::Script::compile(&file, engine));
-    diags.finish(())?;
-    Ok(Box::new(ScriptStep { script: compiled.expect("no diagnostics"), tables: versions }))
+    match compiled {
+        Some(script) if diags.is_empty() => Ok(Box::new(ScriptStep { script, tables: versions })),
+        _ => Err(diags.0),
+    }
 }
 
 struct LookupStep {
@@ -435,15 +437,10 @@ fn build_lookup(c: &LookupStepConfig, cx: &BuildContext, key_path: &str) -> Resu
         },
         _ => Some(1),
     };
-    diags.finish(())?;
-    Ok(Box::new(LookupStep {
-        table: table.expect("no diagnostics"),
-        column: column.expect("no diagnostics"),
-        for_each,
-        key: key.expect("no diagnostics"),
-        set: c.set.clone(),
-        on_miss: c.on_miss.clone().unwrap_or_else(|| reason::LOOKUP_MISS.into()),
-    }))
+    let (Some(table), Some(column), Some(key), true) = (table, column, key, diags.is_empty()) else {
+        return Err(diags.0);
+    };
+    Ok(Box::new(LookupStep { table, column, for_each, key, set: c.set.clone(), on_miss: c.on_miss.clone().unwrap_or_else(|| reason::LOOKUP_MISS.into()) }))
 }
 
 struct SchemaStep {

@@ -101,19 +101,47 @@ pub fn load_file(path: &Path, shared: &Shared) -> Result<Pipeline, Vec<Diagnosti
 /// Builds a pipeline from YAML text; `file.path` decides where relative paths start.
 pub fn load_source(file: SourceFile, shared: &Shared) -> Result<Pipeline, Vec<Diagnostic>> {
     let node = yaml::parse(&file, &*shared.env)?;
+    if let Some(d) = not_a_pipeline(&node, &file) {
+        return Err(vec![d]);
+    }
     // Structure problems do not stop the build: its checks still run on the parts that are fine,
     // so one `validate` reports everything.
     let (config, structure) = parse_node_lenient::<PipelineConfig>(&node, &file, &[]);
     let Some(config) = config else { return Err(structure) };
     let cx = BuildContext::new(file, shared);
+    let file = cx.file.clone();
+    let mut all = structure;
     match Pipeline::build(&config, &cx) {
-        Ok(p) if structure.is_empty() => Ok(p),
-        Ok(_) => Err(structure),
-        Err(mut d) => {
-            let mut all = structure;
-            all.append(&mut d);
-            Err(all)
-        }
+        Ok(p) if all.is_empty() => return Ok(p),
+        Ok(_) => {}
+        Err(mut d) => all.append(&mut d),
+    }
+    if all.is_empty() {
+        // Never fail without saying why.
+        all.push(Diagnostic::new(DiagCode::InvalidFile, &file, Span::new(1, 1, 0, 0), "", "this pipeline could not be built"));
+    }
+    Err(all)
+}
+
+/// A clear word for a file that is something else: a field map, a test file, plain YAML.
+fn not_a_pipeline(node: &yaml::Node, file: &SourceFile) -> Option<Diagnostic> {
+    let at = |key: &str| node.key_node(key).map(|k| k.span).unwrap_or(Span::new(1, 1, 0, 0));
+    match node.get("kind").and_then(|k| k.as_str()) {
+        Some("Pipeline") => None,
+        Some(kind) if kind.eq_ignore_ascii_case("pipeline") => None,
+        Some(kind) => Some(
+            Diagnostic::new(DiagCode::InvalidFile, file, at("kind"), "kind", format!("this file is a `{kind}`, not a pipeline"))
+                .expected("`kind: Pipeline`")
+                .hint(if kind == "FieldMap" { "field maps are used by a pipeline's `fields` step: `file: <this file>`".to_string() } else { "check a pipeline file, or a folder of them".to_string() }),
+        ),
+        None if node.get("tests").is_some() => Some(
+            Diagnostic::new(DiagCode::InvalidFile, file, at("tests"), "", "this is a test file, not a pipeline").hint(format!("run it with `switchyard test {}`", file.path.display())),
+        ),
+        None if node.entries().is_none() || (node.get("apiVersion").is_none() && node.get("source").is_none()) => Some(
+            Diagnostic::new(DiagCode::InvalidFile, file, Span::new(1, 1, 0, 0), "", "this file is not a pipeline")
+                .expected("a mapping with `apiVersion: switchyard/v1`, `kind: Pipeline`, `source:`, `sinks:` ..."),
+        ),
+        None => None,
     }
 }
 

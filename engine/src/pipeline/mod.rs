@@ -256,6 +256,11 @@ impl Pipeline {
                 versions.insert(n, v);
             }
         }
+        // A part that could not be built has either a diagnostic here, or one from the structure
+        // check (it was malformed); either way there is no pipeline.
+        let (Some(source), Some(correlation), Some(router)) = (source, correlation, router) else {
+            return Err(diags.0);
+        };
         if !diags.is_empty() {
             return Err(diags.0);
         }
@@ -267,13 +272,13 @@ impl Pipeline {
             channel: config.channel.clone(),
             file: file.path.clone(),
             dir: cx.dir.clone(),
-            source: source.expect("no diagnostics"),
+            source,
             sinks,
-            correlation: correlation.expect("no diagnostics"),
+            correlation,
             idempotency_key,
             validate,
             steps,
-            router: router.expect("no diagnostics"),
+            router,
             hints: config.exceptions.hints.clone(),
             default_hint: config.exceptions.default_hint.clone(),
             mapping_versions: Arc::new(versions),
