@@ -148,7 +148,7 @@ fn two_pipelines_with_one_name_conflict() {
 #[test]
 fn no_single_line_edit_of_a_reference_file_crashes_the_loader() {
     use switchyard::build::{BuildContext, Shared};
-    use switchyard::config::{parse_node, yaml, SourceFile};
+    use switchyard::config::{SourceFile, parse_node, yaml};
     use switchyard::map::fields::{FieldMap, FieldMapFile};
     use switchyard::pipeline::load::load_source;
 

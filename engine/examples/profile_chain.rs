@@ -14,7 +14,11 @@ fn main() {
     let file = args.get(1).expect("usage: profile_chain ORDERS.jsonl [ROUNDS]");
     let rounds: usize = args.get(2).and_then(|r| r.parse().ok()).unwrap_or(5);
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root");
-    let p = load::load_file(&root.join(std::env::var("PIPELINE").unwrap_or_else(|_| "pipelines/shopify-orders.yaml".into())), &Shared::with_process_env()).expect("pipeline loads");
+    let p = load::load_file(
+        &root.join(std::env::var("PIPELINE").unwrap_or_else(|_| "pipelines/shopify-orders.yaml".into())),
+        &Shared::with_process_env(),
+    )
+    .expect("pipeline loads");
     let orders: Vec<Vec<u8>> =
         std::fs::read(file).expect("orders").split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec).collect();
     let start = std::time::Instant::now();

@@ -29,7 +29,22 @@ pub fn decimal_from(v: &Doc) -> Result<Decimal, String> {
             } else if let Some(u) = n.as_u64() {
                 Ok(Decimal::from(u))
             } else {
-                parse_decimal(&n.to_string())
+                let text = n.to_string();
+                // A JSON number with a fraction is a binary float: its shortest text is exact up to
+                // 15 significant digits. Beyond that the sender's digits may already be lost.
+                let significant = text
+                    .trim_start_matches('-')
+                    .split(['e', 'E'])
+                    .next()
+                    .unwrap_or("")
+                    .trim_start_matches(['0', '.'])
+                    .chars()
+                    .filter(char::is_ascii_digit)
+                    .count();
+                if significant > 15 {
+                    return Err(format!("number {text} has more digits than a JSON number keeps exactly; send it as a decimal string"));
+                }
+                parse_decimal(&text)
             }
         }
         other => Err(format!("expected a decimal number, found {}", describe(other))),
@@ -47,6 +62,10 @@ pub fn parse_decimal(s: &str) -> Result<Decimal, String> {
     }
     Decimal::from_str_exact(t).map_err(|_| format!("\"{s}\" is not a decimal number"))
 }
+
+/// The largest amount of money accepted (a quadrillion): no retail amount comes near it, and
+/// keeping amounts below it keeps every sum and product of an order inside `Decimal`'s range.
+pub const MAX_AMOUNT: Decimal = Decimal::from_parts(0xA4C6_8000, 0x38D7E, 0, false, 0);
 
 /// The number of minor-unit digits of an ISO 4217 currency (2 for USD, 0 for JPY, 3 for KWD).
 pub fn currency_exponent(code: &str) -> Result<u32, String> {
@@ -181,6 +200,9 @@ pub fn money_from(v: &Doc, currency: Option<&str>, minor_units: bool, precision:
     } else {
         decimal_from(amount_v)?
     };
+    if amount.abs() > MAX_AMOUNT {
+        return Err(format!("{amount} {code} is too large for an amount (the limit is {MAX_AMOUNT})"));
+    }
     if amount.scale() > exponent {
         // Trailing zeros beyond the currency's minor units carry no information: drop them.
         let normalized = amount.normalize();
@@ -375,7 +397,7 @@ pub fn datetime_from(v: &Doc, opts: &DateOptions) -> Result<DateTime<Utc>, Strin
 fn epoch_to_datetime(d: Decimal, unit: Option<Epoch>) -> Result<DateTime<Utc>, String> {
     let unit = unit.unwrap_or(if d.abs() >= Decimal::from(100_000_000_000i64) { Epoch::Milliseconds } else { Epoch::Seconds });
     let millis = match unit {
-        Epoch::Seconds => d * Decimal::from(1000),
+        Epoch::Seconds => d.checked_mul(Decimal::from(1000)).ok_or_else(|| format!("{d} is out of range for a timestamp"))?,
         Epoch::Milliseconds => d,
     };
     let millis = i64::try_from(millis.round()).map_err(|_| format!("{d} is out of range for a timestamp"))?;
@@ -430,6 +452,15 @@ mod tests {
     }
 
     #[test]
+    fn huge_values_are_errors_not_crashes() {
+        assert_eq!(MAX_AMOUNT.to_string(), "1000000000000000");
+        assert!(m(doc!("10000000000000000000.00"), Some("USD"), false).unwrap_err().contains("too large"));
+        assert!(decimal_from(&doc!(12345678901234567.89)).unwrap_err().contains("decimal string"));
+        assert_eq!(decimal_from(&doc!(1397.3)).unwrap().to_string(), "1397.3");
+        assert!(datetime_from(&doc!(1e27), &DateOptions { epoch: Some(Epoch::Seconds), ..Default::default() }).is_err());
+    }
+
+    #[test]
     fn money_refuses_what_would_lose_cents() {
         let e = m(doc!("25.99"), Some("JPY"), false).unwrap_err();
         assert!(e.contains("more decimal places than JPY allows (0)"), "{e}");
@@ -443,7 +474,19 @@ mod tests {
 
     #[test]
     fn decimal_text_matches_display() {
-        for s in ["0", "0.00", "-0.05", "1397.30", "-13.24", "123456789.123456789", "0.0001", "-1", "-0.00", "79228162514264337593543950335", "0.0000000000000000000000000001"] {
+        for s in [
+            "0",
+            "0.00",
+            "-0.05",
+            "1397.30",
+            "-13.24",
+            "123456789.123456789",
+            "0.0001",
+            "-1",
+            "-0.00",
+            "79228162514264337593543950335",
+            "0.0000000000000000000000000001",
+        ] {
             let d = parse_decimal(s).unwrap();
             assert_eq!(decimal_text(&d), d.to_string(), "{s}");
         }

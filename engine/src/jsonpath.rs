@@ -103,7 +103,7 @@ impl CompiledPath {
             .segments
             .iter()
             .map(|s| match s {
-                Segment::Selector(Selector::Name(n)) => Some(Step::Name(unquote(n).to_string())),
+                Segment::Selector(Selector::Name(n)) => Some(Step::Name(n.clone())),
                 Segment::Selector(Selector::Index(i)) => Some(Step::Index(*i)),
                 Segment::Selector(Selector::Wildcard) => Some(Step::Wildcard),
                 _ => None,
@@ -210,16 +210,6 @@ impl CompiledPath {
     }
 }
 
-/// Names from `['a b']` selectors arrive without quotes from the parser, but be safe.
-fn unquote(n: &str) -> &str {
-    let t = n.trim();
-    if t.len() >= 2 && ((t.starts_with('\'') && t.ends_with('\'')) || (t.starts_with('"') && t.ends_with('"'))) {
-        &t[1..t.len() - 1]
-    } else {
-        n
-    }
-}
-
 fn index(arr: &[Doc], i: i64) -> Option<&Doc> {
     let idx = if i < 0 { arr.len().checked_sub(i.unsigned_abs() as usize)? } else { i as usize };
     arr.get(idx)
@@ -295,6 +285,13 @@ impl fmt::Debug for Condition {
 /// Rewrites our convention into RFC 9535 terms outside string literals: `$root` -> `$` (the
 /// query root) and `$` -> `@` (the current value).
 fn to_rfc_roots(expr: &str) -> String {
+    to_rfc_roots_mapped(expr).0
+}
+
+/// [`to_rfc_roots`], with the 1-based column in `expr` of every character of the result (and
+/// one past the end), to report errors where the analyst wrote them.
+fn to_rfc_roots_mapped(expr: &str) -> (String, Vec<usize>) {
+    let mut map = Vec::with_capacity(expr.len() + 1);
     let mut out = String::with_capacity(expr.len());
     let mut quote: Option<char> = None;
     let mut escaped = false;
@@ -302,6 +299,7 @@ fn to_rfc_roots(expr: &str) -> String {
     let mut i = 0;
     while i < chars.len() {
         let c = chars[i];
+        map.push(i + 1);
         match quote {
             Some(q) => {
                 if escaped {
@@ -331,7 +329,8 @@ fn to_rfc_roots(expr: &str) -> String {
         }
         i += 1;
     }
-    out
+    map.push(chars.len() + 1);
+    (out, map)
 }
 
 fn collect_patterns(f: &Filter, out: &mut Vec<String>) {
@@ -371,10 +370,17 @@ fn patterns_in_segment(s: &Segment, out: &mut Vec<String>) {
     }
 }
 
+/// `match()` needs the whole string to match: its pattern is kept anchored, `^(?:p)$`.
 fn patterns_in_fn(f: &TestFunction, out: &mut Vec<String>) {
-    if let TestFunction::Match(_, FnArg::Literal(Literal::String(p))) | TestFunction::Search(_, FnArg::Literal(Literal::String(p))) = f {
-        out.push(p.clone());
+    match f {
+        TestFunction::Match(_, FnArg::Literal(Literal::String(p))) => out.push(anchored(p)),
+        TestFunction::Search(_, FnArg::Literal(Literal::String(p))) => out.push(p.clone()),
+        _ => {}
     }
+}
+
+fn anchored(p: &str) -> String {
+    format!("^(?:{p})$")
 }
 
 /// A value in a filter: a node, a computed value, or nothing (absent).
@@ -425,10 +431,16 @@ fn slice_indexes(len: usize, start: Option<i64>, end: Option<i64>, step: Option<
 
 impl Condition {
     pub fn compile(text: &str) -> Result<Self, PathError> {
-        let rfc = to_rfc_roots(text);
-        // Column shift: the `$[?` prefix, and `$root` written 4 characters shorter.
+        let (rfc, columns) = to_rfc_roots_mapped(text);
         let wrapped = format!("$[?{rfc}]");
-        let query = parse_json_path(&wrapped).map_err(|e| pest_error(e, -3))?;
+        let query = parse_json_path(&wrapped).map_err(|e| {
+            // Back from the wrapped text (`$[?` prefix, `$root` written as `$`) to what was written.
+            let mut e = pest_error(e, -3);
+            let at = columns.get(e.column.saturating_sub(1)).copied().unwrap_or(e.column);
+            e.message = e.message.replace(&format!("column {}", e.column), &format!("column {at}"));
+            e.column = at;
+            e
+        })?;
         let filter = match query.segments.into_iter().next() {
             Some(Segment::Selector(Selector::Filter(f))) => f,
             _ => return Err(PathError { message: "expected a filter expression such as `$.country == 'US'`".into(), column: 1 }),
@@ -523,7 +535,6 @@ impl Evaluator {
         let idx = |i: usize| if track { format!("{ptr}/{i}") } else { String::new() };
         match sel {
             Selector::Name(n) => {
-                let n = unquote(n);
                 if let Some(c) = v.as_object().and_then(|o| o.get(n)) {
                     out.push((c, key(n)));
                 }
@@ -558,7 +569,7 @@ impl Evaluator {
                 let mut v = start;
                 for s in segs {
                     let next = match s {
-                        SingularQuerySegment::Name(n) => v.as_object().and_then(|o| o.get(unquote(n))),
+                        SingularQuerySegment::Name(n) => v.as_object().and_then(|o| o.get(n)),
                         SingularQuerySegment::Index(i) => v.as_array().and_then(|a| index(a, *i)),
                     };
                     match next {
@@ -603,9 +614,12 @@ impl Evaluator {
                 let (Some(Doc::String(t)), Some(Doc::String(p))) = (text.get(), pattern.get()) else {
                     return Val::Owned(Doc::Bool(false));
                 };
-                let hit = match self.regexes.get(p.as_str()) {
-                    Some(re) => regex_hit(re, t, full),
-                    None => Regex::new(p).is_ok_and(|re| regex_hit(&re, t, full)),
+                // Patterns written in the expression were compiled at load; one read from the
+                // message is compiled here.
+                let pattern = if full { anchored(p) } else { p.to_string() };
+                let hit = match self.regexes.get(&pattern) {
+                    Some(re) => re.is_match(t),
+                    None => Regex::new(&pattern).is_ok_and(|re| re.is_match(t)),
                 };
                 Val::Owned(Doc::Bool(hit))
             }
@@ -632,8 +646,9 @@ impl Evaluator {
             Comparison::Ne(..) => !eq(),
             Comparison::Lt(..) => lt(a.get(), b.get()),
             Comparison::Gt(..) => lt(b.get(), a.get()),
-            Comparison::Lte(..) => lt(a.get(), b.get()) || (eq() && comparable_order(a.get())),
-            Comparison::Gte(..) => lt(b.get(), a.get()) || (eq() && comparable_order(a.get())),
+            // RFC 9535: `a <= b` is `a < b || a == b` (so two absent values are `<=`).
+            Comparison::Lte(..) => lt(a.get(), b.get()) || eq(),
+            Comparison::Gte(..) => lt(b.get(), a.get()) || eq(),
         }
     }
 }
@@ -653,23 +668,14 @@ fn absent_if_null(v: Val<'_>) -> Val<'_> {
     if v.get().is_some_and(Doc::is_null) { Val::Nothing } else { v }
 }
 
-fn regex_hit(re: &Regex, text: &str, full: bool) -> bool {
-    if full {
-        re.find(text).is_some_and(|m| m.start() == 0 && m.end() == text.len())
-            || re.find_iter(text).any(|m| m.start() == 0 && m.end() == text.len())
-    } else {
-        re.is_match(text)
-    }
-}
-
-fn comparable_order(v: Option<&Doc>) -> bool {
-    matches!(v, Some(Doc::Number(_) | Doc::String(_)))
-}
-
 /// Equality as RFC 9535 defines it: numbers by value (1 == 1.0), everything else structurally.
 fn json_eq(a: &Doc, b: &Doc) -> bool {
     match (a, b) {
-        (Doc::Number(x), Doc::Number(y)) => x.as_f64() == y.as_f64(),
+        (Doc::Number(x), Doc::Number(y)) => match (x.as_i64(), y.as_i64(), x.as_u64(), y.as_u64()) {
+            (Some(a), Some(b), _, _) => a == b,
+            (_, _, Some(a), Some(b)) => a == b,
+            _ => x.as_f64() == y.as_f64(),
+        },
         (Doc::Array(x), Doc::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(p, q)| json_eq(p, q)),
         (Doc::Object(x), Doc::Object(y)) => x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| json_eq(v, w))),
         _ => a == b,
@@ -705,6 +711,12 @@ mod tests {
         assert_eq!(CompiledPath::compile("$.n").unwrap().first(Scope::root(&d)), None);
         assert_eq!(CompiledPath::compile("$.missing.x").unwrap().first(Scope::root(&d)), None);
         assert_eq!(CompiledPath::compile("$['a/b']").unwrap().first(Scope::root(&d)), Some(&doc!(1)));
+        let q = doc!({"'q'": 4});
+        assert_eq!(
+            CompiledPath::compile("$[\"'q'\"]").unwrap().first(Scope::root(&q)),
+            Some(&doc!(4)),
+            "quotes inside a name are part of it"
+        );
     }
 
     #[test]
@@ -756,6 +768,9 @@ mod tests {
         assert!(!m("$.lines[?@.sku == 'Z']"));
         assert!(m("length($.lines) == 2 && count($.lines[*].tax[*]) == 2"));
         assert!(m("match($.currency, 'US.')"));
+        assert!(m("match($.currency, 'US|USD')"), "match() is a whole-string match of the pattern");
+        assert!(m("$.missing <= $.also_missing"));
+        assert!(m("$['a/b'] == 1"));
         assert!(!m("match($.currency, 'US')"));
         assert!(m("search($.currency, 'S')"));
         assert!(m("$.id >= 7 && $.id <= 7 && $.id == 7.0"));
@@ -770,6 +785,14 @@ mod tests {
         assert!(Condition::compile("match($.cur, '(').is_err() || true").is_err() || Condition::compile("match($.x, '(')").is_err());
         let e = Condition::compile("$.a ==").unwrap_err();
         assert!(e.column >= 1);
+    }
+
+    #[test]
+    fn condition_errors_point_where_they_were_written() {
+        let e = Condition::compile("$root.a == 1 && $root.b == ]").unwrap_err();
+        assert_eq!(e.column, 28, "{e:?}");
+        let e = Condition::compile("$.a == ]").unwrap_err();
+        assert_eq!(e.column, 8, "{e:?}");
     }
 
     #[test]

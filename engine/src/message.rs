@@ -139,6 +139,8 @@ pub mod reason {
     pub const TOTALS_MISMATCH: &str = "totals_mismatch";
     pub const UNROUTED: &str = "unrouted";
     pub const SINK_FAILED: &str = "sink_failed";
+    pub const UNREADABLE_INPUT: &str = "unreadable_input";
+    pub const INTERNAL_ERROR: &str = "internal_error";
 }
 
 /// A message that failed a stage, with everything needed to understand and replay it.

@@ -95,7 +95,8 @@ impl ExceptionWriter {
     }
 }
 
-/// Processes everything the pipeline's source holds now, then returns the counts.
+/// Processes everything the pipeline's source holds now, then returns the counts. Whatever
+/// happens, what was written is flushed before returning.
 pub async fn run_once(p: &Pipeline, opts: &RunOptions) -> Result<Summary, RunError> {
     let mut source = build_source(p).map_err(|source| RunError::Source { pipeline: p.name.clone(), source })?;
     let cx = SinkContext { data_dir: opts.data_dir.clone() };
@@ -106,18 +107,48 @@ pub async fn run_once(p: &Pipeline, opts: &RunOptions) -> Result<Summary, RunErr
         summary.targets.insert(name.clone(), sink.describe());
     }
     let mut exceptions = ExceptionWriter { path: summary.exceptions_file.clone(), file: None };
-    let exc_err = |source| RunError::Exceptions { pipeline: p.name.clone(), path: summary.exceptions_file.clone(), source };
+    let result = drain(p, source.as_mut(), &sinks, &mut exceptions, &mut summary).await;
+    // Flush on every path: messages already counted as routed must be in their files.
+    let mut flushed = Ok(());
+    for (sink, (name, _)) in sinks.iter().zip(&p.sinks) {
+        if let Err(source) = sink.flush().await {
+            flushed = flushed.and(Err(RunError::Sink { pipeline: name.clone(), source }));
+        }
+    }
+    if let Err(source) = exceptions.flush().await {
+        flushed = flushed.and(Err(RunError::Exceptions { pipeline: p.name.clone(), path: summary.exceptions_file.clone(), source }));
+    }
+    result.and(flushed).map(|()| summary)
+}
+
+async fn drain(
+    p: &Pipeline,
+    source: &mut dyn Source,
+    sinks: &[Box<dyn Sink>],
+    exceptions: &mut ExceptionWriter,
+    summary: &mut Summary,
+) -> Result<(), RunError> {
+    let path = exceptions.path.clone();
+    let exc_err = |source| RunError::Exceptions { pipeline: p.name.clone(), path: path.clone(), source };
     while let Some(next) = source.next().await {
-        let incoming = next.map_err(|source| RunError::Source { pipeline: p.name.clone(), source })?;
         summary.received += 1;
+        let incoming = match next {
+            Ok(i) => i,
+            // An input that cannot be read is recorded, and the rest is still processed.
+            Err(e) => {
+                let record = p.source_failure(&e);
+                exceptions.write(&record).await.map_err(exc_err)?;
+                *summary.exceptions.entry(record.reason.clone()).or_default() += 1;
+                continue;
+            }
+        };
         let body = incoming.raw.body.clone();
-        let outcome = p.process(incoming.raw);
-        let record = match outcome {
+        let record = match process_guarded(p, incoming.raw, &body) {
             Outcome::Routed { output, sinks: targets } => {
                 let mut failed = None;
                 for &i in &targets {
                     match sinks[i].write(&output).await {
-                        Ok(()) => *summary.outputs.get_mut(p.sink_name(i)).expect("sink counted") += 1,
+                        Ok(()) => *summary.outputs.get_mut(p.sink_name(i)).expect("every sink is counted") += 1,
                         Err(e) => {
                             failed =
                                 Some(Failure::one(reason::SINK_FAILED, ErrorDetail::record("", format!("sink `{}`: {e}", p.sink_name(i)))));
@@ -142,9 +173,25 @@ pub async fn run_once(p: &Pipeline, opts: &RunOptions) -> Result<Summary, RunErr
         }
         incoming.ack.ack(Delivery::Delivered).await;
     }
-    for (sink, (name, _)) in sinks.iter().zip(&p.sinks) {
-        sink.flush().await.map_err(|source| RunError::Sink { pipeline: name.clone(), source })?;
+    Ok(())
+}
+
+/// Runs the pipeline on one message; a bug that panics becomes that message's exception record
+/// instead of ending the run.
+pub fn process_guarded(p: &Pipeline, raw: crate::message::RawMessage, body: &[u8]) -> Outcome {
+    let origin = raw.origin.clone();
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.process(raw))) {
+        Ok(outcome) => outcome,
+        Err(panic) => {
+            let what =
+                panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
+            let f = Failure::one(
+                reason::INTERNAL_ERROR,
+                ErrorDetail::input("", format!("Switchyard failed on this message (a bug; please report it): {what}")),
+            );
+            let mut raw = crate::message::RawMessage::json(body.to_vec());
+            raw.origin = origin;
+            Outcome::Failed(Box::new(p.failure_record(&raw, Stage::Map, f)))
+        }
     }
-    exceptions.flush().await.map_err(exc_err)?;
-    Ok(summary)
 }

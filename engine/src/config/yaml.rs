@@ -232,7 +232,7 @@ pub fn interpolate(text: &str, env: &dyn Env) -> Result<Option<String>, Vec<EnvP
             consumed += i + 1;
             continue;
         }
-        let Some(close) = after.find('}') else {
+        let Some(close) = matching_brace(after) else {
             problems.push(EnvProblem {
                 offset: consumed + i,
                 len: after.len(),
@@ -259,9 +259,17 @@ pub fn interpolate(text: &str, env: &dyn Env) -> Result<Option<String>, Vec<EnvP
                 hint: Some("names are letters, digits and `_`; write `${NAME}` or `${NAME:-default}`".to_string()),
             });
         } else {
-            match (env.var(name), default) {
+            // As in the shell, `:-` applies when the variable is unset or empty.
+            match (env.var(name).filter(|v| !v.is_empty() || default.is_none()), default) {
                 (Some(v), _) => out.push_str(&v),
-                (None, Some(d)) => out.push_str(d),
+                (None, Some(d)) => match interpolate(d, env) {
+                    Ok(sub) => out.push_str(sub.as_deref().unwrap_or(d)),
+                    Err(inner) => problems.extend(
+                        inner
+                            .into_iter()
+                            .map(|p| EnvProblem { offset: consumed + i + 2 + name_len(inner_text(after)) + 2 + p.offset, ..p }),
+                    ),
+                },
                 (None, None) => problems.push(EnvProblem {
                     offset: consumed + i,
                     len: close + 1,
@@ -275,6 +283,37 @@ pub fn interpolate(text: &str, env: &dyn Env) -> Result<Option<String>, Vec<EnvP
     }
     out.push_str(rest);
     if problems.is_empty() { Ok(Some(out)) } else { Err(problems) }
+}
+
+/// The `}` closing the `${` at the start of `s`, skipping nested `${...}`.
+fn matching_brace(s: &str) -> Option<usize> {
+    let mut depth = 0;
+    let bytes = s.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'$' && bytes.get(i + 1) == Some(&b'{') {
+            depth += 1;
+            i += 2;
+            continue;
+        }
+        if bytes[i] == b'}' {
+            depth -= 1;
+            if depth == 0 {
+                return Some(i);
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+fn inner_text(after: &str) -> &str {
+    &after[2..matching_brace(after).unwrap_or(after.len())]
+}
+
+/// Length of `NAME` (with an `env:` prefix) in `NAME:-default`.
+fn name_len(inner: &str) -> usize {
+    inner.split_once(":-").map_or(inner.len(), |(n, _)| n.len())
 }
 
 /// Byte offset of each line start, to turn the parser's (line, character column) into spans.
@@ -495,16 +534,15 @@ fn scalar_node(
         Ok(None) => Node { span, value: NodeValue::Scalar(Scalar { text: text.to_string(), plain, written: None }) },
         Ok(Some(sub)) => Node { span, value: NodeValue::Scalar(Scalar { text: sub, plain, written: Some(text.to_string()) }) },
         Err(problems) => {
-            // Point inside the scalar where the text maps one to one (single-line plain or quoted).
-            let quote = usize::from(matches!(style, ScalarStyle::SingleQuoted | ScalarStyle::DoubleQuoted));
-            let single_line =
-                !text.contains('\n') && matches!(style, ScalarStyle::Plain | ScalarStyle::SingleQuoted | ScalarStyle::DoubleQuoted);
+            // Point at the reference as written: find its text in the scalar's source (escapes in
+            // quoted scalars shift offsets, so counting characters of the value would not do).
+            let written = file.text.get(span.offset..span.offset + span.len).unwrap_or("");
+            let _ = style;
             for p in problems {
-                let s = if single_line {
-                    let col = span.column + quote + text[..p.offset].chars().count();
-                    file.span_at(span.line, col, text[p.offset..p.offset + p.len].chars().count())
-                } else {
-                    span
+                let reference = &text[p.offset..p.offset + p.len];
+                let s = match written.find(reference) {
+                    Some(at) => file.span_of_offset(span.offset + at, reference.len()),
+                    None => span,
                 };
                 diags.push(Diagnostic::new(DiagCode::UnsetVariable, file, s, path, p.message).hint_opt(p.hint));
             }
@@ -553,6 +591,17 @@ mod tests {
         assert_eq!(n.get("url").unwrap().as_str(), Some("amqp://db.local:5672/"));
         assert_eq!(n.get("lit").unwrap().as_str(), Some("${HOST}"));
         assert_eq!(n.get("empty").unwrap().as_str(), Some("xy"));
+    }
+
+    #[test]
+    fn defaults_apply_to_empty_variables_and_nest() {
+        let n = load("a: ${EMPTY:-fallback}\nb: ${NOPE:-${HOST}}\nc: x${EMPTY}y\n").unwrap();
+        assert_eq!(n.get("a").unwrap().as_str(), Some("fallback"));
+        assert_eq!(n.get("b").unwrap().as_str(), Some("db.local"));
+        assert_eq!(n.get("c").unwrap().as_str(), Some("xy"));
+        let errs = load("a: \"\\u00e9\\t${NOPE1}\"\nb: 'it''s ${NOPE2}'\n").unwrap_err();
+        assert_eq!((errs[0].span.line, errs[0].span.column), (1, 13));
+        assert_eq!((errs[1].span.line, errs[1].span.column), (2, 11));
     }
 
     #[test]

@@ -1010,16 +1010,20 @@ fn aggregate(
     cx: &mut Eval<'_>,
     errors: &mut Vec<ErrorDetail>,
 ) -> Option<Doc> {
-    let mut found = Vec::new();
-    p.all(scope, &mut found);
-    found.retain(|v| !v.is_null());
+    let mut all = Vec::new();
+    p.all(scope, &mut all);
+    // Nulls count as absent; each value keeps its index among all selected, for its pointer.
+    let found: Vec<(usize, &Doc)> = all.into_iter().enumerate().filter(|(_, v)| !v.is_null()).collect();
     let agg = f.aggregate.unwrap_or(Aggregate::List);
     match agg {
         Aggregate::Count => return Some(Doc::from(found.len())),
-        Aggregate::First => return finish(f, found.first().copied(), scope, || ptr.of(p, scope, 0), target, cx, errors),
+        Aggregate::First => {
+            let (at, v) = found.first().map(|(i, v)| (*i, Some(*v))).unwrap_or((0, None));
+            return finish(f, v, scope, || ptr.of(p, scope, at), target, cx, errors);
+        }
         Aggregate::Last => {
-            let n = found.len().saturating_sub(1);
-            return finish(f, found.last().copied(), scope, || ptr.of(p, scope, n), target, cx, errors);
+            let (at, v) = found.last().map(|(i, v)| (*i, Some(*v))).unwrap_or((0, None));
+            return finish(f, v, scope, || ptr.of(p, scope, at), target, cx, errors);
         }
         _ => {}
     }
@@ -1027,7 +1031,7 @@ fn aggregate(
     let converted: Vec<Doc> = found
         .iter()
         .enumerate()
-        .filter_map(|(i, v)| finish(f, Some(v), scope, || ptr.of(p, scope, i), &Target::Index(target, i), cx, errors))
+        .filter_map(|(n, (at, v))| finish(f, Some(v), scope, || ptr.of(p, scope, *at), &Target::Index(target, n), cx, errors))
         .collect();
     if errors.len() > before {
         return None;
@@ -1054,7 +1058,13 @@ fn sum(f: &Field, values: &[Doc], scope: Scope<'_>) -> Result<Doc, String> {
                 let m = Money::from_canonical(v).ok_or("not money")?;
                 match &mut total {
                     None => total = Some(m),
-                    Some(t) if t.currency == m.currency => t.amount += m.amount,
+                    Some(t) if t.currency == m.currency => {
+                        t.amount = t
+                            .amount
+                            .checked_add(m.amount)
+                            .filter(|a| a.abs() <= convert::MAX_AMOUNT)
+                            .ok_or("the sum is too large for an amount")?
+                    }
                     Some(t) => {
                         return Err(format!(
                             "cannot add {} {} to {} {}: the currencies differ",
@@ -1071,14 +1081,14 @@ fn sum(f: &Field, values: &[Doc], scope: Scope<'_>) -> Result<Doc, String> {
         Some(Convert::Decimal) => {
             let mut total = Decimal::ZERO;
             for v in values {
-                total += convert::decimal_from(v)?;
+                total = total.checked_add(convert::decimal_from(v)?).ok_or("the sum is too large")?;
             }
             Ok(Doc::String(convert::decimal_str(&total)))
         }
         _ => {
             let mut total = Decimal::ZERO;
             for v in values {
-                total += convert::decimal_from(v)?;
+                total = total.checked_add(convert::decimal_from(v)?).ok_or("the sum is too large")?;
             }
             convert::decimal_to_number(total)
         }
@@ -1194,6 +1204,13 @@ mod tests {
         assert!(got[1].1.starts_with("`lines[1].qty`: expected a whole number"), "{got:?}");
         assert_eq!(got[2].0, "/items/1/price");
         assert_eq!(f.errors.len(), 3);
+    }
+
+    #[test]
+    fn aggregated_errors_point_at_the_value_after_skipped_nulls() {
+        let m = compile(&format!("{HEAD}  total: {{path: '$.items[*].price', aggregate: sum, as: money, currency: USD}}\n")).unwrap();
+        let f = m.apply(&doc!({"items": [{"price": null}, {"price": "1.001"}]}), &(), Document::Input).unwrap_err();
+        assert_eq!(f.errors[0].pointer, "/items/1/price");
     }
 
     #[test]

@@ -440,7 +440,14 @@ fn build_lookup(c: &LookupStepConfig, cx: &BuildContext, key_path: &str) -> Resu
     let (Some(table), Some(column), Some(key), true) = (table, column, key, diags.is_empty()) else {
         return Err(diags.0);
     };
-    Ok(Box::new(LookupStep { table, column, for_each, key, set: c.set.clone(), on_miss: c.on_miss.clone().unwrap_or_else(|| reason::LOOKUP_MISS.into()) }))
+    Ok(Box::new(LookupStep {
+        table,
+        column,
+        for_each,
+        key,
+        set: c.set.clone(),
+        on_miss: c.on_miss.clone().unwrap_or_else(|| reason::LOOKUP_MISS.into()),
+    }))
 }
 
 struct SchemaStep {

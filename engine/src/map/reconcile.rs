@@ -30,7 +30,7 @@ impl Check<'_> {
     fn money(&mut self, v: Option<&Doc>, pointer: impl FnOnce() -> String) -> Option<Decimal> {
         let v = v?;
         let parsed = v.as_object().and_then(|o| {
-            let amount = convert::parse_decimal(o.get("amount")?.as_str()?).ok()?;
+            let amount = convert::parse_decimal(o.get("amount")?.as_str()?).ok().filter(|a| a.abs() <= convert::MAX_AMOUNT)?;
             Some((amount, o.get("currency")?.as_str()?))
         });
         match parsed {
@@ -89,9 +89,13 @@ fn set_money(obj: &mut Object, key: &str, mut amount: Decimal, currency: &str) -
     Ok(())
 }
 
+/// Quantities up to a billion: with amounts below `MAX_AMOUNT`, products and sums stay in range.
 fn quantity(v: Option<&Doc>) -> Option<Decimal> {
-    convert::decimal_from(v?).ok()
+    convert::decimal_from(v?).ok().filter(|q| q.abs() <= Decimal::from(1_000_000_000))
 }
+
+/// More lines than any order has; bounds the sums.
+const MAX_LINES: usize = 10_000;
 
 impl Reconcile {
     pub fn apply(&self, mut record: Doc, document: Document) -> Result<Doc, Failure> {
@@ -120,6 +124,12 @@ impl Reconcile {
         if lines.is_empty() {
             c.errors.push(ErrorDetail::record("/lines", "the order has no lines"));
         }
+        if lines.len() > MAX_LINES {
+            return Err(fail(
+                vec![ErrorDetail::record("/lines", format!("the order has {} lines, more than {MAX_LINES}", lines.len()))],
+                &self.reason,
+            ));
+        }
 
         // Lines: subtotal = quantity x unit price; total = subtotal - discount.
         let mut derived: Vec<(Decimal, Decimal)> = Vec::with_capacity(lines.len());
@@ -130,7 +140,7 @@ impl Reconcile {
             let unit = c.money(line.get("unit_price"), || p("unit_price"));
             let (Some(qty), Some(unit)) = (qty, unit) else {
                 if qty.is_none() {
-                    c.errors.push(ErrorDetail::record(p("quantity"), "the line has no quantity"));
+                    c.errors.push(ErrorDetail::record(p("quantity"), "the line has no quantity (a number up to a billion)"));
                 }
                 if line.get("unit_price").is_none() {
                     c.errors.push(ErrorDetail::record(p("unit_price"), "the line has no unit price"));
@@ -336,6 +346,15 @@ mod tests {
             "discounts": [{"amount": m("2.00")}], "totals": {"total": m("8.00")}});
         let f = rec().apply(order, Document::Record).unwrap_err();
         assert_eq!(f.errors[0].pointer, "/discounts");
+    }
+
+    #[test]
+    fn absurd_amounts_are_reported_not_overflowed() {
+        let order = doc!({"currency": "USD", "lines": [{"quantity": 10000000000u64, "unit_price": m("999999999999999.00")}], "totals": {"total": m("1.00")}});
+        let f = rec().apply(order, Document::Record).unwrap_err();
+        assert_eq!(f.errors[0].pointer, "/lines/0/quantity");
+        let order = doc!({"currency": "USD", "lines": [{"quantity": 1, "unit_price": m("79228162514264337593543950335")}], "totals": {"total": m("1.00")}});
+        assert!(rec().apply(order, Document::Record).is_err());
     }
 
     #[test]

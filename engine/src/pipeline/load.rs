@@ -132,10 +132,15 @@ fn not_a_pipeline(node: &yaml::Node, file: &SourceFile) -> Option<Diagnostic> {
         Some(kind) => Some(
             Diagnostic::new(DiagCode::InvalidFile, file, at("kind"), "kind", format!("this file is a `{kind}`, not a pipeline"))
                 .expected("`kind: Pipeline`")
-                .hint(if kind == "FieldMap" { "field maps are used by a pipeline's `fields` step: `file: <this file>`".to_string() } else { "check a pipeline file, or a folder of them".to_string() }),
+                .hint(if kind == "FieldMap" {
+                    "field maps are used by a pipeline's `fields` step: `file: <this file>`".to_string()
+                } else {
+                    "check a pipeline file, or a folder of them".to_string()
+                }),
         ),
         None if node.get("tests").is_some() => Some(
-            Diagnostic::new(DiagCode::InvalidFile, file, at("tests"), "", "this is a test file, not a pipeline").hint(format!("run it with `switchyard test {}`", file.path.display())),
+            Diagnostic::new(DiagCode::InvalidFile, file, at("tests"), "", "this is a test file, not a pipeline")
+                .hint(format!("run it with `switchyard test {}`", file.path.display())),
         ),
         None if node.entries().is_none() || (node.get("apiVersion").is_none() && node.get("source").is_none()) => Some(
             Diagnostic::new(DiagCode::InvalidFile, file, Span::new(1, 1, 0, 0), "", "this file is not a pipeline")

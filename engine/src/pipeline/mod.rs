@@ -373,6 +373,19 @@ impl Pipeline {
         }
     }
 
+    /// The exception record of a message that failed outside `process` (an input that could not
+    /// be read, a crash).
+    pub fn failure_record(&self, raw: &RawMessage, stage: Stage, failure: Failure) -> ExceptionRecord {
+        self.exception(self.metadata(raw), &raw.body, stage, None, failure)
+    }
+
+    /// The exception record of an input the source could not read: the input stays where it is.
+    pub fn source_failure(&self, e: &crate::source::SourceError) -> ExceptionRecord {
+        let crate::source::SourceError::Read { path, .. } = e;
+        let raw = RawMessage { origin: Some(path.display().to_string()), attempt: 1, ..Default::default() };
+        self.failure_record(&raw, Stage::Source, Failure::one(reason::UNREADABLE_INPUT, ErrorDetail::input("", e.to_string())))
+    }
+
     /// The exception record of a message that failed a stage, with the configured hint.
     pub fn failed(&self, meta: Metadata, body: &[u8], stage: Stage, step: Option<String>, failure: Failure) -> Outcome {
         Outcome::Failed(Box::new(self.exception(meta, body, stage, step, failure)))
