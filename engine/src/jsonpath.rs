@@ -283,13 +283,8 @@ impl fmt::Debug for Condition {
 }
 
 /// Rewrites our convention into RFC 9535 terms outside string literals: `$root` -> `$` (the
-/// query root) and `$` -> `@` (the current value).
-fn to_rfc_roots(expr: &str) -> String {
-    to_rfc_roots_mapped(expr).0
-}
-
-/// [`to_rfc_roots`], with the 1-based column in `expr` of every character of the result (and
-/// one past the end), to report errors where the analyst wrote them.
+/// query root) and `$` -> `@` (the current value). Also returns the 1-based column in `expr` of
+/// every character of the result (and one past the end), to report errors where they were written.
 fn to_rfc_roots_mapped(expr: &str) -> (String, Vec<usize>) {
     let mut map = Vec::with_capacity(expr.len() + 1);
     let mut out = String::with_capacity(expr.len());
@@ -797,6 +792,6 @@ mod tests {
 
     #[test]
     fn roots_are_rewritten_outside_strings() {
-        assert_eq!(to_rfc_roots("$.a == '$x' && $root.b == \"\\\"$\" && $rooted"), "@.a == '$x' && $.b == \"\\\"$\" && @rooted");
+        assert_eq!(to_rfc_roots_mapped("$.a == '$x' && $root.b == \"\\\"$\" && $rooted").0, "@.a == '$x' && $.b == \"\\\"$\" && @rooted");
     }
 }
