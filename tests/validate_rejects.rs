@@ -203,3 +203,29 @@ fn no_single_line_edit_of_a_reference_file_crashes_the_loader() {
     }
     assert!(checked > 500, "{checked} variants");
 }
+
+/// A value that comes from `${VAR}` may be a secret: problems name the variable, never the value.
+#[test]
+fn values_of_variables_never_appear_in_diagnostics() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "apiVersion: switchyard/v1\nkind: Pipeline\nname: ${PNAME}\nversion: \"1\"\ndescription: d\nowner: o\nsource:\n  type: ${SRC_TYPE}\n  path: /nowhere/${SECRET_DIR}\nsinks:\n  out:\n    type: file\n    path: x\n    format: ${OUT_FORMAT}\nroute:\n  default: ${SINK}\n";
+    std::fs::write(dir.path().join("p.yaml"), text).unwrap();
+    for src_type in ["s3cr3t-type", "file"] {
+        for format in ["human", "json"] {
+            let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+                .args(["validate", "p.yaml", "--format", format])
+                .current_dir(dir.path())
+                .env("PNAME", "S3cr3t Name")
+                .env("SRC_TYPE", src_type)
+                .env("SECRET_DIR", "s3cr3t-dir")
+                .env("OUT_FORMAT", "s3cr3t-format")
+                .env("SINK", "s3cr3t-sink")
+                .output()
+                .unwrap();
+            let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            assert_eq!(out.status.code(), Some(1), "{all}");
+            assert!(!all.to_lowercase().contains("s3cr3t"), "a variable's value leaked:\n{all}");
+            assert!(all.contains("${OUT_FORMAT}") || all.contains("${SRC_TYPE}"), "{all}");
+        }
+    }
+}

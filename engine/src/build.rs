@@ -67,11 +67,11 @@ impl<'a> BuildContext<'a> {
         if path.is_file() {
             Ok(path)
         } else {
-            Err(self.diag(DiagCode::FileNotFound, p.span, key_path, format!("{what} `{}` does not exist", p.value)).hint(format!(
-                "paths are relative to the folder of {} (looked for {})",
-                self.file.path.display(),
-                path.display()
-            )))
+            // Where it looked reveals a `${VAR}`'s value: said only for paths written out.
+            let looked = if p.written.is_some() { String::new() } else { format!(" (looked for {})", path.display()) };
+            Err(self
+                .diag(DiagCode::FileNotFound, p.span, key_path, format!("{what} `{}` does not exist", p.shown()))
+                .hint(format!("paths are relative to the folder of {}{looked}", self.file.path.display())))
         }
     }
 

@@ -159,10 +159,10 @@ impl<T: Tagged> Component<T> {
                     file,
                     ty_node.span,
                     format!("{at}.type"),
-                    format!("unknown {} type `{ty}`", T::WHAT),
+                    format!("unknown {} type `{}`", T::WHAT, ty_node.shown().unwrap_or(ty)),
                 )
                 .expected(one_of(T::TYPES))
-                .hint_opt(suggestion(ty, T::TYPES.iter().copied())),
+                .hint_opt(suggestion(ty_node.shown().unwrap_or(ty), T::TYPES.iter().copied())),
             ]);
         }
         let rest =

@@ -111,7 +111,7 @@ pub struct Router {
 
 fn resolve_sinks(refs: &Spanned<SinkRefs>, sinks: &[String], cx: &BuildContext, key_path: &str, diags: &mut Diags) -> Vec<usize> {
     let names: Vec<Spanned<String>> = match &refs.value {
-        SinkRefs::One(s) => vec![Spanned { span: refs.span, value: s.clone() }],
+        SinkRefs::One(s) => vec![Spanned { span: refs.span, value: s.clone(), written: refs.written.clone() }],
         SinkRefs::Many(v) => v.clone(),
     };
     if names.is_empty() {
@@ -128,7 +128,7 @@ fn resolve_sinks(refs: &Spanned<SinkRefs>, sinks: &[String], cx: &BuildContext, 
                         DiagCode::UndeclaredSink,
                         n.span,
                         key_path,
-                        format!("route names sink `{}`, which is not declared under `sinks:`", n.value),
+                        format!("route names sink `{}`, which is not declared under `sinks:`", n.shown()),
                     )
                     .expected(format!("a declared sink: {}", crate::config::diag::one_of(&declared)))
                     .hint_opt(crate::config::diag::suggestion(&n.value, declared.iter().copied())),

@@ -99,6 +99,23 @@ impl de::Error for Error {
 }
 
 impl Error {
+    /// Shows `${VAR}` as written instead of its value, which may be a secret.
+    fn redact(mut self, node: &Node) -> Self {
+        if let NodeValue::Scalar(yaml::Scalar { text, written: Some(written), .. }) = &node.value {
+            if !text.is_empty() {
+                self.message = self.message.replace(text.as_str(), written);
+                match &mut self.kind {
+                    ErrorKind::UnknownVariant { variant, .. } | ErrorKind::UnknownField { field: variant, .. } => {
+                        *variant = variant.replace(text.as_str(), written)
+                    }
+                    ErrorKind::InvalidType { found, .. } => *found = found.replace(text.as_str(), written),
+                    _ => {}
+                }
+            }
+        }
+        self
+    }
+
     fn at(mut self, path: &Path<'_>, span: Span) -> Self {
         if self.path.is_none() {
             self.path = Some(path.to_vec());
@@ -172,7 +189,7 @@ impl Path<'_> {
 
 /// Marker struct name: [`Spanned`] asks the deserializer for the value's position.
 const SPANNED: &str = "$__switchyard_spanned";
-const SPANNED_FIELDS: &[&str] = &["$line", "$column", "$offset", "$len", "$value"];
+const SPANNED_FIELDS: &[&str] = &["$line", "$column", "$offset", "$len", "$written", "$value"];
 /// Marker newtype name: [`RawNode`] captures the node itself for a second parse phase.
 const RAW_NODE: &str = "$__switchyard_raw_node";
 
@@ -258,7 +275,7 @@ impl<'de, 'a> de::Deserializer<'de> for NodeDe<'a> {
                 }
             }
         };
-        r.map_err(|e: Error| e.at(&path, span))
+        r.map_err(|e: Error| e.redact(self.node).at(&path, span))
     }
 
     fn deserialize_bool<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
@@ -304,7 +321,7 @@ impl<'de, 'a> de::Deserializer<'de> for NodeDe<'a> {
             NodeValue::Poison => visitor.visit_str(""),
             _ => return Err(self.wrong("a string")),
         };
-        r.map_err(|e: Error| e.at(&self.path, self.node.span))
+        r.map_err(|e: Error| e.redact(self.node).at(&self.path, self.node.span))
     }
 
     fn deserialize_string<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
@@ -405,7 +422,7 @@ impl<'de, 'a> de::Deserializer<'de> for NodeDe<'a> {
             },
             _ => return Err(self.wrong(&format!("a name ({})", one_of(variants)))),
         };
-        r.map_err(|e: Error| e.at(&path, span))
+        r.map_err(|e: Error| e.redact(self.node).at(&path, span))
     }
 
     fn deserialize_identifier<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
@@ -496,6 +513,13 @@ impl<'de> de::MapAccess<'de> for SpannedAccess<'_> {
             1 => seed.deserialize(span.column.into_deserializer()),
             2 => seed.deserialize(span.offset.into_deserializer()),
             3 => seed.deserialize(span.len.into_deserializer()),
+            4 => {
+                let written = match self.de.as_ref().map(|d| &d.node.value) {
+                    Some(NodeValue::Scalar(yaml::Scalar { written: Some(w), .. })) => w.as_str(),
+                    _ => "",
+                };
+                seed.deserialize(written.into_deserializer())
+            }
             _ => seed.deserialize(self.de.take().expect("value field read once")),
         }
     }
@@ -507,11 +531,24 @@ impl<'de> de::MapAccess<'de> for SpannedAccess<'_> {
 pub struct Spanned<T> {
     pub span: Span,
     pub value: T,
+    /// The text as written when it held a `${VAR}` reference (its value may be a secret).
+    pub written: Option<String>,
 }
 
 impl<T> Spanned<T> {
     pub fn new(value: T) -> Self {
-        Spanned { span: Span::default(), value }
+        Spanned { span: Span::default(), value, written: None }
+    }
+
+    pub fn at(value: T, span: Span) -> Self {
+        Spanned { span, value, written: None }
+    }
+}
+
+impl Spanned<String> {
+    /// What to show in a message: the text as written, so `${SECRET}` stays `${SECRET}`.
+    pub fn shown(&self) -> &str {
+        self.written.as_deref().unwrap_or(&self.value)
     }
 }
 
@@ -543,8 +580,10 @@ impl<'de, T: de::Deserialize<'de>> de::Deserialize<'de> for Spanned<T> {
                     *slot = map.next_value()?;
                 }
                 map.next_key::<de::IgnoredAny>()?;
+                let written: String = map.next_value()?;
+                map.next_key::<de::IgnoredAny>()?;
                 let value = map.next_value()?;
-                Ok(Spanned { span: Span::new(n[0], n[1], n[2], n[3]), value })
+                Ok(Spanned { span: Span::new(n[0], n[1], n[2], n[3]), value, written: (!written.is_empty()).then_some(written) })
             }
         }
         d.deserialize_struct(SPANNED, SPANNED_FIELDS, V(std::marker::PhantomData))

@@ -50,6 +50,14 @@ impl Node {
         }
     }
 
+    /// The scalar as written (`${VAR}` unexpanded), for messages.
+    pub fn shown(&self) -> Option<&str> {
+        match &self.value {
+            NodeValue::Scalar(s) => Some(s.written.as_deref().unwrap_or(&s.text)),
+            _ => None,
+        }
+    }
+
     pub fn is_null(&self) -> bool {
         matches!(&self.value, NodeValue::Scalar(s) if s.plain && is_null_text(&s.text))
     }

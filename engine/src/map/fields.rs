@@ -390,7 +390,7 @@ fn compile_fields(specs: &IndexMap<String, Spanned<FieldSpec>>, key_path: &str, 
             let kp = format!("{key_path}.{name}");
             match &spec.value {
                 FieldSpec::Path(p) => {
-                    let at = Spanned { span: spec.span, value: p.clone() };
+                    let at = Spanned { span: spec.span, value: p.clone(), written: spec.written.clone() };
                     let path = diags.take(cx.jsonpath(&at, &kp))?;
                     if !path.is_singular() {
                         diags.push(multi_value_diag(cx, spec.span, &kp));

@@ -160,8 +160,13 @@ impl Pipeline {
         let file = &cx.file;
         if !valid_name(&config.name.value) {
             diags.push(
-                cx.diag(DiagCode::InvalidValue, config.name.span, "name", format!("`{}` is not a valid pipeline name", config.name.value))
-                    .expected("lowercase letters, digits, `-` and `_`, e.g. `shopify-orders`"),
+                cx.diag(
+                    DiagCode::InvalidValue,
+                    config.name.span,
+                    "name",
+                    format!("`{}` is not a valid pipeline name", config.name.shown()),
+                )
+                .expected("lowercase letters, digits, `-` and `_`, e.g. `shopify-orders`"),
             );
         }
         let source = diags.take_all(config.source.resolve(file));
@@ -169,7 +174,7 @@ impl Pipeline {
             let path = cx.resolve(&f.path.value);
             if !path.exists() {
                 diags.push(
-                    cx.diag(DiagCode::FileNotFound, f.path.span, "source.path", format!("source path `{}` does not exist", f.path.value))
+                    cx.diag(DiagCode::FileNotFound, f.path.span, "source.path", format!("source path `{}` does not exist", f.path.shown()))
                         .hint(format!("paths are relative to the folder of {}", file.path.display())),
                 );
             }
