@@ -190,7 +190,8 @@ pub struct FieldRule {
     /// Conversion of the value.
     #[serde(rename = "as", default)]
     pub convert: Option<Convert>,
-    /// A missing value fails the message (`missing_required_field`) instead of omitting the field.
+    /// A missing value (absent, null, or empty text) fails the message (`missing_required_field`)
+    /// instead of omitting the field.
     #[serde(default)]
     pub required: bool,
     /// Value used when the input has none.
@@ -864,7 +865,8 @@ fn finish(
     cx: &mut Eval<'_>,
     errors: &mut Vec<ErrorDetail>,
 ) -> Option<Doc> {
-    let mut raw = raw.filter(|v| !v.is_null());
+    // Null is no value; for a required field, neither is empty text (channels send `""`).
+    let mut raw = raw.filter(|v| !v.is_null() && !(f.required && v.as_str().is_some_and(|s| s.trim().is_empty())));
     if let Some(v) = raw
         && !f.null_if.is_empty()
         && text_of(v).is_some_and(|t| f.null_if.iter().any(|n| *n == *t))
@@ -1204,6 +1206,14 @@ mod tests {
         assert!(got[1].1.starts_with("`lines[1].qty`: expected a whole number"), "{got:?}");
         assert_eq!(got[2].0, "/items/1/price");
         assert_eq!(f.errors.len(), 3);
+    }
+
+    #[test]
+    fn empty_text_is_no_value_for_a_required_field() {
+        let m = compile(&format!("{HEAD}  sku: {{path: $.sku, required: true}}\n  note: $.note\n")).unwrap();
+        let f = m.apply(&doc!({"sku": "  ", "note": ""}), &(), Document::Input).unwrap_err();
+        assert_eq!((f.reason.as_str(), f.errors[0].pointer.as_str()), ("missing_required_field", "/sku"));
+        assert_eq!(m.apply(&doc!({"sku": "A", "note": ""}), &(), Document::Input).unwrap(), doc!({"sku": "A", "note": ""}));
     }
 
     #[test]

@@ -44,7 +44,7 @@ pub struct ValueFrom {
 pub struct EnvelopeConfig {
     /// Where the correlation id comes from; generated when absent or empty.
     #[serde(default)]
-    pub correlation_id: Option<ValueFrom>,
+    pub correlation_id: Option<Spanned<ValueFrom>>,
     /// Template of the idempotency key, e.g. `{channel}:{$.id}`. A message without one fails.
     #[serde(default)]
     pub idempotency_key: Option<Spanned<String>>,
@@ -211,7 +211,7 @@ impl Pipeline {
                 _ => {
                     diags.push(cx.diag(
                         DiagCode::Conflict,
-                        config.name.span,
+                        v.span,
                         "envelope.correlation_id",
                         "give exactly one of `path`, `header` or `template`",
                     ));
@@ -249,7 +249,7 @@ impl Pipeline {
             )),
             None => {
                 diags.push(
-                    cx.diag(DiagCode::MissingKey, config.name.span, "route", "the pipeline has several sinks but no `route:`")
+                    cx.diag(DiagCode::MissingKey, config.sinks.span, "route", "the pipeline has several sinks but no `route:`")
                         .hint("add `route:` with rules naming the sinks, or a `default:`"),
                 );
                 None
