@@ -24,7 +24,7 @@ fn the_reference_pipeline_tests_pass_and_write_junit() {
     let junit = dir.path().join("junit.xml");
     let (code, out) = switchyard(&["test", "pipelines", "--junit", junit.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains(" 0 failed, 0 test file(s) could not run"), "{out}");
+    assert!(out.contains(" 0 failed, 0 could not run; 0 test file(s) could not be loaded"), "{out}");
     let passed: usize = out.lines().last().unwrap().split_whitespace().next().unwrap().parse().unwrap();
     assert!(passed >= 25, "{out}");
     let xml = std::fs::read_to_string(junit).unwrap();
@@ -61,4 +61,6 @@ fn a_sink_the_pipeline_does_not_declare_is_an_error() {
     let (code, out) = switchyard(&["test", "tests/test-runner/undeclared-sink.test.yaml"]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("names sink `erp_usa`, which pipeline shopify-orders does not declare"), "{out}");
+    assert!(out.contains("undeclared-sink.test.yaml:7:9"), "the problem points at the sink's key: {out}");
+    assert!(out.contains("BROKEN  a sink name with a typo"), "{out}");
 }

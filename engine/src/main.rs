@@ -192,16 +192,23 @@ fn cmd_test(paths: Vec<PathBuf>, junit: Option<PathBuf>) -> ExitCode {
         return ExitCode::from(1);
     }
     let results: Vec<testing::FileResult> = files.iter().map(|f| testing::run_file(f, &shared)).collect();
-    let (mut passed, mut failed, mut broken) = (0, 0, 0);
+    let (mut passed, mut failed, mut broken, mut unloaded) = (0, 0, 0, 0);
     for r in &results {
-        println!("{} ({})", r.file.display(), r.pipeline.as_deref().unwrap_or("pipeline not loaded"));
+        match &r.pipeline {
+            Some(name) => println!("{} (pipeline {name})", r.file.display()),
+            None => println!("{}", r.file.display()),
+        }
         if !r.load_errors.is_empty() {
-            broken += 1;
+            unloaded += 1;
             eprint!("{}", render(&r.load_errors));
-            println!("  BROKEN  the test file or its pipeline has {} problem(s)", r.load_errors.len());
+            println!("  BROKEN  the file could not be run: {} problem(s), shown above", r.load_errors.len());
         }
         for c in &r.cases {
-            if c.failures.is_empty() {
+            if !c.problems.is_empty() {
+                broken += 1;
+                eprint!("{}", render(&c.problems));
+                println!("  BROKEN  {} ({} problem(s), shown above)", c.name, c.problems.len());
+            } else if c.failures.is_empty() {
                 passed += 1;
                 println!("  ok    {}", c.name);
             } else {
@@ -213,14 +220,14 @@ fn cmd_test(paths: Vec<PathBuf>, junit: Option<PathBuf>) -> ExitCode {
             }
         }
     }
-    println!("{passed} passed, {failed} failed, {broken} test file(s) could not run");
+    println!("{passed} passed, {failed} failed, {broken} could not run; {unloaded} test file(s) could not be loaded");
     if let Some(path) = junit
         && let Err(e) = write_junit(&results, &path)
     {
         eprintln!("error: cannot write {}: {e}", path.display());
         return ExitCode::from(2);
     }
-    if failed == 0 && broken == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) }
+    if failed == 0 && broken == 0 && unloaded == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) }
 }
 
 fn write_junit(results: &[testing::FileResult], path: &PathBuf) -> Result<(), Box<dyn std::error::Error>> {
@@ -235,7 +242,12 @@ fn write_junit(results: &[testing::FileResult], path: &PathBuf) -> Result<(), Bo
             suite.add_test_case(TestCase::new("load", status));
         }
         for c in &r.cases {
-            let status = if c.failures.is_empty() {
+            let status = if !c.problems.is_empty() {
+                let mut s = TestCaseStatus::non_success(NonSuccessKind::Error);
+                s.set_message("the test case could not run");
+                s.set_description(c.problems.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n"));
+                s
+            } else if c.failures.is_empty() {
                 TestCaseStatus::success()
             } else {
                 let mut s = TestCaseStatus::non_success(NonSuccessKind::Failure);

@@ -164,7 +164,15 @@ impl Router {
                     let e =
                         engine.get_or_insert_with(|| Arc::new(sandboxed_engine(Limits::default(), Arc::new(ScriptTables::new())))).clone();
                     match e.compile_expression_with_scope(&declared_scope(), &s.value) {
-                        Ok(ast) => Cond::Script(e, Box::new(ast)),
+                        Ok(ast) => {
+                            let at = |pos: rhai::Position| cx.span_inside(s.span, pos.position().unwrap_or(1), 1);
+                            let unknown = crate::map::script::unknown_functions(&e, &ast, &cx.file, &at, &format!("{kp}.when_script"));
+                            if !unknown.is_empty() {
+                                unknown.into_iter().for_each(|d| diags.push(d));
+                                continue;
+                            }
+                            Cond::Script(e, Box::new(ast))
+                        }
                         Err(err) => {
                             let d = parse_error_diag(&cx.file, &err);
                             let col = err.position().position().unwrap_or(1);

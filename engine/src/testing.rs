@@ -115,6 +115,15 @@ pub struct CaseResult {
     pub name: String,
     /// Empty when the case passed.
     pub failures: Vec<String>,
+    /// Problems of the case itself (a sink the pipeline does not have, an unreadable input):
+    /// the case could not run.
+    pub problems: Vec<Diagnostic>,
+}
+
+impl CaseResult {
+    pub fn passed(&self) -> bool {
+        self.failures.is_empty() && self.problems.is_empty()
+    }
 }
 
 /// The results of one test file, or why it could not run.
@@ -128,7 +137,7 @@ pub struct FileResult {
 
 impl FileResult {
     pub fn passed(&self) -> bool {
-        self.load_errors.is_empty() && self.cases.iter().all(|c| c.failures.is_empty())
+        self.load_errors.is_empty() && self.cases.iter().all(CaseResult::passed)
     }
 }
 
@@ -273,13 +282,26 @@ pub fn run_file(path: &Path, shared: &Shared) -> FileResult {
             return result;
         }
     };
-    let parsed = yaml::parse(&file, &*shared.env).and_then(|n| parse_node::<TestFile>(&n, &file, &[]));
-    let tf = match parsed {
+    let node = match yaml::parse(&file, &*shared.env) {
+        Ok(n) => n,
+        Err(d) => {
+            result.load_errors = d;
+            return result;
+        }
+    };
+    let tf = match parse_node::<TestFile>(&node, &file, &[]) {
         Ok(t) => t,
         Err(d) => {
             result.load_errors = d;
             return result;
         }
+    };
+    // Problems found while running point at the key they are about.
+    let place = |mut d: Diagnostic| {
+        if d.span.line == 0 {
+            d.span = node.span_of_path(&d.key_path).unwrap_or(crate::config::Span::new(1, 1, 0, 0));
+        }
+        d
     };
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let pipeline_path = match &tf.pipeline {
@@ -289,33 +311,34 @@ pub fn run_file(path: &Path, shared: &Shared) -> FileResult {
             base.join(name.replace(".test.yaml", ".yaml").replace(".test.yml", ".yml"))
         }
     };
+    if !pipeline_path.is_file() {
+        result.load_errors.push(place(
+            Diagnostic::new(
+                DiagCode::FileNotFound,
+                &file,
+                Default::default(),
+                "pipeline",
+                format!("the pipeline under test, {}, does not exist", pipeline_path.display()),
+            )
+            .hint("say which pipeline with `pipeline:`, relative to this file"),
+        ));
+        return result;
+    }
     let pipeline = match load::load_file(&pipeline_path, shared) {
         Ok(p) => p,
         Err(d) => {
             result.load_errors = d;
-            if result.load_errors.is_empty() {
-                result.load_errors.push(Diagnostic::new(
-                    DiagCode::FileNotFound,
-                    &file,
-                    Default::default(),
-                    "pipeline",
-                    format!("cannot load {}", pipeline_path.display()),
-                ));
-            }
             return result;
         }
     };
     result.pipeline = Some(pipeline.name.clone());
     for (i, case) in tf.tests.iter().enumerate() {
         let key = format!("tests[{i}]");
-        let failures = match run_case(&pipeline, case, &tf, &base, &file, &key) {
-            Ok(f) => f,
-            Err(d) => {
-                result.load_errors.push(d);
-                continue;
-            }
+        let (failures, problems) = match run_case(&pipeline, case, &tf, &base, &file, &key) {
+            Ok(f) => (f, Vec::new()),
+            Err(d) => (Vec::new(), vec![place(d)]),
         };
-        result.cases.push(CaseResult { name: case.name.clone(), failures });
+        result.cases.push(CaseResult { name: case.name.clone(), failures, problems });
     }
     result
 }

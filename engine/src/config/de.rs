@@ -101,16 +101,16 @@ impl de::Error for Error {
 impl Error {
     /// Shows `${VAR}` as written instead of its value, which may be a secret.
     fn redact(mut self, node: &Node) -> Self {
-        if let NodeValue::Scalar(yaml::Scalar { text, written: Some(written), .. }) = &node.value {
-            if !text.is_empty() {
-                self.message = self.message.replace(text.as_str(), written);
-                match &mut self.kind {
-                    ErrorKind::UnknownVariant { variant, .. } | ErrorKind::UnknownField { field: variant, .. } => {
-                        *variant = variant.replace(text.as_str(), written)
-                    }
-                    ErrorKind::InvalidType { found, .. } => *found = found.replace(text.as_str(), written),
-                    _ => {}
+        if let NodeValue::Scalar(yaml::Scalar { text, written: Some(written), .. }) = &node.value
+            && !text.is_empty()
+        {
+            self.message = self.message.replace(text.as_str(), written);
+            match &mut self.kind {
+                ErrorKind::UnknownVariant { variant, .. } | ErrorKind::UnknownField { field: variant, .. } => {
+                    *variant = variant.replace(text.as_str(), written)
                 }
+                ErrorKind::InvalidType { found, .. } => *found = found.replace(text.as_str(), written),
+                _ => {}
             }
         }
         self

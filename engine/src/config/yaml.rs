@@ -86,6 +86,34 @@ impl Node {
         Some(cur)
     }
 
+    /// Where a dotted key path such as `tests[2].expect.sinks.erp_us` is written: the key's own
+    /// position for a mapping entry. `None` when the tree has no such path.
+    pub fn span_of_path(&self, key_path: &str) -> Option<Span> {
+        let mut cur = self;
+        let mut span = self.span;
+        for part in key_path.split('.').filter(|p| !p.is_empty()) {
+            let (name, indexes) = match part.find('[') {
+                Some(i) => (&part[..i], &part[i..]),
+                None => (part, ""),
+            };
+            if !name.is_empty() {
+                span = cur.key_node(name)?.span;
+                cur = cur.get(name)?;
+            }
+            for idx in indexes.split('[').filter(|s| !s.is_empty()) {
+                let i: usize = idx.trim_end_matches(']').parse().ok()?;
+                match &cur.value {
+                    NodeValue::Seq(items) => {
+                        cur = items.get(i)?;
+                        span = cur.span;
+                    }
+                    _ => return None,
+                }
+            }
+        }
+        Some(span)
+    }
+
     /// The value stored under `key` in a mapping.
     pub fn get(&self, key: &str) -> Option<&Node> {
         self.entries()?.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v)

@@ -866,7 +866,7 @@ fn finish(
     errors: &mut Vec<ErrorDetail>,
 ) -> Option<Doc> {
     // Null is no value; for a required field, neither is empty text (channels send `""`).
-    let mut raw = raw.filter(|v| !v.is_null() && !(f.required && v.as_str().is_some_and(|s| s.trim().is_empty())));
+    let mut raw = raw.filter(|v| !(v.is_null() || f.required && v.as_str().is_some_and(|s| s.trim().is_empty())));
     if let Some(v) = raw
         && !f.null_if.is_empty()
         && text_of(v).is_some_and(|t| f.null_if.iter().any(|n| *n == *t))

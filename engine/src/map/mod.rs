@@ -523,7 +523,14 @@ fn build_assert(c: &AssertStepConfig, cx: &BuildContext, key_path: &str) -> Resu
     let mut rules = Vec::new();
     for (i, r) in c.rules.iter().enumerate() {
         match engine.compile_expression_with_scope(&script::declared_scope(), &r.that.value) {
-            Ok(ast) => rules.push((ast, r.clone())),
+            Ok(ast) => {
+                let at = |pos: rhai::Position| cx.span_inside(r.that.span, pos.position().unwrap_or(1), 1);
+                let unknown = script::unknown_functions(&engine, &ast, &cx.file, &at, &format!("{key_path}.rules[{i}].that"));
+                if unknown.is_empty() {
+                    rules.push((ast, r.clone()));
+                }
+                unknown.into_iter().for_each(|d| diags.push(d));
+            }
             Err(e) => {
                 let d = script::parse_error_diag(&cx.file, &e);
                 let col = e.position().position().unwrap_or(1);

@@ -229,6 +229,43 @@ pub fn declared_scope() -> Scope<'static> {
     scope
 }
 
+/// Names Rhai handles itself rather than as registered functions.
+const RHAI_KEYWORDS: &[&str] =
+    &["type_of", "print", "debug", "Fn", "call", "curry", "is_def_var", "is_def_fn", "is_shared", "eval", "this"];
+
+/// Every call to a function that does not exist, as diagnostics: Rhai itself only notices when
+/// the call runs, which for an analyst is too late.
+pub fn unknown_functions(
+    engine: &Engine,
+    ast: &AST,
+    file: &SourceFile,
+    position_of: &dyn Fn(Position) -> crate::config::Span,
+    key_path: &str,
+) -> Vec<Diagnostic> {
+    use rhai::{ASTNode, Expr};
+    let mut known: std::collections::HashSet<String> =
+        engine.collect_fn_metadata(None, |f| Some(f.metadata.name.to_string()), true).into_iter().collect();
+    known.extend(ast.iter_functions().map(|f| f.name.to_string()));
+    known.extend(RHAI_KEYWORDS.iter().map(|k| k.to_string()));
+    let mut unknown: Vec<(String, Position)> = Vec::new();
+    ast.walk(&mut |path: &[ASTNode]| {
+        if let Some(ASTNode::Expr(Expr::FnCall(call, pos) | Expr::MethodCall(call, pos))) = path.last() {
+            let name = call.name.as_str();
+            if call.op_token.is_none() && name.chars().next().is_some_and(|c| c.is_alphabetic() || c == '_') && !known.contains(name) {
+                unknown.push((name.to_string(), *pos));
+            }
+        }
+        true
+    });
+    unknown
+        .into_iter()
+        .map(|(name, pos)| {
+            Diagnostic::new(DiagCode::ScriptSyntax, file, position_of(pos), key_path, format!("unknown function `{name}`"))
+                .hint_opt(crate::config::diag::suggestion(&name, known.iter().map(String::as_str)))
+        })
+        .collect()
+}
+
 /// A Rhai compile error as a diagnostic at the script's line and column.
 pub fn parse_error_diag(file: &SourceFile, e: &rhai::ParseError) -> Diagnostic {
     let pos = e.position();
@@ -294,6 +331,11 @@ impl Script {
             file.path.file_stem().map(|s| s.to_string_lossy().trim_end_matches(".rhai").to_string()).unwrap_or_default()
         });
         let ast = engine.compile_with_scope(&declared_scope(), &*file.text).map_err(|e| vec![parse_error_diag(file, &e)])?;
+        let at = |pos: Position| file.span_at(pos.line().unwrap_or(1), pos.position().unwrap_or(1), 1);
+        let unknown = unknown_functions(&engine, &ast, file, &at, "");
+        if !unknown.is_empty() {
+            return Err(unknown);
+        }
         Ok(Script { name, version, engine, ast })
     }
 
@@ -413,6 +455,16 @@ mod tests {
         assert!(f.errors[0].message.to_lowercase().contains("stack overflow") || f.errors[0].message.contains("call"), "{:?}", f.errors);
         let errs = script("// version: 1\neval(\"1\")").unwrap_err();
         assert_eq!(errs[0].code, DiagCode::ScriptSyntax);
+    }
+
+    #[test]
+    fn misspelt_functions_are_load_errors() {
+        let errs = script("// version: 1\nfn mine(x) { x }\nlet a = mine(1);\nlet b = is_blnk(input.x);\nlet c = input.items.len();\nlet d = type_of(a);\nb").unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(
+            (errs[0].span.line, errs[0].message.as_str(), errs[0].hint.as_deref()),
+            (4, "unknown function `is_blnk`", Some("did you mean `is_blank`?"))
+        );
     }
 
     #[test]
