@@ -122,9 +122,34 @@ fn the_reference_pipelines_are_valid() {
     let out = switchyard(&["validate", "pipelines", "--format", "json"], &repo());
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["problems"], serde_json::json!([]));
+    assert_eq!(report["warnings"], serde_json::json!([]));
     assert_eq!(out.status.code(), Some(0));
     let names: Vec<&str> = report["pipelines"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["amazon-orders", "erp-sales-orders", "pos-store-sales", "shopify-orders"]);
+}
+
+#[test]
+fn a_hint_for_a_reason_nothing_gives_is_a_warning_with_a_suggestion() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(repo().join("pipelines/erp-sales-orders.yaml"))
+        .unwrap()
+        .replace("../", &format!("{}/", repo().display()))
+        .replace("    unknown_channel:", "    unknown_chanel:");
+    std::fs::write(dir.path().join("p.yaml"), &text).unwrap();
+    let out = switchyard(&["validate", "p.yaml", "--format", "json"], dir.path());
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "a warning does not fail validation: {report}");
+    assert_eq!(report["valid"], true);
+    let w = &report["warnings"][0];
+    let line = text.lines().position(|l| l.contains("unknown_chanel:")).unwrap() + 1;
+    assert_eq!(
+        (w["code"].as_str(), w["severity"].as_str(), w["line"].as_u64()),
+        (Some("unknown_reason"), Some("warning"), Some(line as u64))
+    );
+    assert_eq!(w["hint"], "did you mean `unknown_channel`?");
+    assert_eq!(report["warnings"].as_array().unwrap().len(), 1, "{report}");
+    let human = switchyard(&["validate", "p.yaml"], dir.path());
+    assert!(String::from_utf8_lossy(&human.stdout).contains("all valid, 1 warning(s)"));
 }
 
 #[test]

@@ -102,6 +102,9 @@ impl miette::Diagnostic for Rendered {
     fn code<'a>(&'a self) -> Option<Box<dyn fmt::Display + 'a>> {
         Some(Box::new(format!("switchyard::{}", self.diag.code.as_str())))
     }
+    fn severity(&self) -> Option<miette::Severity> {
+        Some(if self.diag.warning { miette::Severity::Warning } else { miette::Severity::Error })
+    }
     fn help<'a>(&'a self) -> Option<Box<dyn fmt::Display + 'a>> {
         self.diag.hint.as_ref().map(|h| Box::new(h.clone()) as Box<dyn fmt::Display>)
     }
@@ -155,19 +158,22 @@ fn cmd_validate(paths: Vec<PathBuf>, format: OutputFormat) -> ExitCode {
                 "files": loaded.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
                 "pipelines": loaded.pipelines.iter().map(|p| serde_json::json!({"name": p.name, "version": p.version, "file": p.file.display().to_string()})).collect::<Vec<_>>(),
                 "problems": loaded.diagnostics.iter().map(Diagnostic::to_json).collect::<Vec<_>>(),
+                "warnings": loaded.warnings.iter().map(Diagnostic::to_json).collect::<Vec<_>>(),
             });
             println!("{}", serde_json::to_string_pretty(&report).expect("JSON"));
         }
         OutputFormat::Human => {
             eprint!("{}", render(&loaded.diagnostics));
+            eprint!("{}", render(&loaded.warnings));
+            let warned = if loaded.warnings.is_empty() { String::new() } else { format!(", {} warning(s)", loaded.warnings.len()) };
             if loaded.diagnostics.is_empty() {
-                println!("{} pipeline file(s) checked: all valid", loaded.files.len());
+                println!("{} pipeline file(s) checked: all valid{warned}", loaded.files.len());
                 for p in &loaded.pipelines {
                     println!("  ok  {} {} ({})", p.name, p.version, p.file.display());
                 }
             } else {
                 println!(
-                    "{} pipeline file(s) checked: {} problem(s) in {} file(s)",
+                    "{} pipeline file(s) checked: {} problem(s) in {} file(s){warned}",
                     loaded.files.len(),
                     loaded.diagnostics.len(),
                     bad_files.len()
@@ -281,6 +287,7 @@ fn cmd_run(paths: Vec<PathBuf>, once: bool, data_dir: PathBuf) -> ExitCode {
         eprintln!("error: {} problem(s); nothing was run (see `switchyard validate`)", loaded.diagnostics.len());
         return ExitCode::from(1);
     }
+    eprint!("{}", render(&loaded.warnings));
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let opts = RunOptions { data_dir };
     // The summary goes to stderr: stdout belongs to pipelines that write there.

@@ -130,6 +130,7 @@ impl Failure {
 /// Reason codes the engine itself assigns. Pipelines add their own (e.g. `unknown_sku`).
 pub mod reason {
     pub const INVALID_JSON: &str = "invalid_json";
+    pub const INVALID_CSV: &str = "invalid_csv";
     pub const SCHEMA_VIOLATION: &str = "schema_violation";
     pub const MISSING_REQUIRED_FIELD: &str = "missing_required_field";
     pub const INVALID_VALUE: &str = "invalid_value";
@@ -137,10 +138,29 @@ pub mod reason {
     pub const LOOKUP_MISS: &str = "lookup_miss";
     pub const SCRIPT_ERROR: &str = "script_error";
     pub const TOTALS_MISMATCH: &str = "totals_mismatch";
+    pub const CURRENCY_MISMATCH: &str = "currency_mismatch";
     pub const UNROUTED: &str = "unrouted";
     pub const SINK_FAILED: &str = "sink_failed";
     pub const UNREADABLE_INPUT: &str = "unreadable_input";
     pub const INTERNAL_ERROR: &str = "internal_error";
+
+    /// Every reason the engine itself gives; steps add the ones their configuration names.
+    pub const ENGINE: &[&str] = &[
+        INVALID_JSON,
+        INVALID_CSV,
+        SCHEMA_VIOLATION,
+        MISSING_REQUIRED_FIELD,
+        INVALID_VALUE,
+        UNMAPPED_VALUE,
+        LOOKUP_MISS,
+        SCRIPT_ERROR,
+        TOTALS_MISMATCH,
+        CURRENCY_MISMATCH,
+        UNROUTED,
+        SINK_FAILED,
+        UNREADABLE_INPUT,
+        INTERNAL_ERROR,
+    ];
 }
 
 /// A message that failed a stage, with everything needed to understand and replay it.

@@ -80,6 +80,8 @@ pub enum DiagCode {
     InvalidSchema,
     InvalidFile,
     Conflict,
+    /// A hint for an exception reason nothing in the pipeline produces (a warning).
+    UnknownReason,
 }
 
 impl DiagCode {
@@ -100,6 +102,7 @@ impl DiagCode {
             DiagCode::InvalidSchema => "invalid_schema",
             DiagCode::InvalidFile => "invalid_file",
             DiagCode::Conflict => "conflict",
+            DiagCode::UnknownReason => "unknown_reason",
         }
     }
 }
@@ -117,6 +120,8 @@ pub struct Diagnostic {
     pub hint: Option<String>,
     /// Another place that matters, e.g. the first occurrence of a duplicate key.
     pub related: Option<(Span, String)>,
+    /// A warning does not stop the pipeline from loading.
+    pub warning: bool,
 }
 
 impl Diagnostic {
@@ -130,7 +135,13 @@ impl Diagnostic {
             expected: None,
             hint: None,
             related: None,
+            warning: false,
         }
+    }
+
+    pub fn warning(mut self) -> Self {
+        self.warning = true;
+        self
     }
 
     pub fn expected(mut self, expected: impl Into<String>) -> Self {
@@ -161,6 +172,7 @@ impl Diagnostic {
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "code": self.code.as_str(),
+            "severity": if self.warning { "warning" } else { "error" },
             "file": self.source.path.display().to_string(),
             "line": self.span.line,
             "column": self.span.column,

@@ -347,16 +347,11 @@ impl FieldMap {
         diags.finish(FieldMap { name: name.to_string(), version: version.to_string(), fields })
     }
 
-    /// The lookup tables the fields use: (name, version).
-    pub fn tables(&self) -> Vec<(String, String)> {
-        fn walk(fields: &[Field], out: &mut Vec<(String, String)>) {
+    /// Every field lookup, nested ones included.
+    fn lookups(&self) -> Vec<&Lookup> {
+        fn walk<'a>(fields: &'a [Field], out: &mut Vec<&'a Lookup>) {
             for f in fields {
-                if let Some(l) = &f.lookup {
-                    let entry = (l.table.name.clone(), l.table.version.clone());
-                    if !out.contains(&entry) {
-                        out.push(entry);
-                    }
-                }
+                out.extend(&f.lookup);
                 match (&f.shape, &f.source) {
                     (Shape::Object(inner) | Shape::Each(_, Some(inner)), _) => walk(inner, out),
                     (_, Source::FirstOf(inner) | Source::Append(inner)) => walk(inner, out),
@@ -367,6 +362,23 @@ impl FieldMap {
         let mut out = Vec::new();
         walk(&self.fields, &mut out);
         out
+    }
+
+    /// The lookup tables the fields use: (name, version).
+    pub fn tables(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for l in self.lookups() {
+            let entry = (l.table.name.clone(), l.table.version.clone());
+            if !out.contains(&entry) {
+                out.push(entry);
+            }
+        }
+        out
+    }
+
+    /// The `on_miss` reasons of the field lookups.
+    pub fn miss_reasons(&self) -> Vec<String> {
+        self.lookups().into_iter().map(|l| l.on_miss.clone()).collect()
     }
 
     /// Builds the output record from `input`. Every failing field is reported, not only the first.

@@ -84,6 +84,17 @@ pub trait MapStep: Send + Sync {
     fn restructures(&self) -> bool {
         false
     }
+    /// The exception reasons this step's configuration names (`on_miss:`, `reason:`, a script's
+    /// `fail("...")`), so hints for reasons nothing gives can be flagged.
+    fn reasons(&self, _out: &mut Reasons) {}
+}
+
+/// Exception reasons a pipeline can give.
+#[derive(Debug, Default)]
+pub struct Reasons {
+    pub names: Vec<String>,
+    /// A script computes a reason at run time, so the list is not complete.
+    pub open: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
@@ -280,6 +291,9 @@ impl MapStep for FieldsStep {
         let own = (!self.inline).then(|| (self.map.name.clone(), self.map.version.clone()));
         own.into_iter().chain(self.map.tables()).collect()
     }
+    fn reasons(&self, out: &mut Reasons) {
+        out.names.extend(self.map.miss_reasons());
+    }
 }
 
 fn build_fields(c: &FieldsStepConfig, cx: &BuildContext, key_path: &str) -> Result<Box<dyn MapStep>, Vec<Diagnostic>> {
@@ -324,6 +338,9 @@ impl MapStep for ScriptStep {
     }
     fn versions(&self) -> Vec<(String, String)> {
         std::iter::once((self.script.name.clone(), self.script.version.clone())).chain(self.tables.iter().cloned()).collect()
+    }
+    fn reasons(&self, out: &mut Reasons) {
+        self.script.reasons(out);
     }
 }
 
@@ -410,6 +427,9 @@ impl MapStep for LookupStep {
     fn versions(&self) -> Vec<(String, String)> {
         vec![(self.table.name.clone(), self.table.version.clone())]
     }
+    fn reasons(&self, out: &mut Reasons) {
+        out.names.push(self.on_miss.clone());
+    }
 }
 
 fn build_lookup(c: &LookupStepConfig, cx: &BuildContext, key_path: &str) -> Result<Box<dyn MapStep>, Vec<Diagnostic>> {
@@ -477,6 +497,9 @@ impl MapStep for reconcile::Reconcile {
     fn versions(&self) -> Vec<(String, String)> {
         Vec::new()
     }
+    fn reasons(&self, out: &mut Reasons) {
+        out.names.push(self.reason.clone());
+    }
 }
 
 struct AssertStep {
@@ -514,6 +537,9 @@ impl MapStep for AssertStep {
     }
     fn versions(&self) -> Vec<(String, String)> {
         Vec::new()
+    }
+    fn reasons(&self, out: &mut Reasons) {
+        out.names.extend(self.rules.iter().map(|(_, r)| r.reason.clone()));
     }
 }
 

@@ -261,7 +261,7 @@ impl Reconcile {
         }
 
         if !c.errors.is_empty() {
-            let r = if c.currency_errors > 0 { "currency_mismatch" } else { self.reason.as_str() };
+            let r = if c.currency_errors > 0 { reason::CURRENCY_MISMATCH } else { self.reason.as_str() };
             return Err(fail(c.errors, r));
         }
         if self.fill {

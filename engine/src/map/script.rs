@@ -229,6 +229,19 @@ pub fn declared_scope() -> Scope<'static> {
     scope
 }
 
+/// Every function and method call in the script, in statement or expression position.
+fn each_call(ast: &AST, visit: &mut dyn FnMut(&rhai::FnCallExpr, Position)) {
+    use rhai::{ASTNode, Expr, Stmt};
+    ast.walk(&mut |path: &[ASTNode]| {
+        match path.last() {
+            Some(ASTNode::Expr(Expr::FnCall(call, pos) | Expr::MethodCall(call, pos))) => visit(call, *pos),
+            Some(ASTNode::Stmt(Stmt::FnCall(call, pos))) => visit(call, *pos),
+            _ => {}
+        }
+        true
+    });
+}
+
 /// Names Rhai handles itself rather than as registered functions.
 const RHAI_KEYWORDS: &[&str] =
     &["type_of", "print", "debug", "Fn", "call", "curry", "is_def_var", "is_def_fn", "is_shared", "eval", "this"];
@@ -242,20 +255,16 @@ pub fn unknown_functions(
     position_of: &dyn Fn(Position) -> crate::config::Span,
     key_path: &str,
 ) -> Vec<Diagnostic> {
-    use rhai::{ASTNode, Expr};
     let mut known: std::collections::HashSet<String> =
         engine.collect_fn_metadata(None, |f| Some(f.metadata.name.to_string()), true).into_iter().collect();
     known.extend(ast.iter_functions().map(|f| f.name.to_string()));
     known.extend(RHAI_KEYWORDS.iter().map(|k| k.to_string()));
     let mut unknown: Vec<(String, Position)> = Vec::new();
-    ast.walk(&mut |path: &[ASTNode]| {
-        if let Some(ASTNode::Expr(Expr::FnCall(call, pos) | Expr::MethodCall(call, pos))) = path.last() {
-            let name = call.name.as_str();
-            if call.op_token.is_none() && name.chars().next().is_some_and(|c| c.is_alphabetic() || c == '_') && !known.contains(name) {
-                unknown.push((name.to_string(), *pos));
-            }
+    each_call(ast, &mut |call, pos| {
+        let name = call.name.as_str();
+        if call.op_token.is_none() && name.chars().next().is_some_and(|c| c.is_alphabetic() || c == '_') && !known.contains(name) {
+            unknown.push((name.to_string(), pos));
         }
-        true
     });
     unknown
         .into_iter()
@@ -264,6 +273,20 @@ pub fn unknown_functions(
                 .hint_opt(crate::config::diag::suggestion(&name, known.iter().map(String::as_str)))
         })
         .collect()
+}
+
+/// The reasons of `fail("reason", ...)` calls, and whether any call computes its reason instead.
+fn fail_reasons(ast: &AST) -> (Vec<String>, bool) {
+    let (mut names, mut computed) = (Vec::new(), false);
+    each_call(ast, &mut |call, _| {
+        if call.name.as_str() == "fail" {
+            match call.args.first() {
+                Some(rhai::Expr::StringConstant(s, _)) => names.push(s.to_string()),
+                _ => computed = true,
+            }
+        }
+    });
+    (names, computed)
 }
 
 /// A Rhai compile error as a diagnostic at the script's line and column.
@@ -304,6 +327,10 @@ pub struct Script {
     pub version: String,
     engine: Arc<Engine>,
     ast: AST,
+    /// Reasons written as text in `fail("...", ...)` calls.
+    fail_reasons: Vec<String>,
+    /// Some `fail` call computes its reason.
+    fail_reason_computed: bool,
 }
 
 impl std::fmt::Debug for Script {
@@ -336,7 +363,13 @@ impl Script {
         if !unknown.is_empty() {
             return Err(unknown);
         }
-        Ok(Script { name, version, engine, ast })
+        let (fail_reasons, fail_reason_computed) = fail_reasons(&ast);
+        Ok(Script { name, version, engine, ast, fail_reasons, fail_reason_computed })
+    }
+
+    pub fn reasons(&self, out: &mut crate::map::Reasons) {
+        out.names.extend(self.fail_reasons.iter().cloned());
+        out.open |= self.fail_reason_computed;
     }
 
     /// Runs the script on `record`; `meta` is visible as `meta`.
@@ -459,12 +492,26 @@ mod tests {
 
     #[test]
     fn misspelt_functions_are_load_errors() {
-        let errs = script("// version: 1\nfn mine(x) { x }\nlet a = mine(1);\nlet b = is_blnk(input.x);\nlet c = input.items.len();\nlet d = type_of(a);\nb").unwrap_err();
-        assert_eq!(errs.len(), 1, "{errs:?}");
+        let errs = script("// version: 1\nfn mine(x) { x }\nlet a = mine(1);\nlet b = is_blnk(input.x);\nlet c = input.items.len();\nlet d = type_of(a);\nis_blank(d);\nprnt(d);\nb").unwrap_err();
+        assert_eq!(errs.len(), 2, "{errs:?}");
         assert_eq!(
             (errs[0].span.line, errs[0].message.as_str(), errs[0].hint.as_deref()),
             (4, "unknown function `is_blnk`", Some("did you mean `is_blank`?"))
         );
+        // A call standing as a statement is a different node in Rhai's tree.
+        assert_eq!((errs[1].span.line, errs[1].message.as_str()), (8, "unknown function `prnt`"));
+    }
+
+    #[test]
+    fn fail_reasons_are_known_unless_computed() {
+        let s = script("// version: 1\nfn check(x) { if x < 0 { fail(\"negative\", \"x\"); } x }\nif input.a == () { fail(\"no_a\", \"/a\", \"a\") }\ncheck(input.a)").unwrap();
+        let mut r = crate::map::Reasons::default();
+        s.reasons(&mut r);
+        assert_eq!((r.names, r.open), (vec!["no_a".to_string(), "negative".to_string()], false));
+        let s = script("// version: 1\nlet why = \"x\";\nfail(why, \"computed\")").unwrap();
+        let mut r = crate::map::Reasons::default();
+        s.reasons(&mut r);
+        assert!(r.open);
     }
 
     #[test]

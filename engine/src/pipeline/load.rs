@@ -156,6 +156,8 @@ pub struct Loaded {
     pub files: Vec<PathBuf>,
     pub pipelines: Vec<Pipeline>,
     pub diagnostics: Vec<Diagnostic>,
+    /// Problems of pipelines that loaded all the same.
+    pub warnings: Vec<Diagnostic>,
 }
 
 /// Loads every pipeline under `paths`; pipelines with problems are left out and their
@@ -183,6 +185,7 @@ pub fn load_all(paths: &[PathBuf], shared: &Shared) -> Result<Loaded, String> {
                     continue;
                 }
                 names.insert(p.name.clone(), f.clone());
+                loaded.warnings.extend(p.warnings.iter().cloned());
                 loaded.pipelines.push(p);
             }
             Err(d) => loaded.diagnostics.extend(d),

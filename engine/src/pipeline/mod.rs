@@ -4,7 +4,7 @@
 pub mod load;
 
 use crate::build::{BuildContext, Diags};
-use crate::config::{DiagCode, Diagnostic, Spanned};
+use crate::config::{DiagCode, Diagnostic, Spanned, yaml};
 use crate::doc::Doc;
 use crate::jsonpath::{CompiledPath, Scope};
 use crate::map::fields::ApiVersion;
@@ -55,7 +55,7 @@ pub struct EnvelopeConfig {
 pub struct ExceptionPolicy {
     /// Remediation hint per reason code, copied onto each exception record with that reason.
     #[serde(default)]
-    pub hints: IndexMap<String, String>,
+    pub hints: IndexMap<String, Spanned<String>>,
     /// Hint for reasons without their own.
     #[serde(default)]
     pub default_hint: Option<String>,
@@ -104,6 +104,45 @@ enum Correlation {
     Template(Template),
 }
 
+/// Warnings for `exceptions.hints` keys that no part of the pipeline gives as a reason: a
+/// misspelt key would otherwise silently never apply.
+fn unknown_hint_reasons(config: &PipelineConfig, steps: &[Box<dyn MapStep>], cx: &BuildContext) -> Vec<Diagnostic> {
+    let mut reasons = crate::map::Reasons::default();
+    for s in steps {
+        s.reasons(&mut reasons);
+    }
+    if reasons.open {
+        return Vec::new();
+    }
+    let mut known: Vec<&str> = reason::ENGINE.to_vec();
+    for r in &reasons.names {
+        if !known.contains(&r.as_str()) {
+            known.push(r);
+        }
+    }
+    // The key, not the value: a hint is often a multi-line block.
+    let tree = yaml::parse_plain(&cx.file).ok();
+    config
+        .exceptions
+        .hints
+        .iter()
+        .filter(|(k, _)| !known.contains(&k.as_str()))
+        .map(|(k, v)| {
+            let key_path = format!("exceptions.hints.{k}");
+            let suggestion = crate::config::diag::suggestion(k, known.iter().copied());
+            let span = tree.as_ref().and_then(|t| t.span_of_path(&key_path)).unwrap_or(v.span);
+            cx.diag(
+                DiagCode::UnknownReason,
+                span,
+                &key_path,
+                format!("no step of this pipeline fails with reason `{k}`, so this hint never applies"),
+            )
+            .hint(suggestion.unwrap_or_else(|| format!("reasons this pipeline gives: {}", known.join(", "))))
+            .warning()
+        })
+        .collect()
+}
+
 /// A built pipeline, ready to process messages.
 pub struct Pipeline {
     pub name: String,
@@ -123,6 +162,8 @@ pub struct Pipeline {
     router: Router,
     hints: IndexMap<String, String>,
     default_hint: Option<String>,
+    /// Problems that do not stop the pipeline, e.g. a hint for a reason nothing gives.
+    pub warnings: Vec<Diagnostic>,
     pub mapping_versions: Arc<IndexMap<String, String>>,
     /// Name, version and channel as every message's metadata shares them.
     shared_meta: (Arc<str>, Arc<str>, Option<Arc<str>>),
@@ -269,6 +310,7 @@ impl Pipeline {
         if !diags.is_empty() {
             return Err(diags.0);
         }
+        let warnings = unknown_hint_reasons(config, &steps, cx);
         Ok(Pipeline {
             name: config.name.value.clone(),
             version: config.version.clone(),
@@ -284,7 +326,8 @@ impl Pipeline {
             validate,
             steps,
             router,
-            hints: config.exceptions.hints.clone(),
+            hints: config.exceptions.hints.iter().map(|(k, v)| (k.clone(), v.value.clone())).collect(),
+            warnings,
             default_hint: config.exceptions.default_hint.clone(),
             mapping_versions: Arc::new(versions),
             shared_meta: (

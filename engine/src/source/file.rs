@@ -4,7 +4,7 @@
 use super::{CsvOptions, Format, Incoming, NoAck, Source, SourceError};
 use crate::config::Spanned;
 use crate::doc::{Doc, Object};
-use crate::message::RawMessage;
+use crate::message::{RawMessage, reason};
 use async_trait::async_trait;
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -103,7 +103,7 @@ fn split_csv(content: &[u8], origin: &str, opts: &CsvOptions) -> Vec<RawMessage>
         Ok(h) => h.iter().map(str::to_string).collect(),
         Err(e) => {
             let mut m = message(content.to_vec(), None, origin.to_string(), Some(1));
-            m.decode_error = Some(("invalid_csv".into(), format!("the header row cannot be read: {e}")));
+            m.decode_error = Some((reason::INVALID_CSV.into(), format!("the header row cannot be read: {e}")));
             return vec![m];
         }
     };
@@ -137,7 +137,7 @@ fn split_csv(content: &[u8], origin: &str, opts: &CsvOptions) -> Vec<RawMessage>
                 let body = line_at(content, at);
                 let row_line = line_number(content, body.as_ptr() as usize - content.as_ptr() as usize);
                 let mut m = message(body.to_vec(), None, format!("{origin}:{row_line}"), Some(row_line));
-                m.decode_error = Some(("invalid_csv".into(), format!("row {row_line} cannot be read: {e}")));
+                m.decode_error = Some((reason::INVALID_CSV.into(), format!("row {row_line} cannot be read: {e}")));
                 out.push(m);
                 if matches!(e.kind(), csv::ErrorKind::Io(_)) {
                     break;
