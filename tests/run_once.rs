@@ -1,7 +1,7 @@
 //! `switchyard run --once` over the reference pipelines and their example payloads: counts add up,
-//! every input ends in a sink or in the exception file, exception records keep the original bytes
-//! and point into the input, and every canonical Order produced is valid and reconciles to the cent
-//! when checked independently of the engine's own reconcile step.
+//! every input ends in a sink or in the exception store, exception records keep the original bytes
+//! and point into the input, a second run reads nothing twice, and every canonical Order produced
+//! is valid and reconciles to the cent when checked independently of the engine's own reconcile.
 
 use rust_decimal::Decimal;
 use serde_json::Value;
@@ -67,104 +67,160 @@ fn reconciles(o: &Value) -> bool {
     total == money(&o["totals"]["total"]) && tax == money(&o["totals"]["tax"]) && subtotal == money(&o["totals"]["subtotal"])
 }
 
-#[test]
-fn every_input_ends_in_a_sink_or_the_exception_file() {
-    let data = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["run", "pipelines", "--once", "--data-dir"])
-        .arg(data.path())
+fn switchyard(args: &[&str], data: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(data)
         .current_dir(repo())
         .output()
-        .expect("switchyard runs");
-    let stdout = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}");
+        .expect("switchyard runs")
+}
 
-    // The summary's own arithmetic.
-    let total = stdout.lines().find(|l| l.starts_with("total:")).expect("a total line");
-    let n: Vec<u64> = total.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).map(|s| s.parse().unwrap()).collect();
-    assert_eq!(n[0], n[1] + n[2], "{total}");
-    // Inputs: 9 Shopify files, 3 Amazon bundles, 3 canonical orders, 20 POS rows.
-    assert_eq!(n[0], 35, "{stdout}");
+/// Every exception record in the store, through the command operators use.
+fn exported(data: &Path) -> Vec<Value> {
+    let out = switchyard(&["exceptions", "export"], data);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// The numbers of the `total:` line: in, routed, exceptions.
+fn totals(summary: &str) -> Vec<u64> {
+    let total = summary.lines().find(|l| l.starts_with("total:")).expect("a total line");
+    total.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).map(|s| s.parse().unwrap()).collect()
+}
+
+#[test]
+fn every_input_ends_in_a_sink_or_the_exception_store() {
+    let data = tempfile::tempdir().unwrap();
+    let out = switchyard(&["run", "pipelines", "--once"], data.path());
+    let summary = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{summary}");
+    let n = totals(&summary);
+    assert_eq!(n[0], n[1] + n[2], "{summary}");
+    // 9 Shopify files, 3 Amazon bundles and 20 POS rows; the 9 canonical Orders the first two
+    // produce are received again by erp-sales-orders through the queue `orders.canonical`.
+    assert_eq!(n[0], 9 + 3 + 20 + 9, "{summary}");
 
     let outputs: Vec<(&str, PathBuf)> = vec![
-        ("shopify-orders", data.path().join("out/shopify/orders-us.ndjson")),
-        ("shopify-orders", data.path().join("out/shopify/orders-intl.ndjson")),
-        ("amazon-orders", data.path().join("out/amazon/orders.ndjson")),
-        ("erp-sales-orders", data.path().join("out/erp/bc-sales-orders.ndjson")),
+        ("erp-sales-orders", data.path().join("out/erp/bc-sales-orders-us.ndjson")),
+        ("erp-sales-orders", data.path().join("out/erp/bc-sales-orders-intl.ndjson")),
         ("pos-store-sales", data.path().join("out/pos/inventory-events.ndjson")),
     ];
-    let routed: usize = outputs.iter().map(|(_, p)| ndjson(p).len()).sum();
-    assert_eq!(routed as u64, n[1], "the sink files hold exactly the routed messages");
+    let files: usize = outputs.iter().map(|(_, p)| ndjson(p).len()).sum();
+    // Routed = the file outputs + the 9 canonical Orders routed onto the queue.
+    assert_eq!(files as u64 + 9, n[1], "the sink files hold exactly the routed messages");
 
     let mut reasons: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut exceptions = 0;
-    for pipeline in ["shopify-orders", "amazon-orders", "erp-sales-orders", "pos-store-sales"] {
-        for rec in ndjson(&data.path().join(format!("exceptions/{pipeline}.ndjson"))) {
-            exceptions += 1;
-            reasons.entry(pipeline.to_string()).or_default().push(rec["reason"].as_str().unwrap().to_string());
-            assert!(rec["hint"].as_str().is_some_and(|h| !h.is_empty()), "every exception carries a hint: {rec}");
-            assert!(!rec["errors"].as_array().unwrap().is_empty());
-            // The original payload, byte for byte.
-            let origin = rec["origin"].as_str().unwrap();
-            let original = rec["original_payload"].as_str().unwrap().as_bytes().to_vec();
-            let (file, line) = match origin.rsplit_once(':') {
-                Some((f, l)) if l.chars().all(|c| c.is_ascii_digit()) => (f, Some(l.parse::<usize>().unwrap())),
-                _ => (origin, None),
-            };
-            let bytes = std::fs::read(repo().join(file)).unwrap();
-            let (expected_bytes, input): (Vec<u8>, Value) = match line {
-                None => (bytes.clone(), serde_json::from_slice(&bytes).unwrap_or(Value::Null)),
-                Some(l) => {
-                    let rows = split(&bytes, Format::Csv, file, &Default::default());
-                    let row = rows.into_iter().find(|m| m.headers.get("file.line") == Some(&l.to_string())).expect("the row");
-                    (row.body, row.parsed.unwrap().to_json())
-                }
-            };
-            assert_eq!(original, expected_bytes, "{pipeline}: original payload of {origin} is byte for byte");
-            // Pointers into the input resolve in it.
-            for e in rec["errors"].as_array().unwrap() {
-                if e["document"] == "input" {
-                    let p = e["pointer"].as_str().unwrap();
-                    assert!(input.pointer(p).is_some(), "{pipeline}: pointer {p} resolves in {origin}");
-                }
+    let records = exported(data.path());
+    for rec in &records {
+        let pipeline = rec["pipeline"].as_str().unwrap();
+        assert_eq!(rec["status"], "open");
+        reasons.entry(pipeline.to_string()).or_default().push(rec["reason"].as_str().unwrap().to_string());
+        assert!(rec["hint"].as_str().is_some_and(|h| !h.is_empty()), "every exception carries a hint: {rec}");
+        assert!(!rec["errors"].as_array().unwrap().is_empty());
+        // The original payload, byte for byte.
+        let origin = rec["origin"].as_str().unwrap();
+        let original = rec["original_payload"].as_str().unwrap().as_bytes().to_vec();
+        let (file, line) = match origin.rsplit_once(':') {
+            Some((f, l)) if l.chars().all(|c| c.is_ascii_digit()) => (f, Some(l.parse::<usize>().unwrap())),
+            _ => (origin, None),
+        };
+        let bytes = std::fs::read(repo().join(file)).unwrap();
+        let (expected_bytes, input): (Vec<u8>, Value) = match line {
+            None => (bytes.clone(), serde_json::from_slice(&bytes).unwrap_or(Value::Null)),
+            Some(l) => {
+                let rows = split(&bytes, Format::Csv, file, &Default::default());
+                let row = rows.into_iter().find(|m| m.headers.get("file.line") == Some(&l.to_string())).expect("the row");
+                (row.body, row.parsed.unwrap().to_json())
+            }
+        };
+        assert_eq!(original, expected_bytes, "{pipeline}: original payload of {origin} is byte for byte");
+        // Pointers into the input resolve in it.
+        for e in rec["errors"].as_array().unwrap() {
+            if e["document"] == "input" {
+                let p = e["pointer"].as_str().unwrap();
+                assert!(input.pointer(p).is_some(), "{pipeline}: pointer {p} resolves in {origin}");
             }
         }
     }
-    assert_eq!(exceptions as u64, n[2], "the exception files hold exactly the exceptions");
-    let expected: BTreeMap<String, Vec<String>> = [
+    assert_eq!(records.len() as u64, n[2], "the store holds exactly the exceptions");
+    let mut expected: BTreeMap<String, Vec<String>> = [
         ("amazon-orders", vec!["order_pending"]),
-        ("erp-sales-orders", vec!["unknown_sku"]),
-        ("pos-store-sales", vec!["unknown_sku", "schema_violation"]),
+        ("pos-store-sales", vec!["schema_violation", "unknown_sku"]),
         ("shopify-orders", vec!["totals_mismatch", "totals_mismatch"]),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.into_iter().map(String::from).collect()))
     .collect();
+    for v in reasons.values_mut() {
+        v.sort();
+    }
+    for v in expected.values_mut() {
+        v.sort();
+    }
     assert_eq!(reasons, expected, "the examples designed to fail, and only those, are exceptions");
 
-    // Every canonical Order produced: valid against the canonical schema, and adds up.
+    // The chain keeps each order's envelope: the channel's correlation id and channel arrive at
+    // the ERP side, with the ERP pipeline's own idempotency key and mapping versions.
+    let mut keys = std::collections::HashSet::new();
+    for (pipeline, path) in &outputs {
+        for out in ndjson(path) {
+            let m = &out["metadata"];
+            assert_eq!(m["pipeline"], *pipeline);
+            assert!(keys.insert(m["idempotency_key"].as_str().unwrap().to_string()), "idempotency keys are unique");
+            assert!(m["mapping_versions"].as_object().is_some_and(|m| !m.is_empty()));
+            if *pipeline == "erp-sales-orders" {
+                let channel = m["channel"].as_str().unwrap();
+                assert!(["shopify", "amazon"].contains(&channel), "{m}");
+                let order = out["payload"]["externalDocumentNumber"].as_str().unwrap();
+                assert_eq!(m["idempotency_key"], format!("erp:{order}"));
+                assert!(m["correlation_id"].as_str().unwrap().contains(order.split(':').nth(1).unwrap()), "{m}");
+            }
+        }
+    }
+
+    // A second run finds every file already read: nothing is processed twice.
+    let again = switchyard(&["run", "pipelines", "--once"], data.path());
+    let summary = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{summary}");
+    assert_eq!(totals(&summary), [0, 0, 0], "{summary}");
+    assert_eq!(outputs.iter().map(|(_, p)| ndjson(p).len()).sum::<usize>(), files);
+}
+
+#[test]
+fn every_canonical_order_on_the_queue_is_valid_and_adds_up() {
+    let data = tempfile::tempdir().unwrap();
+    // Without erp-sales-orders, the canonical Orders wait in their queue for a first reader.
+    let out = switchyard(&["run", "pipelines/shopify-orders.yaml", "pipelines/amazon-orders.yaml", "--once"], data.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let queues = switchyard(&["queues", "--format", "json"], data.path());
+    let queues: Value = serde_json::from_slice(&queues.stdout).unwrap();
+    let waiting = queues.as_array().unwrap().iter().find(|q| q["queue"] == "orders.canonical").expect("the queue is listed");
+    assert_eq!((waiting["consumer"].as_str(), waiting["ready"].as_i64()), (Some(""), Some(9)));
+
+    let db = rusqlite::Connection::open(data.path().join("switchyard.db")).unwrap();
+    let rows: Vec<(Vec<u8>, String)> = db
+        .prepare("SELECT body, headers FROM messages JOIN streams ON streams.id = messages.stream WHERE queue = 'orders.canonical'")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
     let shared = switchyard::build::Shared::with_process_env();
     let cx = switchyard::build::BuildContext::new(switchyard::config::SourceFile::new(repo().join("x.yaml"), ""), &shared);
     let schema = repo().join("schemas/canonical/order.schema.json");
     let check =
         switchyard::validate::SchemaCheck::new(cx.schema_store(&schema).validator(&schema).unwrap(), switchyard::message::Document::Record);
-    let mut orders = 0;
-    let mut keys = std::collections::HashSet::new();
-    for (pipeline, path) in &outputs {
-        for out in ndjson(path) {
-            assert_eq!(out["metadata"]["pipeline"], *pipeline);
-            assert!(keys.insert(out["metadata"]["idempotency_key"].as_str().unwrap().to_string()), "idempotency keys are unique");
-            assert!(out["metadata"]["mapping_versions"].as_object().is_some_and(|m| !m.is_empty()));
-            if *pipeline == "shopify-orders" || *pipeline == "amazon-orders" {
-                orders += 1;
-                check
-                    .check(&switchyard::doc::Doc::from(&out["payload"]))
-                    .unwrap_or_else(|f| panic!("{pipeline}: canonical order invalid: {:?}", f.errors));
-                assert!(reconciles(&out["payload"]), "{pipeline}: {} reconciles", out["payload"]["order_id"]);
-            }
-        }
+    assert_eq!(rows.len(), 9);
+    for (body, headers) in rows {
+        let order: Value = serde_json::from_slice(&body).unwrap();
+        let headers: Value = serde_json::from_str(&headers).unwrap();
+        assert!(["shopify-orders", "amazon-orders"].contains(&headers["pipeline"].as_str().unwrap()));
+        assert_eq!(headers["channel"], order["channel"], "the envelope travels in the headers");
+        check.check(&switchyard::doc::Doc::from(&order)).unwrap_or_else(|f| panic!("canonical order invalid: {:?}", f.errors));
+        assert!(reconciles(&order), "{} reconciles", order["order_id"]);
     }
-    assert_eq!(orders, 9);
 }
 
 #[test]
@@ -188,7 +244,7 @@ fn stdin_to_stdout_keeps_data_and_summary_apart() {
     assert_eq!(stdout, "{\"sku\":\"A-1\",\"quantity\":2,\"unit_price\":{\"amount\":\"9.50\",\"currency\":\"USD\"}}\n");
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(stderr.contains("total: 3 in = 1 routed + 2 exceptions"), "{stderr}");
-    let records = ndjson(&data.path().join("exceptions/example-stdin-to-stdout.ndjson"));
+    let records = exported(data.path());
     let reasons: Vec<&str> = records.iter().map(|r| r["reason"].as_str().unwrap()).collect();
     assert_eq!(reasons, ["missing_required_field", "invalid_json"]);
     assert_eq!(records[1]["original_payload"], "not json");

@@ -38,6 +38,15 @@ fn workload() -> Vec<Vec<u8>> {
 fn pipeline(without: &[&str]) -> Pipeline {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").join("pipelines/shopify-orders.yaml");
     let mut text = std::fs::read_to_string(&path).expect("reference pipeline");
+    // The workload routes US orders and the others apart (WORKLOAD.md); the reference pipeline
+    // puts every order on one queue, so the route is added here.
+    let one_queue = "sinks:\n  canonical:\n    type: queue\n    queue: orders.canonical\n";
+    assert!(text.contains(one_queue), "the reference pipeline writes orders.canonical");
+    text = text.replace(
+        one_queue,
+        "route:\n  rules:\n    - name: us-orders\n      when: \"$.shipping_address.country == 'US'\"\n      to: erp_us\n  default: erp_intl\n\
+         sinks:\n  erp_us: {type: queue, queue: erp.us}\n  erp_intl: {type: queue, queue: erp.intl}\n",
+    );
     for step in without {
         let block = match *step {
             "reconcile" => "  - type: reconcile\n".to_string(),

@@ -19,6 +19,7 @@ pub mod runtime;
 pub mod schema;
 pub mod sink;
 pub mod source;
+pub mod store;
 pub mod template;
 pub mod testing;
 pub mod validate;

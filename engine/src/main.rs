@@ -7,10 +7,11 @@ use std::fmt;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+mod cli;
 use switchyard::build::Shared;
 use switchyard::config::Diagnostic;
 use switchyard::pipeline::load;
-use switchyard::runtime::{self, RunOptions};
 use switchyard::schema;
 use switchyard::testing;
 
@@ -46,15 +47,40 @@ enum Command {
         #[arg(long)]
         junit: Option<PathBuf>,
     },
-    /// Run pipelines over their sources.
+    /// Run pipelines continuously over the durable store (Ctrl-C or SIGTERM stops cleanly).
     Run {
         /// Pipeline files or folders (default: pipelines/).
         paths: Vec<PathBuf>,
-        /// Process the input available now, print a summary per pipeline, and exit.
+        /// Process everything available now, print a summary per pipeline, and exit.
         #[arg(long)]
         once: bool,
-        /// Where outputs and exception records go.
+        /// The data directory: the store (queues, exceptions, checkpoints) and file sink outputs.
         #[arg(long, env = "SWITCHYARD_DATA_DIR", default_value = ".switchyard")]
+        data_dir: PathBuf,
+    },
+    /// Send messages to a queue: each file (JSON: one message; NDJSON: one per line; CSV: one per
+    /// row), or standard input as NDJSON.
+    Send {
+        queue: String,
+        files: Vec<PathBuf>,
+        /// How to split the input (default: from the file extension).
+        #[arg(long, value_enum)]
+        format: Option<cli::ops::SendFormat>,
+        #[arg(long, env = "SWITCHYARD_DATA_DIR", default_value = ".switchyard")]
+        data_dir: PathBuf,
+    },
+    /// Show each queue: messages ready, in flight, delayed for retry, and the oldest one's age.
+    Queues {
+        #[arg(long, value_enum, default_value = "human")]
+        format: cli::ops::Listing,
+        #[arg(long, env = "SWITCHYARD_DATA_DIR", default_value = ".switchyard")]
+        data_dir: PathBuf,
+    },
+    /// List, show, replay, discard and export exception records.
+    Exceptions {
+        #[command(subcommand)]
+        command: cli::ops::ExceptionsCommand,
+        #[arg(long, env = "SWITCHYARD_DATA_DIR", default_value = ".switchyard", global = true)]
         data_dir: PathBuf,
     },
     /// Print the JSON Schema of the pipeline format (or of field maps, or of test files).
@@ -270,10 +296,6 @@ fn write_junit(results: &[testing::FileResult], path: &PathBuf) -> Result<(), Bo
 }
 
 fn cmd_run(paths: Vec<PathBuf>, once: bool, data_dir: PathBuf) -> ExitCode {
-    if !once {
-        eprintln!("error: `switchyard run` needs `--once` in this version: it processes the available input and exits");
-        return ExitCode::from(2);
-    }
     let shared = Shared::with_process_env();
     let loaded = match load::load_all(&default_paths(paths), &shared) {
         Ok(l) => l,
@@ -288,36 +310,7 @@ fn cmd_run(paths: Vec<PathBuf>, once: bool, data_dir: PathBuf) -> ExitCode {
         return ExitCode::from(1);
     }
     eprint!("{}", render(&loaded.warnings));
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-    let opts = RunOptions { data_dir };
-    // The summary goes to stderr: stdout belongs to pipelines that write there.
-    let mut code = ExitCode::SUCCESS;
-    let (mut total_in, mut total_out, mut total_exc) = (0, 0, 0);
-    for p in &loaded.pipelines {
-        match rt.block_on(runtime::run_once(p, &opts)) {
-            Ok(s) => {
-                total_in += s.received;
-                total_out += s.routed;
-                total_exc += s.exception_count();
-                eprintln!("{} {} ({})", s.pipeline, p.version, p.file.display());
-                eprintln!("  in          {:>6}", s.received);
-                eprintln!("  routed      {:>6}", s.routed);
-                for (sink, n) in &s.outputs {
-                    eprintln!("    {sink:<22} {n:>6}  -> {}", s.targets[sink]);
-                }
-                eprintln!("  exceptions  {:>6}  -> {}", s.exception_count(), s.exceptions_file.display());
-                for (reason, n) in &s.exceptions {
-                    eprintln!("    {reason:<22} {n:>6}");
-                }
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                code = ExitCode::from(1);
-            }
-        }
-    }
-    eprintln!("total: {total_in} in = {total_out} routed + {total_exc} exceptions");
-    code
+    cli::ops::run(loaded.pipelines, once, data_dir)
 }
 
 fn main() -> ExitCode {
@@ -329,6 +322,9 @@ fn main() -> ExitCode {
         Command::Validate { paths, format } => cmd_validate(paths, format),
         Command::Test { paths, junit } => cmd_test(paths, junit),
         Command::Run { paths, once, data_dir } => cmd_run(paths, once, data_dir),
+        Command::Send { queue, files, format, data_dir } => cli::ops::send(queue, files, format, data_dir),
+        Command::Queues { format, data_dir } => cli::ops::queues(format, data_dir),
+        Command::Exceptions { command, data_dir } => cli::ops::exceptions(command, data_dir),
         Command::Schema { kind } => {
             print!("{}", schema::render(kind));
             ExitCode::SUCCESS

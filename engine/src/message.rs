@@ -21,6 +21,10 @@ pub struct RawMessage {
     pub received_at: Option<DateTime<Utc>>,
     /// Set when the transport already assigned an id (replays, redeliveries).
     pub message_id: Option<String>,
+    /// Envelope values an upstream pipeline set; kept unless this pipeline sets its own.
+    pub correlation_id: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub channel: Option<String>,
     pub attempt: u32,
     /// Set when the transport could not decode the bytes (a malformed CSV row): reason and message.
     pub decode_error: Option<(String, String)>,
@@ -143,6 +147,8 @@ pub mod reason {
     pub const SINK_FAILED: &str = "sink_failed";
     pub const UNREADABLE_INPUT: &str = "unreadable_input";
     pub const INTERNAL_ERROR: &str = "internal_error";
+    /// Delivered `runtime.max_attempts` times without being settled.
+    pub const TOO_MANY_ATTEMPTS: &str = "too_many_attempts";
 
     /// Every reason the engine itself gives; steps add the ones their configuration names.
     pub const ENGINE: &[&str] = &[
@@ -160,6 +166,7 @@ pub mod reason {
         SINK_FAILED,
         UNREADABLE_INPUT,
         INTERNAL_ERROR,
+        TOO_MANY_ATTEMPTS,
     ];
 }
 

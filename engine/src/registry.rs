@@ -6,8 +6,8 @@ use crate::config::diag::{one_of, suggestion};
 use crate::config::yaml::{Node, NodeValue};
 use crate::config::{DiagCode, Diagnostic, PathPart, SourceFile, parse_node};
 use crate::map::MapStepConfig;
-use crate::sink::{file::FileSinkConfig, stdout::StdoutSinkConfig};
-use crate::source::{file::FileSourceConfig, stdin::StdinSourceConfig};
+use crate::sink::{file::FileSinkConfig, queue::QueueSinkConfig, stdout::StdoutSinkConfig};
+use crate::source::{file::FileSourceConfig, queue::QueueSourceConfig, stdin::StdinSourceConfig};
 use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use std::marker::PhantomData;
@@ -20,6 +20,8 @@ pub enum SourceConfig {
     File(FileSourceConfig),
     /// Standard input.
     Stdin(StdinSourceConfig),
+    /// A queue: what other pipelines' `queue` sinks or `switchyard send` write.
+    Queue(QueueSourceConfig),
 }
 
 /// A sink, picked by `type:`.
@@ -30,6 +32,8 @@ pub enum SinkConfig {
     File(FileSinkConfig),
     /// Standard output.
     Stdout(StdoutSinkConfig),
+    /// A queue: feeds every pipeline whose source is that queue.
+    Queue(QueueSinkConfig),
 }
 
 /// A validate step, picked by `type:`.
@@ -55,11 +59,12 @@ fn p<T: DeserializeOwned>(node: &Node, file: &SourceFile, prefix: &[PathPart]) -
 
 impl Tagged for SourceConfig {
     const WHAT: &'static str = "source";
-    const TYPES: &'static [&'static str] = &["file", "stdin"];
+    const TYPES: &'static [&'static str] = &["file", "stdin", "queue"];
     fn parse_type(ty: &str, node: &Node, file: &SourceFile, prefix: &[PathPart]) -> Result<Self, Vec<Diagnostic>> {
         Ok(match ty {
             "file" => SourceConfig::File(p(node, file, prefix)?),
             "stdin" => SourceConfig::Stdin(p(node, file, prefix)?),
+            "queue" => SourceConfig::Queue(p(node, file, prefix)?),
             _ => unreachable!("checked against TYPES"),
         })
     }
@@ -67,11 +72,12 @@ impl Tagged for SourceConfig {
 
 impl Tagged for SinkConfig {
     const WHAT: &'static str = "sink";
-    const TYPES: &'static [&'static str] = &["file", "stdout"];
+    const TYPES: &'static [&'static str] = &["file", "stdout", "queue"];
     fn parse_type(ty: &str, node: &Node, file: &SourceFile, prefix: &[PathPart]) -> Result<Self, Vec<Diagnostic>> {
         Ok(match ty {
             "file" => SinkConfig::File(p(node, file, prefix)?),
             "stdout" => SinkConfig::Stdout(p(node, file, prefix)?),
+            "queue" => SinkConfig::Queue(p(node, file, prefix)?),
             _ => unreachable!("checked against TYPES"),
         })
     }

@@ -61,6 +61,107 @@ pub struct ExceptionPolicy {
     pub default_hint: Option<String>,
 }
 
+/// How the runtime runs a pipeline. Every setting has a default.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Batches this pipeline processes at once (default 1, which keeps the order of its queue).
+    #[serde(default)]
+    pub concurrency: Option<Spanned<u32>>,
+    /// Messages taken from the queue at a time (default 128).
+    #[serde(default)]
+    pub batch_size: Option<Spanned<u32>>,
+    /// How long a message being processed stays hidden; one not settled by then (its engine died)
+    /// is delivered again (default `30s`).
+    #[serde(default)]
+    pub visibility_timeout: Option<Spanned<String>>,
+    /// Deliveries before a message that never completes goes to exceptions as
+    /// `too_many_attempts` (default 5).
+    #[serde(default)]
+    pub max_attempts: Option<Spanned<u32>>,
+    /// How often a `file` source looks for new files (default `1s`).
+    #[serde(default)]
+    pub poll_interval: Option<Spanned<String>>,
+}
+
+/// The runtime settings, checked and with defaults applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuntimeSettings {
+    pub concurrency: usize,
+    pub batch_size: usize,
+    pub visibility_timeout: std::time::Duration,
+    pub max_attempts: u32,
+    pub poll_interval: std::time::Duration,
+}
+
+impl Default for RuntimeSettings {
+    fn default() -> Self {
+        RuntimeSettings {
+            concurrency: 1,
+            batch_size: 128,
+            visibility_timeout: std::time::Duration::from_secs(30),
+            max_attempts: 5,
+            poll_interval: std::time::Duration::from_secs(1),
+        }
+    }
+}
+
+impl RuntimeSettings {
+    fn build(c: &RuntimeConfig, cx: &BuildContext, diags: &mut Diags) -> RuntimeSettings {
+        let mut s = RuntimeSettings::default();
+        let mut int = |v: &Option<Spanned<u32>>, key: &str, range: std::ops::RangeInclusive<u32>| -> Option<u32> {
+            let v = v.as_ref()?;
+            if range.contains(&v.value) {
+                Some(v.value)
+            } else {
+                diags.push(
+                    cx.diag(DiagCode::InvalidValue, v.span, &format!("runtime.{key}"), format!("`{key}` is {}", v.value))
+                        .expected(format!("a number from {} to {}", range.start(), range.end())),
+                );
+                None
+            }
+        };
+        if let Some(n) = int(&c.concurrency, "concurrency", 1..=64) {
+            s.concurrency = n as usize;
+        }
+        if let Some(n) = int(&c.batch_size, "batch_size", 1..=10_000) {
+            s.batch_size = n as usize;
+        }
+        if let Some(n) = int(&c.max_attempts, "max_attempts", 1..=1000) {
+            s.max_attempts = n;
+        }
+        let mut duration = |v: &Option<Spanned<String>>, key: &str| -> Option<std::time::Duration> {
+            let v = v.as_ref()?;
+            match humantime::parse_duration(v.value.trim()) {
+                Ok(d) if !d.is_zero() => Some(d),
+                Ok(_) => {
+                    diags.push(cx.diag(DiagCode::InvalidValue, v.span, &format!("runtime.{key}"), format!("`{key}` cannot be zero")));
+                    None
+                }
+                Err(e) => {
+                    diags.push(
+                        cx.diag(
+                            DiagCode::InvalidValue,
+                            v.span,
+                            &format!("runtime.{key}"),
+                            format!("`{}` is not a duration: {e}", v.shown()),
+                        )
+                        .expected("a duration such as `500ms`, `30s`, `5m`"),
+                    );
+                    None
+                }
+            }
+        };
+        if let Some(d) = duration(&c.visibility_timeout, "visibility_timeout") {
+            s.visibility_timeout = d;
+        }
+        if let Some(d) = duration(&c.poll_interval, "poll_interval") {
+            s.poll_interval = d;
+        }
+        s
+    }
+}
+
 /// A pipeline file.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -95,6 +196,9 @@ pub struct PipelineConfig {
     pub sinks: Spanned<IndexMap<String, Component<SinkConfig>>>,
     #[serde(default)]
     pub exceptions: ExceptionPolicy,
+    /// How the runtime runs it: concurrency, batch size, redelivery.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
 }
 
 enum Correlation {
@@ -164,6 +268,7 @@ pub struct Pipeline {
     default_hint: Option<String>,
     /// Problems that do not stop the pipeline, e.g. a hint for a reason nothing gives.
     pub warnings: Vec<Diagnostic>,
+    pub runtime: RuntimeSettings,
     pub mapping_versions: Arc<IndexMap<String, String>>,
     /// Name, version and channel as every message's metadata shares them.
     shared_meta: (Arc<str>, Arc<str>, Option<Arc<str>>),
@@ -186,6 +291,15 @@ pub enum Outcome {
         sinks: Vec<usize>,
     },
     Failed(Box<ExceptionRecord>),
+}
+
+fn check_queue_name(name: &Spanned<String>, key_path: &str, cx: &BuildContext, diags: &mut Diags) {
+    if !crate::source::queue::valid_queue_name(&name.value) {
+        diags.push(
+            cx.diag(DiagCode::InvalidValue, name.span, key_path, format!("`{}` is not a valid queue name", name.shown()))
+                .expected("lowercase letters, digits, `.`, `-` and `_`, not starting with `_`, e.g. `orders.canonical`"),
+        );
+    }
 }
 
 fn valid_name(s: &str) -> bool {
@@ -220,6 +334,10 @@ impl Pipeline {
                 );
             }
         }
+        if let Some(SourceConfig::Queue(q)) = &source {
+            check_queue_name(&q.queue, "source.queue", cx, &mut diags);
+        }
+        let runtime = RuntimeSettings::build(&config.runtime, cx, &mut diags);
         let mut sinks = Vec::new();
         for (name, c) in config.sinks.iter() {
             if !valid_name(name) {
@@ -234,6 +352,22 @@ impl Pipeline {
                 );
             }
             if let Some(s) = diags.take_all(c.resolve(file)) {
+                if let SinkConfig::Queue(q) = &s {
+                    check_queue_name(&q.queue, &format!("sinks.{name}.queue"), cx, &mut diags);
+                    if let Some(SourceConfig::Queue(src)) = &source
+                        && src.queue.value == q.queue.value
+                    {
+                        diags.push(
+                            cx.diag(
+                                DiagCode::Conflict,
+                                q.queue.span,
+                                &format!("sinks.{name}.queue"),
+                                "this sink writes the queue the pipeline reads",
+                            )
+                            .hint("a pipeline that feeds itself never ends; write another queue"),
+                        );
+                    }
+                }
                 sinks.push((name.clone(), s));
             }
         }
@@ -328,6 +462,7 @@ impl Pipeline {
             router,
             hints: config.exceptions.hints.iter().map(|(k, v)| (k.clone(), v.value.clone())).collect(),
             warnings,
+            runtime,
             default_hint: config.exceptions.default_hint.clone(),
             mapping_versions: Arc::new(versions),
             shared_meta: (
@@ -341,10 +476,10 @@ impl Pipeline {
     fn metadata(&self, raw: &RawMessage) -> Metadata {
         let message_id = raw.message_id.clone().unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
         Metadata {
-            correlation_id: message_id.clone(),
+            correlation_id: raw.correlation_id.clone().filter(|c| !c.is_empty()).unwrap_or_else(|| message_id.clone()),
             message_id,
-            idempotency_key: None,
-            channel: self.shared_meta.2.clone(),
+            idempotency_key: raw.idempotency_key.clone(),
+            channel: self.shared_meta.2.clone().or_else(|| raw.channel.as_deref().map(Arc::from)),
             received_at: raw.received_at.unwrap_or_else(Utc::now),
             pipeline: self.shared_meta.0.clone(),
             pipeline_version: self.shared_meta.1.clone(),

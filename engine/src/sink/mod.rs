@@ -2,6 +2,7 @@
 //! data directory), `stdout`.
 
 pub mod file;
+pub mod queue;
 pub mod stdout;
 
 use crate::message::Output;

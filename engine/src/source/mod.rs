@@ -3,6 +3,7 @@
 //! written. Kinds (see `registry.rs`): `file` (a file or folder of JSON, NDJSON or CSV), `stdin`.
 
 pub mod file;
+pub mod queue;
 pub mod stdin;
 
 use crate::message::RawMessage;

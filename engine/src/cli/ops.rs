@@ -1,0 +1,565 @@
+//! Commands that operate the runtime and its store: `run`, `send`, `queues`, `exceptions`.
+
+use clap::{Args, Subcommand, ValueEnum};
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use switchyard::message::RawMessage;
+use switchyard::runtime::envelope::StoredHeaders;
+use switchyard::runtime::{RunOptions, Runtime, Summary};
+use switchyard::source::{CsvOptions, Format, file::split};
+use switchyard::store::{self, Durability, ExceptionFilter, NewMessage, Store, StoredException};
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Listing {
+    Human,
+    Json,
+}
+
+fn durability() -> Result<Durability, ExitCode> {
+    Durability::from_env().map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(2)
+    })
+}
+
+/// Opens the store of a data directory that must already exist (for commands that only look).
+fn open_existing(data_dir: &Path) -> Result<Store, ExitCode> {
+    if !store::db_path(data_dir).exists() {
+        eprintln!(
+            "error: there is no store in {} yet; `switchyard run` or `switchyard send` creates it (or pass --data-dir)",
+            data_dir.display()
+        );
+        return Err(ExitCode::from(2));
+    }
+    Store::open(data_dir, durability()?).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(2)
+    })
+}
+
+// ---------------------------------------------------------------- run
+
+fn print_summary(s: &Summary, version: &str, file: &Path) {
+    eprintln!("{} {} ({})", s.pipeline, version, file.display());
+    eprintln!("  from {}", s.input);
+    if s.ingested > 0 {
+        eprintln!("  ingested    {:>6}", s.ingested);
+    }
+    eprintln!("  in          {:>6}", s.received);
+    eprintln!("  routed      {:>6}", s.routed);
+    for (sink, n) in &s.outputs {
+        eprintln!("    {sink:<22} {n:>6}  -> {}", s.targets[sink]);
+    }
+    eprintln!("  exceptions  {:>6}  -> `switchyard exceptions list --pipeline {}`", s.exception_count(), s.pipeline);
+    for (reason, n) in &s.exceptions {
+        eprintln!("    {reason:<22} {n:>6}");
+    }
+    if s.retried > 0 {
+        eprintln!("  retried     {:>6}  (delivered again later)", s.retried);
+    }
+}
+
+fn progress_line(summaries: &[Summary]) -> String {
+    summaries
+        .iter()
+        .map(|s| format!("{}: {} in, {} routed, {} exceptions", s.pipeline, s.received, s.routed, s.exception_count()))
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+pub fn run(pipelines: Vec<switchyard::pipeline::Pipeline>, once: bool, data_dir: PathBuf) -> ExitCode {
+    let durability = match durability() {
+        Ok(d) => d,
+        Err(c) => return c,
+    };
+    let versions: Vec<(String, PathBuf)> = pipelines.iter().map(|p| (p.version.clone(), p.file.clone())).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let runtime = match Runtime::open(pipelines, RunOptions { data_dir: data_dir.clone(), once, durability }) {
+        Ok(r) => std::sync::Arc::new(r),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let result = rt.block_on(async {
+        if !once {
+            eprintln!(
+                "switchyard: running {} pipeline(s) on {} (Ctrl-C stops after the messages in hand)",
+                versions.len(),
+                runtime.store().path().display()
+            );
+            eprintln!("  from another terminal: `switchyard queues`, `switchyard exceptions list`, `switchyard send QUEUE FILE`");
+        }
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            eprintln!(
+                "switchyard: stopping; finishing the messages in hand (Ctrl-C again stops at once: they are delivered again next time)"
+            );
+            let _ = stop_tx.send(true);
+            wait_for_signal().await;
+            std::process::exit(130);
+        });
+        let reporter = (!once).then(|| {
+            let runtime = runtime.clone();
+            tokio::spawn(async move {
+                let mut last = String::new();
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                    let line = progress_line(&runtime.summaries());
+                    if line != last {
+                        eprintln!("[{}] {line}", chrono::Local::now().format("%H:%M:%S"));
+                        last = line;
+                    }
+                }
+            })
+        });
+        let r = runtime.run(stop_rx).await;
+        if let Some(r) = reporter {
+            r.abort();
+        }
+        r
+    });
+    runtime.close();
+    let summaries = match result {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for (s, (v, f)) in runtime.summaries().iter().zip(&versions) {
+                print_summary(s, v, f);
+            }
+            return ExitCode::from(1);
+        }
+    };
+    // The summary goes to stderr: stdout belongs to pipelines that write there.
+    let (mut total_in, mut total_out, mut total_exc) = (0, 0, 0);
+    for (s, (v, f)) in summaries.iter().zip(&versions) {
+        total_in += s.received;
+        total_out += s.routed;
+        total_exc += s.exception_count();
+        print_summary(s, v, f);
+    }
+    eprintln!("total: {total_in} in = {total_out} routed + {total_exc} exceptions");
+    eprintln!("store: {} (`switchyard queues`, `switchyard exceptions list`)", store::db_path(&data_dir).display());
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+// ---------------------------------------------------------------- send
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SendFormat {
+    Json,
+    Ndjson,
+    Csv,
+}
+
+const SEND_CHUNK: usize = 1000;
+
+fn stored(mut raw: RawMessage) -> NewMessage {
+    raw.received_at = Some(chrono::Utc::now());
+    NewMessage { message_id: uuid::Uuid::now_v7().to_string(), headers: StoredHeaders::of_raw(&raw).to_json(), body: raw.body }
+}
+
+/// Reads messages from one input and stores them in chunks; returns how many.
+fn send_one(store: &Store, queue: &str, name: &str, reader: Box<dyn BufRead>, format: Format) -> Result<usize, String> {
+    let send = |chunk: Vec<NewMessage>| -> Result<(), String> {
+        let q = queue.to_string();
+        store.submit_blocking(move |c| store::enqueue(c, &q, &chunk)).map(|_| ()).map_err(|e| e.to_string())
+    };
+    let mut count = 0;
+    match format {
+        Format::Ndjson => {
+            // Line by line: a file of a million orders is not held in memory.
+            let mut chunk = Vec::with_capacity(SEND_CHUNK);
+            for (i, line) in reader.split(b'\n').enumerate() {
+                let line = line.map_err(|e| format!("cannot read {name}: {e}"))?;
+                let line = line.strip_suffix(b"\r").map(<[u8]>::to_vec).unwrap_or(line);
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                let mut raw = RawMessage::json(line);
+                raw.origin = Some(format!("{name}:{}", i + 1));
+                chunk.push(stored(raw));
+                if chunk.len() == SEND_CHUNK {
+                    count += chunk.len();
+                    send(std::mem::take(&mut chunk))?;
+                }
+            }
+            count += chunk.len();
+            send(chunk)?;
+        }
+        Format::Json | Format::Csv => {
+            let mut content = Vec::new();
+            let mut reader = reader;
+            reader.read_to_end(&mut content).map_err(|e| format!("cannot read {name}: {e}"))?;
+            for part in split(&content, format, name, &CsvOptions::default()).chunks(SEND_CHUNK) {
+                count += part.len();
+                send(part.iter().cloned().map(stored).collect())?;
+            }
+        }
+    }
+    Ok(count)
+}
+
+pub fn send(queue: String, files: Vec<PathBuf>, format: Option<SendFormat>, data_dir: PathBuf) -> ExitCode {
+    if !switchyard::source::queue::valid_queue_name(&queue) {
+        eprintln!("error: `{queue}` is not a valid queue name: lowercase letters, digits, `.`, `-` and `_`, not starting with `_`");
+        return ExitCode::from(2);
+    }
+    let durability = match durability() {
+        Ok(d) => d,
+        Err(c) => return c,
+    };
+    let store = match Store::open(&data_dir, durability) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let format_for = |path: Option<&Path>| -> Format {
+        match format {
+            Some(SendFormat::Json) => Format::Json,
+            Some(SendFormat::Ndjson) => Format::Ndjson,
+            Some(SendFormat::Csv) => Format::Csv,
+            None => {
+                path.and_then(switchyard::source::file::format_of).unwrap_or(if path.is_some() { Format::Json } else { Format::Ndjson })
+            }
+        }
+    };
+    let mut total = 0;
+    let inputs: Vec<Option<PathBuf>> = if files.is_empty() { vec![None] } else { files.into_iter().map(Some).collect() };
+    for input in inputs {
+        let (name, reader): (String, Box<dyn BufRead>) = match &input {
+            None => ("<stdin>".into(), Box::new(std::io::stdin().lock())),
+            Some(p) => match std::fs::File::open(p) {
+                Ok(f) => (p.display().to_string(), Box::new(std::io::BufReader::new(f))),
+                Err(e) => {
+                    eprintln!("error: cannot read {}: {e}", p.display());
+                    store.close();
+                    return ExitCode::from(1);
+                }
+            },
+        };
+        match send_one(&store, &queue, &name, reader, format_for(input.as_deref())) {
+            Ok(n) => total += n,
+            Err(e) => {
+                eprintln!("error: {e}");
+                eprintln!("sent {total} message(s) before the error");
+                store.close();
+                return ExitCode::from(1);
+            }
+        }
+    }
+    let subscribers: Vec<String> = store
+        .reader()
+        .and_then(|c| {
+            let v = c
+                .prepare("SELECT consumer FROM streams WHERE queue = ?1 AND consumer <> '' ORDER BY consumer")?
+                .query_map([&queue], |r| r.get(0))?
+                .collect::<Result<Vec<String>, _>>()?;
+            Ok(v)
+        })
+        .unwrap_or_default();
+    store.close();
+    if subscribers.is_empty() {
+        eprintln!("sent {total} message(s) to `{queue}`; no pipeline has read it yet, so they wait for the first one that does");
+    } else {
+        eprintln!("sent {total} message(s) to `{queue}`, read by: {}", subscribers.join(", "));
+    }
+    ExitCode::SUCCESS
+}
+
+// ---------------------------------------------------------------- queues
+
+fn age(micros: Option<i64>) -> String {
+    match micros {
+        None => "-".into(),
+        Some(m) => {
+            let s = m / 1_000_000;
+            if s < 120 {
+                format!("{s}s")
+            } else if s < 7200 {
+                format!("{}m", s / 60)
+            } else if s < 172_800 {
+                format!("{}h", s / 3600)
+            } else {
+                format!("{}d", s / 86_400)
+            }
+        }
+    }
+}
+
+pub fn queues(format: Listing, data_dir: PathBuf) -> ExitCode {
+    let store = match open_existing(&data_dir) {
+        Ok(s) => s,
+        Err(c) => return c,
+    };
+    let stats = store.reader().and_then(|c| store::queue_stats(&c));
+    store.close();
+    let stats = match stats {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    // Replay streams matter only while they hold something.
+    let stats: Vec<_> = stats.into_iter().filter(|s| s.queue != store::REPLAY_QUEUE || s.ready + s.in_flight + s.delayed > 0).collect();
+    if format == Listing::Json {
+        println!("{}", serde_json::to_string_pretty(&stats).expect("JSON"));
+        return ExitCode::SUCCESS;
+    }
+    let qw = stats.iter().map(|s| s.queue.len()).max().unwrap_or(0).max(5);
+    let cw = stats.iter().map(|s| s.consumer.len()).max().unwrap_or(0).max(8);
+    println!("{:<qw$}  {:<cw$}  {:>8}  {:>9}  {:>7}  {:>6}", "QUEUE", "CONSUMER", "READY", "IN FLIGHT", "DELAYED", "OLDEST");
+    for s in &stats {
+        let consumer = if s.consumer.is_empty() { "(none yet)" } else { s.consumer.as_str() };
+        println!(
+            "{:<qw$}  {:<cw$}  {:>8}  {:>9}  {:>7}  {:>6}",
+            s.queue,
+            consumer,
+            s.ready,
+            s.in_flight,
+            s.delayed,
+            age(s.oldest_age_micros)
+        );
+    }
+    if stats.is_empty() {
+        println!("(no queues yet)");
+    }
+    ExitCode::SUCCESS
+}
+
+// ---------------------------------------------------------------- exceptions
+
+#[derive(Subcommand)]
+pub enum ExceptionsCommand {
+    /// List exception records (default: the open ones).
+    List {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// open, replayed, discarded or all.
+        #[arg(long, default_value = "open")]
+        status: String,
+        #[arg(long, value_enum, default_value = "human")]
+        format: Listing,
+        /// At most this many.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Show one exception record in full, with its original payload.
+    Show { id: String },
+    /// Send messages of open exception records through their pipeline again (its current version).
+    Replay {
+        /// One exception id; or select with --pipeline, --reason, --since.
+        id: Option<String>,
+        #[command(flatten)]
+        filter: FilterArgs,
+    },
+    /// Close open exception records without replaying them.
+    Discard {
+        id: Option<String>,
+        #[command(flatten)]
+        filter: FilterArgs,
+    },
+    /// Write exception records as NDJSON to stdout (all statuses unless --status).
+    Export {
+        #[command(flatten)]
+        filter: FilterArgs,
+        #[arg(long)]
+        status: Option<String>,
+        /// The only format for now: one JSON record per line.
+        #[arg(long, value_parser = ["ndjson"], default_value = "ndjson")]
+        format: String,
+    },
+}
+
+#[derive(Args, Clone, Default)]
+pub struct FilterArgs {
+    #[arg(long)]
+    pub pipeline: Option<String>,
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Failed at or after: RFC 3339 (`2026-11-27T10:00:00Z`) or an age (`30m`, `2h`, `7d`).
+    #[arg(long)]
+    pub since: Option<String>,
+}
+
+fn parse_since(s: &str) -> Result<i64, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.timestamp_micros());
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(d.and_hms_opt(0, 0, 0).expect("midnight").and_utc().timestamp_micros());
+    }
+    match humantime::parse_duration(s) {
+        Ok(d) => Ok(store::now_micros() - d.as_micros() as i64),
+        Err(_) => Err(format!("--since `{s}`: expected a time (`2026-11-27T10:00:00Z`, `2026-11-27`) or an age (`30m`, `2h`, `7d`)")),
+    }
+}
+
+fn filter_of(f: &FilterArgs, id: Option<String>, status: Option<String>) -> Result<ExceptionFilter, String> {
+    let status = match status.as_deref() {
+        None | Some("all") => None,
+        Some(s @ ("open" | "replayed" | "discarded")) => Some(s.to_string()),
+        Some(other) => return Err(format!("--status `{other}`: expected open, replayed, discarded or all")),
+    };
+    Ok(ExceptionFilter {
+        id,
+        pipeline: f.pipeline.clone(),
+        reason: f.reason.clone(),
+        since: f.since.as_deref().map(parse_since).transpose()?,
+        status,
+        limit: None,
+    })
+}
+
+fn first_error(e: &StoredException) -> String {
+    e.record
+        .errors
+        .first()
+        .map(|d| if d.pointer.is_empty() { d.message.clone() } else { format!("{} {}", d.pointer, d.message) })
+        .unwrap_or_default()
+}
+
+pub fn exceptions(cmd: ExceptionsCommand, data_dir: PathBuf) -> ExitCode {
+    let store = match open_existing(&data_dir) {
+        Ok(s) => s,
+        Err(c) => return c,
+    };
+    let code = exceptions_in(&store, cmd);
+    store.close();
+    code
+}
+
+fn exceptions_in(store: &Store, cmd: ExceptionsCommand) -> ExitCode {
+    let fail = |e: String| {
+        eprintln!("error: {e}");
+        ExitCode::from(2)
+    };
+    match cmd {
+        ExceptionsCommand::List { filter, status, format, limit } => {
+            let mut f = match filter_of(&filter, None, Some(status)) {
+                Ok(f) => f,
+                Err(e) => return fail(e),
+            };
+            f.limit = limit;
+            let rows = match store.reader().and_then(|c| store::exceptions(&c, &f)) {
+                Ok(r) => r,
+                Err(e) => return fail(e.to_string()),
+            };
+            if format == Listing::Json {
+                println!("{}", serde_json::to_string_pretty(&rows).expect("JSON"));
+                return ExitCode::SUCCESS;
+            }
+            for e in &rows {
+                let r = &e.record;
+                println!(
+                    "{}  {}  {:<9}  {}  {}/{}  {}",
+                    r.exception_id,
+                    switchyard::message::rfc3339::format(&r.failed_at),
+                    e.status,
+                    r.pipeline,
+                    r.stage.as_str(),
+                    r.reason,
+                    first_error(e)
+                );
+            }
+            eprintln!("{} exception record(s); `switchyard exceptions show ID` shows one in full", rows.len());
+            ExitCode::SUCCESS
+        }
+        ExceptionsCommand::Show { id } => {
+            let f = ExceptionFilter { id: Some(id.clone()), ..Default::default() };
+            match store.reader().and_then(|c| store::exceptions(&c, &f)) {
+                Ok(rows) if rows.is_empty() => fail(format!("no exception record `{id}` (see `switchyard exceptions list --status all`)")),
+                Ok(rows) => {
+                    println!("{}", serde_json::to_string_pretty(&rows[0]).expect("JSON"));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e.to_string()),
+            }
+        }
+        ExceptionsCommand::Replay { id, filter } | ExceptionsCommand::Discard { id, filter }
+            if id.is_none() && filter.pipeline.is_none() && filter.reason.is_none() && filter.since.is_none() =>
+        {
+            let _ = filter;
+            fail("say which records: an exception id, or --pipeline, --reason or --since".into())
+        }
+        ExceptionsCommand::Replay { id, filter } => dispose(store, &filter, id, true),
+        ExceptionsCommand::Discard { id, filter } => dispose(store, &filter, id, false),
+        ExceptionsCommand::Export { filter, status, .. } => {
+            let f = match filter_of(&filter, None, status) {
+                Ok(f) => f,
+                Err(e) => return fail(e),
+            };
+            match store.reader().and_then(|c| store::exceptions(&c, &f)) {
+                Ok(rows) => {
+                    use std::io::Write;
+                    let mut out = std::io::stdout().lock();
+                    for r in &rows {
+                        let _ = writeln!(out, "{}", serde_json::to_string(r).expect("JSON"));
+                    }
+                    eprintln!("{} exception record(s) exported", rows.len());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e.to_string()),
+            }
+        }
+    }
+}
+
+fn dispose(store: &Store, filter: &FilterArgs, id: Option<String>, replay: bool) -> ExitCode {
+    // Without an id, only open records are selected; with one, the command says why it did nothing.
+    let status = if id.is_some() { None } else { Some("open".to_string()) };
+    let f = match filter_of(filter, id.clone(), status) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = store.submit_blocking(move |c| if replay { store::replay(c, &f) } else { store::discard(c, &f) });
+    match result {
+        Ok(done) if done.is_empty() => {
+            match id {
+                Some(id) => eprintln!("error: no exception record `{id}`"),
+                None => eprintln!("no open exception records match"),
+            }
+            ExitCode::from(1)
+        }
+        Ok(done) => {
+            for d in &done {
+                println!("{}  {}  {}", d.exception_id, d.pipeline, d.result);
+            }
+            let n = done.iter().filter(|d| d.done).count();
+            if replay {
+                eprintln!("{n} message(s) queued for replay; the running engine (or the next `switchyard run`) processes them");
+            } else {
+                eprintln!("{n} exception record(s) discarded");
+            }
+            if n == done.len() { ExitCode::SUCCESS } else { ExitCode::from(1) }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! The runtime: runs pipelines continuously over the embedded durable store.
+//!
+//! Every pipeline consumes a stream of the store: its `queue` source, or, for outside sources
+//! (files, stdin), an inbox the runtime fills from them with a checkpoint per file. Workers lease
+//! a batch, process it, write outside sinks (files) and make them durable, then settle the batch
+//! in one store commit: the inputs leave their queue in the same transaction that stores the
+//! queue outputs and the exception records. A worker that dies leaves its lease to expire (or to
+//! be reclaimed at once when its process is gone), so nothing is lost: at least once.
+
+pub mod envelope;
+mod ingest;
+mod worker;
+
+use crate::message::{ErrorDetail, Failure, Stage, reason};
+use crate::pipeline::{Outcome, Pipeline};
+use crate::registry::{SinkConfig, SourceConfig};
+use crate::sink::file::FileSink;
+use crate::sink::stdout::StdoutSink;
+use crate::sink::{OutputFormat, Sink, SinkContext, SinkError};
+use crate::source::SourceError;
+use crate::store::{self, Durability, Store, StoreError, StreamId};
+use indexmap::IndexMap;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("pipeline {pipeline}: {source}")]
+    Source { pipeline: String, source: SourceError },
+    #[error("pipeline {pipeline}: {source}")]
+    Sink { pipeline: String, source: SinkError },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot use the data directory {}: {source}", path.display())]
+    DataDir { path: PathBuf, source: std::io::Error },
+}
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The store, file sink outputs and process locks live here.
+    pub data_dir: PathBuf,
+    /// Stop once every source is read and every queue of the pipelines is empty.
+    pub once: bool,
+    pub durability: Durability,
+}
+
+/// What one pipeline did in this run. `received = routed + exceptions`; a message that is
+/// retried is received again later.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Summary {
+    pub pipeline: String,
+    /// Messages the runtime read from the pipeline's files or stdin into its inbox.
+    pub ingested: u64,
+    pub received: u64,
+    pub routed: u64,
+    /// Messages written per sink (a message routed to two sinks counts in both).
+    pub outputs: IndexMap<String, u64>,
+    pub exceptions: BTreeMap<String, u64>,
+    /// Deliveries that failed for a passing reason (a sink could not write) and come back later.
+    pub retried: u64,
+    /// Sink name -> where it writes.
+    pub targets: IndexMap<String, String>,
+    /// Where the pipeline reads: a queue, or its inbox and the files behind it.
+    pub input: String,
+}
+
+impl Summary {
+    pub fn exception_count(&self) -> u64 {
+        self.exceptions.values().sum()
+    }
+}
+
+/// Counters a pipeline's workers update after each commit.
+#[derive(Default)]
+struct Stats {
+    ingested: AtomicU64,
+    received: AtomicU64,
+    routed: AtomicU64,
+    retried: AtomicU64,
+    outputs: Vec<AtomicU64>,
+    exceptions: Mutex<BTreeMap<String, u64>>,
+}
+
+/// A sink as the runtime drives it.
+pub(crate) enum RuntimeSink {
+    /// Written in the store commit that settles the input.
+    Queue { queue: Arc<str>, format: OutputFormat, max_depth: u64 },
+    /// Written before the commit and made durable by `flush`.
+    External(Box<dyn Sink>),
+}
+
+/// Builds the runtime sink of an outside sink config.
+pub fn build_sink(config: &SinkConfig, cx: &SinkContext) -> Option<Box<dyn Sink>> {
+    match config {
+        SinkConfig::File(c) => Some(Box::new(FileSink::new(c, cx))),
+        SinkConfig::Stdout(c) => Some(Box::new(StdoutSink { format: c.format })),
+        SinkConfig::Queue(_) => None,
+    }
+}
+
+/// One pipeline in the runtime.
+pub(crate) struct PipelineRun {
+    pub pipeline: Arc<Pipeline>,
+    pub sinks: Vec<RuntimeSink>,
+    /// The queue its messages are taken from (its source queue or its inbox).
+    pub input_queue: String,
+    pub stream: StreamId,
+    pub replay_stream: StreamId,
+    stats: Stats,
+}
+
+impl PipelineRun {
+    fn summary(&self) -> Summary {
+        let p = &self.pipeline;
+        let mut s = Summary {
+            pipeline: p.name.clone(),
+            ingested: self.stats.ingested.load(Ordering::Relaxed),
+            received: self.stats.received.load(Ordering::Relaxed),
+            routed: self.stats.routed.load(Ordering::Relaxed),
+            retried: self.stats.retried.load(Ordering::Relaxed),
+            exceptions: self.stats.exceptions.lock().expect("stats lock").clone(),
+            input: match &p.source {
+                SourceConfig::Queue(q) => format!("queue {}", q.queue.value),
+                SourceConfig::File(f) => {
+                    format!("{} (via {})", crate::build::normalize(&p.dir.join(&f.path.value)).display(), self.input_queue)
+                }
+                SourceConfig::Stdin(_) => format!("standard input (via {})", self.input_queue),
+            },
+            ..Default::default()
+        };
+        for (i, (name, _)) in p.sinks.iter().enumerate() {
+            s.outputs.insert(name.clone(), self.stats.outputs[i].load(Ordering::Relaxed));
+            s.targets.insert(
+                name.clone(),
+                match &self.sinks[i] {
+                    RuntimeSink::Queue { queue, .. } => format!("queue {queue}"),
+                    RuntimeSink::External(sink) => sink.describe(),
+                },
+            );
+        }
+        s
+    }
+}
+
+/// What every task of a run shares.
+pub(crate) struct Shared {
+    pub store: Store,
+    pub owner: i64,
+    pub once: bool,
+    pub shutdown: watch::Receiver<bool>,
+    /// Ingesters still reading their sources.
+    pub ingesting: AtomicUsize,
+    /// Messages leased and not yet settled, over all workers.
+    pub in_flight: AtomicI64,
+}
+
+/// The process's claim on its leases: a locked file per running engine. A lock that can be
+/// taken belongs to a process that is gone, so its leases can be freed at once.
+struct OwnerLock {
+    path: PathBuf,
+    _file: std::fs::File,
+}
+
+impl OwnerLock {
+    fn acquire(data_dir: &std::path::Path, store: &Store) -> Result<(i64, OwnerLock), RunError> {
+        let dir = data_dir.join("owners");
+        let io = |source| RunError::DataDir { path: dir.clone(), source };
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        for entry in std::fs::read_dir(&dir).map_err(io)?.flatten() {
+            let path = entry.path();
+            let Some(id) = path.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse::<i64>().ok()) else { continue };
+            let Ok(f) = std::fs::OpenOptions::new().write(true).open(&path) else { continue };
+            if f.try_lock().is_ok() {
+                let freed = store.submit_blocking(move |c| store::reclaim(c, id))?;
+                if freed > 0 {
+                    tracing::warn!(messages = freed, "an earlier engine stopped without settling its messages; they are delivered again");
+                }
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        let id = (uuid::Uuid::now_v7().as_u128() as i64).abs();
+        let path = dir.join(format!("{id}.lock"));
+        let file = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&path).map_err(io)?;
+        file.lock().map_err(io)?;
+        Ok((id, OwnerLock { path, _file: file }))
+    }
+}
+
+impl Drop for OwnerLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A running set of pipelines.
+pub struct Runtime {
+    store: Store,
+    runs: Vec<Arc<PipelineRun>>,
+    opts: RunOptions,
+}
+
+impl Runtime {
+    /// Opens the store and subscribes every pipeline to its queues.
+    pub fn open(pipelines: Vec<Pipeline>, opts: RunOptions) -> Result<Runtime, RunError> {
+        let store = Store::open(&opts.data_dir, opts.durability)?;
+        let cx = SinkContext { data_dir: opts.data_dir.clone() };
+        let mut pairs = Vec::new();
+        for p in &pipelines {
+            let input = match &p.source {
+                SourceConfig::Queue(q) => q.queue.value.clone(),
+                _ => store::inbox_queue(&p.name),
+            };
+            pairs.push((input, p.name.clone()));
+            pairs.push((store::REPLAY_QUEUE.to_string(), p.name.clone()));
+        }
+        let subscribe = pairs.clone();
+        let ids = store.submit_blocking(move |c| store::subscribe(c, &subscribe))?;
+        let runs = pipelines
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let sinks = p
+                    .sinks
+                    .iter()
+                    .map(|(_, c)| match c {
+                        SinkConfig::Queue(q) => RuntimeSink::Queue {
+                            queue: Arc::from(q.queue.value.as_str()),
+                            format: q.format.unwrap_or(OutputFormat::Payload),
+                            max_depth: q.max_depth.unwrap_or(crate::sink::queue::DEFAULT_MAX_DEPTH),
+                        },
+                        other => RuntimeSink::External(build_sink(other, &cx).expect("not a queue sink")),
+                    })
+                    .collect();
+                let stats = Stats { outputs: p.sinks.iter().map(|_| AtomicU64::new(0)).collect(), ..Default::default() };
+                Arc::new(PipelineRun {
+                    input_queue: pairs[2 * i].0.clone(),
+                    stream: ids[2 * i],
+                    replay_stream: ids[2 * i + 1],
+                    pipeline: Arc::new(p),
+                    sinks,
+                    stats,
+                })
+            })
+            .collect();
+        Ok(Runtime { store, runs, opts })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Counts so far, per pipeline.
+    pub fn summaries(&self) -> Vec<Summary> {
+        self.runs.iter().map(|r| r.summary()).collect()
+    }
+
+    /// Runs until `shutdown` turns true (or, with `once`, until everything is processed), then
+    /// finishes the batches in hand and returns the counts.
+    pub async fn run(&self, shutdown: watch::Receiver<bool>) -> Result<Vec<Summary>, RunError> {
+        let (id, lock) = OwnerLock::acquire(&self.opts.data_dir, &self.store)?;
+        // With `once`, the run stops itself through this second signal.
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut outer = shutdown.clone();
+        let forward = stop_tx.clone();
+        let forwarder = tokio::spawn(async move {
+            while !*outer.borrow() {
+                if outer.changed().await.is_err() {
+                    return;
+                }
+            }
+            let _ = forward.send(true);
+        });
+        let shared = Arc::new(Shared {
+            store: self.store.clone(),
+            owner: id,
+            once: self.opts.once,
+            shutdown: stop_rx,
+            ingesting: AtomicUsize::new(0),
+            in_flight: AtomicI64::new(0),
+        });
+        let mut tasks = tokio::task::JoinSet::new();
+        for run in &self.runs {
+            if let Some(ingester) = ingest::Ingester::for_pipeline(run.clone(), shared.clone()) {
+                shared.ingesting.fetch_add(1, Ordering::SeqCst);
+                tasks.spawn(ingester.run());
+            }
+        }
+        for run in &self.runs {
+            for _ in 0..run.pipeline.runtime.concurrency {
+                tasks.spawn(worker::run(run.clone(), shared.clone()));
+            }
+        }
+        if self.opts.once {
+            let streams: Vec<StreamId> = self.runs.iter().flat_map(|r| [r.stream, r.replay_stream]).collect();
+            tasks.spawn(stop_when_drained(shared.clone(), streams, stop_tx.clone()));
+        }
+        let mut first_error = None;
+        while let Some(done) = tasks.join_next().await {
+            match done {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "a runtime task failed; stopping");
+                    let _ = stop_tx.send(true);
+                    first_error.get_or_insert(e);
+                }
+                Err(join) => {
+                    let _ = stop_tx.send(true);
+                    first_error.get_or_insert(RunError::Store(StoreError::Sql(format!("a runtime task ended abnormally: {join}"))));
+                }
+            }
+        }
+        forwarder.abort();
+        for run in &self.runs {
+            for s in &run.sinks {
+                if let RuntimeSink::External(sink) = s
+                    && let Err(source) = sink.flush().await
+                {
+                    first_error.get_or_insert(RunError::Sink { pipeline: run.pipeline.name.clone(), source });
+                }
+            }
+        }
+        drop(lock);
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(self.summaries()),
+        }
+    }
+
+    /// Stops the store's writer; call after `run`.
+    pub fn close(&self) {
+        self.store.close();
+    }
+}
+
+/// For `--once`: stops the run when every source has been read and the pipelines' queues are
+/// empty, leased messages included (so nothing is in a worker's hands either).
+async fn stop_when_drained(shared: Arc<Shared>, streams: Vec<StreamId>, stop: watch::Sender<bool>) -> Result<(), RunError> {
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+            _ = shutdown.changed() => return Ok(()),
+        }
+        if shared.ingesting.load(Ordering::SeqCst) > 0 || shared.in_flight.load(Ordering::SeqCst) > 0 {
+            continue;
+        }
+        let streams = streams.clone();
+        let left = shared.store.submit(move |c| store::pending(c, &streams)).await?;
+        if left == 0 && shared.in_flight.load(Ordering::SeqCst) == 0 {
+            let _ = stop.send(true);
+            return Ok(());
+        }
+    }
+}
+
+/// Runs the pipeline on one message; a bug that panics becomes that message's exception record
+/// instead of ending the run.
+pub fn process_guarded(p: &Pipeline, raw: crate::message::RawMessage, body: &[u8]) -> Outcome {
+    let origin = raw.origin.clone();
+    let message_id = raw.message_id.clone();
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.process(raw))) {
+        Ok(outcome) => outcome,
+        Err(panic) => {
+            let what =
+                panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
+            let f = Failure::one(
+                reason::INTERNAL_ERROR,
+                ErrorDetail::input("", format!("Switchyard failed on this message (a bug; please report it): {what}")),
+            );
+            let mut raw = crate::message::RawMessage::json(body.to_vec());
+            raw.origin = origin;
+            raw.message_id = message_id;
+            Outcome::Failed(Box::new(p.failure_record(&raw, Stage::Map, f)))
+        }
+    }
+}

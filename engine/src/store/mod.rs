@@ -1,0 +1,376 @@
+//! The embedded durable store: queues, exception records and source checkpoints in one SQLite
+//! file, `<data dir>/switchyard.db`, in WAL mode. Operators can open it with `sqlite3`.
+//!
+//! One writer thread owns the write connection and commits whatever jobs are waiting in one
+//! transaction (group commit): a job is a closure run inside its own savepoint, so one failing job
+//! does not undo the others, and its caller hears back only after the commit is durable.
+//!
+//! Queues fan out: a message sent to queue `X` is stored once per *stream* `(X, consumer)`, one
+//! stream per pipeline whose source is `X`. Messages sent before any pipeline subscribed wait in
+//! the stream `(X, "")` and go to the first subscribers.
+
+mod admin;
+mod queue;
+
+pub use admin::*;
+pub use queue::*;
+
+use rusqlite::Connection;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("the store at {path} cannot be opened: {message}")]
+    Open { path: String, message: String },
+    #[error("store error: {0}")]
+    Sql(String),
+    #[error("the store has stopped")]
+    Stopped,
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Sql(e.to_string())
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// How hard each commit is pushed to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync on every commit: nothing acknowledged is lost, even on power loss (the default).
+    Full,
+    /// fsync at WAL checkpoints only: safe when the process dies, may lose the last commits on
+    /// power loss (SQLite `synchronous=NORMAL`).
+    Normal,
+}
+
+impl Durability {
+    /// From `SWITCHYARD_DURABILITY` (`full` or `normal`); full when unset.
+    pub fn from_env() -> Result<Self, String> {
+        match std::env::var("SWITCHYARD_DURABILITY").as_deref() {
+            Err(_) | Ok("") | Ok("full") => Ok(Durability::Full),
+            Ok("normal") => Ok(Durability::Normal),
+            Ok(other) => Err(format!("SWITCHYARD_DURABILITY is `{other}`; expected `full` or `normal`")),
+        }
+    }
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS streams (
+    id INTEGER PRIMARY KEY,
+    queue TEXT NOT NULL,
+    consumer TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    UNIQUE (queue, consumer)
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,
+    stream INTEGER NOT NULL,
+    message_id TEXT NOT NULL,
+    headers TEXT NOT NULL,
+    body BLOB NOT NULL,
+    enqueued_at INTEGER NOT NULL,
+    visible_at INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    owner INTEGER
+);
+CREATE INDEX IF NOT EXISTS messages_by_stream ON messages (stream, id, visible_at);
+CREATE TABLE IF NOT EXISTS exceptions (
+    id TEXT PRIMARY KEY,
+    pipeline TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    correlation_id TEXT NOT NULL,
+    failed_at INTEGER NOT NULL,
+    status TEXT NOT NULL DEFAULT 'open',
+    status_at INTEGER,
+    replayable INTEGER NOT NULL,
+    headers TEXT NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS exceptions_by_time ON exceptions (failed_at);
+CREATE INDEX IF NOT EXISTS exceptions_by_pipeline ON exceptions (pipeline, reason, failed_at);
+CREATE TABLE IF NOT EXISTS file_checkpoints (
+    pipeline TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    modified INTEGER NOT NULL,
+    records INTEGER NOT NULL,
+    complete INTEGER NOT NULL,
+    PRIMARY KEY (pipeline, path)
+);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1');
+"#;
+
+/// Microseconds since the Unix epoch: the store's clock.
+pub fn now_micros() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+pub fn db_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("switchyard.db")
+}
+
+fn open_connection(path: &Path, durability: Durability) -> StoreResult<Connection> {
+    let err = |e: rusqlite::Error| StoreError::Open { path: path.display().to_string(), message: e.to_string() };
+    let conn = Connection::open(path).map_err(err)?;
+    conn.busy_timeout(Duration::from_secs(30)).map_err(err)?;
+    conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+    conn.pragma_update(None, "synchronous", if durability == Durability::Full { "FULL" } else { "NORMAL" }).map_err(err)?;
+    conn.pragma_update(None, "temp_store", "MEMORY").map_err(err)?;
+    Ok(conn)
+}
+
+/// What a job tells the writer: whether to keep its changes, and what to say to its caller once
+/// the transaction's fate is known.
+struct Done {
+    ok: bool,
+    reply: Box<dyn FnOnce(Option<StoreError>) + Send>,
+}
+
+/// A job gets the connection to run on, or `None` when the transaction could not even begin: then
+/// it only says what to answer.
+type Job = Box<dyn FnOnce(Option<&Connection>) -> Done + Send>;
+
+/// Most jobs committed in one transaction.
+const MAX_GROUP: usize = 512;
+
+fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
+    while let Ok(first) = jobs.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match jobs.try_recv() {
+                Ok(j) => group.push(j),
+                Err(_) => break,
+            }
+        }
+        let mut done = Vec::with_capacity(group.len());
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            let e = StoreError::from(e);
+            for job in group {
+                (job(None).reply)(Some(e.clone()));
+            }
+            continue;
+        }
+        for job in group {
+            if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+                done.push(fail_job(job(None), e.into()));
+                continue;
+            }
+            let d = job(Some(&conn));
+            let d = if d.ok {
+                match conn.execute_batch("RELEASE job") {
+                    Ok(()) => d,
+                    Err(e) => fail_job(d, e.into()),
+                }
+            } else {
+                let _ = conn.execute_batch("ROLLBACK TO job; RELEASE job");
+                d
+            };
+            done.push(d);
+        }
+        let committed = conn.execute_batch("COMMIT").map_err(StoreError::from);
+        if committed.is_err() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        for d in done {
+            (d.reply)(committed.as_ref().err().cloned());
+        }
+    }
+}
+
+fn fail_job(d: Done, e: StoreError) -> Done {
+    let reply = d.reply;
+    Done { ok: false, reply: Box::new(move |_| reply(Some(e))) }
+}
+
+struct Inner {
+    path: PathBuf,
+    jobs: Mutex<Option<mpsc::SyncSender<Job>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Wakes the consumers of a queue when this process enqueued to it.
+    wakers: Mutex<std::collections::HashMap<String, Arc<Notify>>>,
+}
+
+/// A handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Store({})", self.inner.path.display())
+    }
+}
+
+impl Store {
+    /// Opens (creating when needed) the store under `data_dir`.
+    pub fn open(data_dir: &Path, durability: Durability) -> StoreResult<Store> {
+        std::fs::create_dir_all(data_dir).map_err(|e| StoreError::Open { path: data_dir.display().to_string(), message: e.to_string() })?;
+        let path = db_path(data_dir);
+        let conn = open_connection(&path, durability)?;
+        conn.execute_batch(SCHEMA).map_err(|e| StoreError::Open { path: path.display().to_string(), message: e.to_string() })?;
+        let (tx, rx) = mpsc::sync_channel::<Job>(4096);
+        let writer = std::thread::Builder::new()
+            .name("switchyard-store".into())
+            .spawn(move || writer_loop(conn, rx))
+            .map_err(|e| StoreError::Open { path: path.display().to_string(), message: e.to_string() })?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                path,
+                jobs: Mutex::new(Some(tx)),
+                writer: Mutex::new(Some(writer)),
+                wakers: Mutex::new(Default::default()),
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// A read-only connection for queries that must not wait behind the writer.
+    pub fn reader(&self) -> StoreResult<Connection> {
+        let c = Connection::open_with_flags(&self.inner.path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|e| StoreError::Open { path: self.inner.path.display().to_string(), message: e.to_string() })?;
+        c.busy_timeout(Duration::from_secs(30))?;
+        Ok(c)
+    }
+
+    fn sender(&self) -> Option<mpsc::SyncSender<Job>> {
+        self.inner.jobs.lock().expect("store lock").clone()
+    }
+
+    /// Runs `f` in the writer's next transaction; resolves after the commit.
+    pub fn submit<T: Send + 'static>(&self, f: impl FnOnce(&Connection) -> StoreResult<T> + Send + 'static) -> Pending<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let result = match conn {
+                Some(conn) => f(conn),
+                None => Err(StoreError::Stopped),
+            };
+            let ok = result.is_ok();
+            Done {
+                ok,
+                reply: Box::new(move |commit_error| {
+                    let _ = tx.send(match commit_error {
+                        Some(e) => Err(e),
+                        None => result,
+                    });
+                }),
+            }
+        });
+        let sent = self.sender().map(|s| s.send(job).is_ok()).unwrap_or(false);
+        Pending(sent.then_some(rx))
+    }
+
+    /// `submit` for code outside the async runtime (the command line).
+    pub fn submit_blocking<T: Send + 'static>(&self, f: impl FnOnce(&Connection) -> StoreResult<T> + Send + 'static) -> StoreResult<T> {
+        let fut = self.submit(f);
+        futures_lite_block_on(fut)
+    }
+
+    /// The notifier of `queue`'s consumers in this process.
+    pub fn waker(&self, queue: &str) -> Arc<Notify> {
+        self.inner.wakers.lock().expect("wakers lock").entry(queue.to_string()).or_default().clone()
+    }
+
+    pub(crate) fn wake(&self, queue: &str) {
+        if let Some(n) = self.inner.wakers.lock().expect("wakers lock").get(queue) {
+            n.notify_waiters();
+        }
+    }
+
+    /// Stops the writer after the jobs already sent; later submissions fail with `Stopped`.
+    pub fn close(&self) {
+        self.inner.jobs.lock().expect("store lock").take();
+        if let Some(w) = self.inner.writer.lock().expect("store lock").take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// The answer to a submitted job: already on its way to the writer, awaited when convenient.
+pub struct Pending<T>(Option<tokio::sync::oneshot::Receiver<StoreResult<T>>>);
+
+impl<T> std::future::Future for Pending<T> {
+    type Output = StoreResult<T>;
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        match self.0.as_mut() {
+            None => std::task::Poll::Ready(Err(StoreError::Stopped)),
+            Some(rx) => std::pin::Pin::new(rx).poll(cx).map(|r| r.unwrap_or(Err(StoreError::Stopped))),
+        }
+    }
+}
+
+/// Waits for a future on the current thread; the store's futures need no reactor.
+fn futures_lite_block_on<F: std::future::Future>(fut: F) -> F::Output {
+    use std::task::{Context, Poll, Wake, Waker};
+    struct Thread(std::thread::Thread);
+    impl Wake for Thread {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Thread(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        match fut.as_mut().poll(&mut cx) {
+            Poll::Ready(v) => return v,
+            Poll::Pending => std::thread::park(),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn temp_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Durability::Normal).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn a_failing_job_does_not_undo_the_others_in_its_group() {
+        let (_dir, store) = temp_store();
+        let a = store.submit(|c| {
+            c.execute("INSERT INTO meta (key, value) VALUES ('a', '1')", [])?;
+            Ok(())
+        });
+        let b = store.submit(|c| {
+            c.execute("INSERT INTO meta (key, value) VALUES ('b', '1')", [])?;
+            Err::<(), _>(StoreError::Refused("no".into()))
+        });
+        let c = store.submit(|c| {
+            c.execute("INSERT INTO meta (key, value) VALUES ('c', '1')", [])?;
+            Ok(())
+        });
+        assert!(futures_lite_block_on(a).is_ok());
+        assert!(futures_lite_block_on(b).is_err());
+        assert!(futures_lite_block_on(c).is_ok());
+        let keys: Vec<String> = store
+            .reader()
+            .unwrap()
+            .prepare("SELECT key FROM meta WHERE key IN ('a','b','c') ORDER BY key")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(keys, ["a", "c"]);
+    }
+}

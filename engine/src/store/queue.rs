@@ -1,0 +1,406 @@
+//! Queue operations, run inside the writer's transaction: subscribe, enqueue, lease, settle.
+
+use super::{StoreError, StoreResult, now_micros};
+use crate::message::ExceptionRecord;
+use rusqlite::{Connection, OptionalExtension, params};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub type StreamId = i64;
+
+/// The queue replays go to: every pipeline also consumes its stream of it.
+pub const REPLAY_QUEUE: &str = "_replay";
+
+/// The queue a pipeline with an outside source (files, stdin) ingests into.
+pub fn inbox_queue(pipeline: &str) -> String {
+    format!("_inbox.{pipeline}")
+}
+
+/// A message to store.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub message_id: String,
+    /// A JSON object of text values: the envelope that travels with the body.
+    pub headers: String,
+    pub body: Vec<u8>,
+}
+
+/// A message leased to this process.
+#[derive(Debug, Clone)]
+pub struct Leased {
+    pub id: i64,
+    /// How many times it has been leased, this time included: the lease's token.
+    pub attempts: u32,
+    pub message_id: String,
+    pub headers: String,
+    pub body: Vec<u8>,
+    pub enqueued_at: i64,
+}
+
+/// Where an output goes.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// Every pipeline subscribed to the queue.
+    Queue(Arc<str>),
+    /// One stream (a replay to one pipeline).
+    Stream(StreamId),
+}
+
+/// An exception record and what replaying it needs.
+#[derive(Debug, Clone)]
+pub struct ExceptionRow {
+    pub record: ExceptionRecord,
+    /// The headers the message arrived with, restored on replay.
+    pub headers: String,
+    /// False when there is nothing to replay (an input that could not be read).
+    pub replayable: bool,
+}
+
+/// What became of one leased message; with no input, outputs to store (ingestion).
+#[derive(Debug, Clone)]
+pub struct Settlement {
+    /// The leased message: id and lease token (its attempt count).
+    pub input: Option<(i64, u32)>,
+    pub outcome: Settle,
+}
+
+#[derive(Debug, Clone)]
+pub enum Settle {
+    /// Done: the input leaves its queue, the outputs and exception records are stored.
+    Done { outputs: Vec<(Target, NewMessage)>, exceptions: Vec<ExceptionRow> },
+    /// Try again later: the input becomes visible again at the time given (µs).
+    Retry { visible_at: i64 },
+}
+
+/// How far a pipeline has read a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub pipeline: String,
+    pub path: String,
+    pub size: i64,
+    pub modified: i64,
+    /// Records of the file already stored.
+    pub records: i64,
+    pub complete: bool,
+}
+
+/// What a settle call did.
+#[derive(Debug, Default, Clone)]
+pub struct SettleReport {
+    /// Inputs whose lease had expired and gone to another consumer: their outputs were not
+    /// written (the other consumer writes them).
+    pub lost_leases: usize,
+    /// Queues that received messages, to wake their consumers.
+    pub queues: Vec<Arc<str>>,
+}
+
+pub fn ensure_stream(conn: &Connection, queue: &str, consumer: &str) -> StoreResult<StreamId> {
+    conn.prepare_cached("INSERT OR IGNORE INTO streams (queue, consumer, created_at) VALUES (?1, ?2, ?3)")?.execute(params![
+        queue,
+        consumer,
+        now_micros()
+    ])?;
+    Ok(conn
+        .prepare_cached("SELECT id FROM streams WHERE queue = ?1 AND consumer = ?2")?
+        .query_row(params![queue, consumer], |r| r.get(0))?)
+}
+
+/// The streams a message sent to `queue` goes to: one per subscriber, or the waiting stream.
+fn streams_of(conn: &Connection, queue: &str) -> StoreResult<Vec<StreamId>> {
+    let ids: Vec<StreamId> = conn
+        .prepare_cached("SELECT id FROM streams WHERE queue = ?1 AND consumer <> '' ORDER BY id")?
+        .query_map([queue], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    if ids.is_empty() { Ok(vec![ensure_stream(conn, queue, "")?]) } else { Ok(ids) }
+}
+
+/// Subscribes each consumer to its queue. The first subscribers of a queue take the messages
+/// that waited for them; later ones see only what is sent after they joined.
+pub fn subscribe(conn: &Connection, pairs: &[(String, String)]) -> StoreResult<Vec<StreamId>> {
+    let mut by_queue: indexmap::IndexMap<&str, Vec<&str>> = indexmap::IndexMap::new();
+    for (q, c) in pairs {
+        by_queue.entry(q.as_str()).or_default().push(c.as_str());
+    }
+    let mut ids = HashMap::new();
+    for (queue, consumers) in by_queue {
+        let had_subscribers: bool = conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM streams WHERE queue = ?1 AND consumer <> '')")?
+            .query_row([queue], |r| r.get(0))?;
+        let mut fresh = Vec::new();
+        for c in consumers {
+            let existed: Option<StreamId> = conn
+                .prepare_cached("SELECT id FROM streams WHERE queue = ?1 AND consumer = ?2")?
+                .query_row([queue, c], |r| r.get(0))
+                .optional()?;
+            let id = match existed {
+                Some(id) => id,
+                None => {
+                    let id = ensure_stream(conn, queue, c)?;
+                    fresh.push(id);
+                    id
+                }
+            };
+            ids.insert((queue.to_string(), c.to_string()), id);
+        }
+        if !had_subscribers && !fresh.is_empty() {
+            let waiting: Option<StreamId> = conn
+                .prepare_cached("SELECT id FROM streams WHERE queue = ?1 AND consumer = ''")?
+                .query_row([queue], |r| r.get(0))
+                .optional()?;
+            if let Some(w) = waiting {
+                for id in &fresh {
+                    conn.execute(
+                        "INSERT INTO messages (stream, message_id, headers, body, enqueued_at, visible_at, attempts)
+                         SELECT ?1, message_id, headers, body, enqueued_at, 0, 0 FROM messages WHERE stream = ?2 ORDER BY id",
+                        params![id, w],
+                    )?;
+                }
+                conn.execute("DELETE FROM messages WHERE stream = ?1", [w])?;
+            }
+        }
+    }
+    Ok(pairs.iter().map(|(q, c)| ids[&(q.clone(), c.clone())]).collect())
+}
+
+fn insert(conn: &Connection, stream: StreamId, m: &NewMessage, now: i64) -> StoreResult<()> {
+    conn.prepare_cached(
+        "INSERT INTO messages (stream, message_id, headers, body, enqueued_at, visible_at, attempts) VALUES (?1, ?2, ?3, ?4, ?5, 0, 0)",
+    )?
+    .execute(params![stream, m.message_id, m.headers, m.body, now])?;
+    Ok(())
+}
+
+/// Sends messages to a queue (to each subscriber); returns how many rows were written.
+pub fn enqueue(conn: &Connection, queue: &str, messages: &[NewMessage]) -> StoreResult<usize> {
+    let now = now_micros();
+    let streams = streams_of(conn, queue)?;
+    for m in messages {
+        for s in &streams {
+            insert(conn, *s, m, now)?;
+        }
+    }
+    Ok(messages.len() * streams.len())
+}
+
+/// Leases up to `limit` visible messages of a stream with an id above `after`, for `lease_micros`.
+pub fn lease(conn: &Connection, stream: StreamId, after: i64, limit: usize, lease_micros: i64, owner: i64) -> StoreResult<Vec<Leased>> {
+    let now = now_micros();
+    let mut out: Vec<Leased> = conn
+        .prepare_cached(
+            "UPDATE messages SET visible_at = ?1, attempts = attempts + 1, owner = ?2
+             WHERE id IN (SELECT id FROM messages WHERE stream = ?3 AND id > ?4 AND visible_at <= ?5 ORDER BY id LIMIT ?6)
+             RETURNING id, attempts, message_id, headers, body, enqueued_at",
+        )?
+        .query_map(params![now + lease_micros, owner, stream, after, now, limit as i64], |r| {
+            Ok(Leased {
+                id: r.get(0)?,
+                attempts: r.get(1)?,
+                message_id: r.get(2)?,
+                headers: r.get(3)?,
+                body: r.get(4)?,
+                enqueued_at: r.get(5)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    out.sort_by_key(|l| l.id);
+    Ok(out)
+}
+
+fn insert_exception(conn: &Connection, e: &ExceptionRow) -> StoreResult<()> {
+    let r = &e.record;
+    let json = serde_json::to_string(r).map_err(|e| StoreError::Sql(e.to_string()))?;
+    conn.prepare_cached(
+        "INSERT INTO exceptions (id, pipeline, reason, stage, message_id, correlation_id, failed_at, status, replayable, headers, record)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'open', ?8, ?9, ?10)",
+    )?
+    .execute(params![
+        r.exception_id,
+        r.pipeline,
+        r.reason,
+        r.stage.as_str(),
+        r.message_id,
+        r.correlation_id,
+        r.failed_at.timestamp_micros(),
+        e.replayable,
+        e.headers,
+        json
+    ])?;
+    Ok(())
+}
+
+/// Settles leased messages and stores outputs, exception records and a file checkpoint, all in
+/// the writer's current transaction. An input whose lease was lost is left alone, and so are
+/// its outputs: whoever holds it now writes them.
+pub fn settle(conn: &Connection, items: &[Settlement], checkpoint: Option<&Checkpoint>) -> StoreResult<SettleReport> {
+    let now = now_micros();
+    let mut report = SettleReport::default();
+    let mut streams: HashMap<Arc<str>, Vec<StreamId>> = HashMap::new();
+    for item in items {
+        match &item.outcome {
+            Settle::Retry { visible_at } => {
+                if let Some((id, attempts)) = item.input {
+                    conn.prepare_cached("UPDATE messages SET visible_at = ?1, owner = NULL WHERE id = ?2 AND attempts = ?3")?
+                        .execute(params![visible_at, id, attempts])?;
+                }
+            }
+            Settle::Done { outputs, exceptions } => {
+                if let Some((id, attempts)) = item.input {
+                    let deleted =
+                        conn.prepare_cached("DELETE FROM messages WHERE id = ?1 AND attempts = ?2")?.execute(params![id, attempts])?;
+                    if deleted == 0 {
+                        report.lost_leases += 1;
+                        continue;
+                    }
+                }
+                for (target, m) in outputs {
+                    match target {
+                        Target::Stream(s) => insert(conn, *s, m, now)?,
+                        Target::Queue(q) => {
+                            if !streams.contains_key(q) {
+                                streams.insert(q.clone(), streams_of(conn, q)?);
+                                report.queues.push(q.clone());
+                            }
+                            for s in &streams[q] {
+                                insert(conn, *s, m, now)?;
+                            }
+                        }
+                    }
+                }
+                for e in exceptions {
+                    insert_exception(conn, e)?;
+                }
+            }
+        }
+    }
+    if let Some(c) = checkpoint {
+        conn.prepare_cached(
+            "INSERT INTO file_checkpoints (pipeline, path, size, modified, records, complete) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (pipeline, path) DO UPDATE SET size = ?3, modified = ?4, records = ?5, complete = ?6",
+        )?
+        .execute(params![c.pipeline, c.path, c.size, c.modified, c.records, c.complete])?;
+    }
+    Ok(report)
+}
+
+/// Makes the messages leased by a dead process visible again at once.
+pub fn reclaim(conn: &Connection, owner: i64) -> StoreResult<usize> {
+    Ok(conn.execute("UPDATE messages SET visible_at = 0, owner = NULL WHERE owner = ?1", [owner])?)
+}
+
+/// The checkpoints of a pipeline's files.
+pub fn checkpoints(conn: &Connection, pipeline: &str) -> StoreResult<HashMap<String, Checkpoint>> {
+    let rows = conn
+        .prepare_cached("SELECT path, size, modified, records, complete FROM file_checkpoints WHERE pipeline = ?1")?
+        .query_map([pipeline], |r| {
+            Ok(Checkpoint {
+                pipeline: pipeline.to_string(),
+                path: r.get(0)?,
+                size: r.get(1)?,
+                modified: r.get(2)?,
+                records: r.get(3)?,
+                complete: r.get(4)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows.into_iter().map(|c| (c.path.clone(), c)).collect())
+}
+
+/// Messages stored for a queue, over all its streams.
+pub fn depth(conn: &Connection, queue: &str) -> StoreResult<i64> {
+    Ok(conn
+        .prepare_cached("SELECT count(*) FROM messages WHERE stream IN (SELECT id FROM streams WHERE queue = ?1)")?
+        .query_row([queue], |r| r.get(0))?)
+}
+
+/// Messages stored in the given streams, leased or not.
+pub fn pending(conn: &Connection, streams: &[StreamId]) -> StoreResult<i64> {
+    let mut total = 0;
+    for s in streams {
+        total += conn.prepare_cached("SELECT count(*) FROM messages WHERE stream = ?1")?.query_row([s], |r| r.get::<_, i64>(0))?;
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::temp_store;
+    use super::*;
+
+    fn msg(id: &str) -> NewMessage {
+        NewMessage { message_id: id.into(), headers: "{}".into(), body: format!("{{\"id\":\"{id}\"}}").into_bytes() }
+    }
+
+    #[test]
+    fn messages_wait_for_the_first_subscribers_then_fan_out() {
+        let (_d, store) = temp_store();
+        store
+            .submit_blocking(|c| {
+                enqueue(c, "orders", &[msg("early")])?;
+                let ids = subscribe(c, &[("orders".into(), "a".into()), ("orders".into(), "b".into())])?;
+                enqueue(c, "orders", &[msg("later")])?;
+                let late = subscribe(c, &[("orders".into(), "c".into())])?[0];
+                enqueue(c, "orders", &[msg("last")])?;
+                let names =
+                    |s| -> StoreResult<Vec<String>> { Ok(lease(c, s, 0, 10, 1_000_000, 1)?.into_iter().map(|l| l.message_id).collect()) };
+                assert_eq!(names(ids[0])?, ["early", "later", "last"]);
+                assert_eq!(names(ids[1])?, ["early", "later", "last"]);
+                assert_eq!(names(late)?, ["last"]);
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn a_lease_hides_a_message_until_settled_or_expired_and_a_lost_lease_writes_nothing() {
+        let (_d, store) = temp_store();
+        store
+            .submit_blocking(|c| {
+                let s = subscribe(c, &[("in".into(), "p".into())])?[0];
+                let out = subscribe(c, &[("out".into(), "q".into())])?[0];
+                enqueue(c, "in", &[msg("m1")])?;
+                let first = lease(c, s, 0, 10, 0, 1)?; // expires at once
+                assert_eq!(first.len(), 1);
+                let second = lease(c, s, 0, 10, 60_000_000, 2)?;
+                assert_eq!((second.len(), second[0].attempts), (1, 2));
+                assert!(lease(c, s, 0, 10, 60_000_000, 3)?.is_empty(), "leased for a minute");
+                // The first holder settles late: its lease is gone, so its output is not written.
+                let done = |l: &Leased| Settlement {
+                    input: Some((l.id, l.attempts)),
+                    outcome: Settle::Done { outputs: vec![(Target::Queue("out".into()), msg("o"))], exceptions: vec![] },
+                };
+                let r = settle(c, &[done(&first[0])], None)?;
+                assert_eq!(r.lost_leases, 1);
+                assert_eq!(pending(c, &[out])?, 0);
+                let r = settle(c, &[done(&second[0])], None)?;
+                assert_eq!((r.lost_leases, pending(c, &[s])?, pending(c, &[out])?), (0, 0, 1));
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn retry_makes_a_message_visible_later_and_reclaim_frees_a_dead_owners_leases() {
+        let (_d, store) = temp_store();
+        store
+            .submit_blocking(|c| {
+                let s = subscribe(c, &[("in".into(), "p".into())])?[0];
+                enqueue(c, "in", &[msg("m1"), msg("m2")])?;
+                let l = lease(c, s, 0, 1, 60_000_000, 7)?;
+                settle(
+                    c,
+                    &[Settlement {
+                        input: Some((l[0].id, l[0].attempts)),
+                        outcome: Settle::Retry { visible_at: now_micros() + 60_000_000 },
+                    }],
+                    None,
+                )?;
+                let l2 = lease(c, s, 0, 10, 60_000_000, 7)?;
+                assert_eq!(l2.iter().map(|l| l.message_id.as_str()).collect::<Vec<_>>(), ["m2"], "m1 waits for its retry time");
+                assert!(lease(c, s, 0, 10, 60_000_000, 8)?.is_empty());
+                assert_eq!(reclaim(c, 7)?, 1);
+                assert_eq!(lease(c, s, 0, 10, 60_000_000, 8)?[0].message_id, "m2");
+                Ok(())
+            })
+            .unwrap();
+    }
+}
