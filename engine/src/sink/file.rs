@@ -81,25 +81,6 @@ fn cut_torn_line(mut f: std::fs::File) -> std::io::Result<std::fs::File> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_torn_last_line_is_cut_off_and_whole_lines_stay() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("out.ndjson");
-        std::fs::write(&p, "{\"a\":1}\n{\"a\":2}\n{\"a\"").unwrap();
-        drop(open_append(&p).await.unwrap());
-        assert_eq!(std::fs::read_to_string(&p).unwrap(), "{\"a\":1}\n{\"a\":2}\n");
-        drop(open_append(&p).await.unwrap());
-        assert_eq!(std::fs::read_to_string(&p).unwrap(), "{\"a\":1}\n{\"a\":2}\n", "whole files are left alone");
-        std::fs::write(&p, "no newline at all").unwrap();
-        drop(open_append(&p).await.unwrap());
-        assert_eq!(std::fs::read_to_string(&p).unwrap(), "");
-    }
-}
-
 #[async_trait]
 impl Sink for FileSink {
     async fn write(&self, output: &Output) -> Result<(), SinkError> {
@@ -125,5 +106,24 @@ impl Sink for FileSink {
 
     fn describe(&self) -> String {
         self.path.display().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_torn_last_line_is_cut_off_and_whole_lines_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("out.ndjson");
+        std::fs::write(&p, "{\"a\":1}\n{\"a\":2}\n{\"a\"").unwrap();
+        drop(open_append(&p).await.unwrap());
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "{\"a\":1}\n{\"a\":2}\n");
+        drop(open_append(&p).await.unwrap());
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "{\"a\":1}\n{\"a\":2}\n", "whole files are left alone");
+        std::fs::write(&p, "no newline at all").unwrap();
+        drop(open_append(&p).await.unwrap());
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "");
     }
 }
