@@ -1,0 +1,1 @@
+//! Black-box tests of the runtime commands: run, send, queues, exceptions.
