@@ -68,7 +68,7 @@ pub struct RuntimeConfig {
     /// Batches this pipeline processes at once (default 1, which keeps the order of its queue).
     #[serde(default)]
     pub concurrency: Option<Spanned<u32>>,
-    /// Messages taken from the queue at a time (default 128).
+    /// Messages taken from the queue at a time (default 256).
     #[serde(default)]
     pub batch_size: Option<Spanned<u32>>,
     /// How long a message being processed stays hidden; one not settled by then (its engine died)
@@ -98,7 +98,7 @@ impl Default for RuntimeSettings {
     fn default() -> Self {
         RuntimeSettings {
             concurrency: 1,
-            batch_size: 128,
+            batch_size: 256,
             visibility_timeout: std::time::Duration::from_secs(30),
             max_attempts: 5,
             poll_interval: std::time::Duration::from_secs(1),

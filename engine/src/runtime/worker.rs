@@ -37,14 +37,33 @@ pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<()
     let mut last_rescan = Instant::now();
     let mut idle = Duration::from_millis(2);
     let mut pending: VecDeque<(Pending<SettleReport>, BatchCounts)> = VecDeque::new();
+    // The next batch is leased while this one is processed, so the store and the pipeline work
+    // at the same time.
+    let mut next: Option<Pending<Vec<Leased>>> = None;
+    let mut back_pressure = BackPressure::default();
     let waker = shared.store.waker(&run.input_queue);
     let mut shutdown = shared.shutdown.clone();
+    let lease = |after: i64| -> Pending<Vec<Leased>> {
+        let (stream, replay, limit, owner) = (run.stream, run.replay_stream, settings.batch_size, shared.owner);
+        // Counted as in flight before it exists, so `--once` never sees a batch nowhere.
+        shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        shared.store.submit(move |c| {
+            let mut batch = store::lease(c, stream, after, limit, lease_micros, owner)?;
+            if batch.len() < limit {
+                batch.extend(store::lease(c, replay, 0, limit - batch.len(), lease_micros, owner)?);
+            }
+            Ok(batch)
+        })
+    };
     let result = async {
         loop {
-            if *shutdown.borrow() {
+            let stopping = *shutdown.borrow();
+            if stopping && next.is_none() {
                 return Ok(());
             }
-            if let Some(queue) = blocked_by(&run, &shared).await? {
+            if next.is_none()
+                && let Some(queue) = back_pressure.blocked_by(&run, &shared).await?
+            {
                 tracing::debug!(pipeline = %run.pipeline.name, queue = %queue, "waiting: the queue it writes is full");
                 finish(&run, &shared, &mut pending, 0).await?;
                 tokio::select! {
@@ -53,24 +72,10 @@ pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<()
                 }
                 continue;
             }
-            let rescan = last_rescan.elapsed() >= RESCAN;
-            let after = if rescan { 0 } else { cursor };
-            if rescan {
-                last_rescan = Instant::now();
-            }
-            let (stream, replay, limit, owner) = (run.stream, run.replay_stream, settings.batch_size, shared.owner);
-            // Count the batch as in flight before it exists, so `--once` never sees it nowhere.
-            shared.in_flight.fetch_add(1, Ordering::SeqCst);
-            let batch = shared
-                .store
-                .submit(move |c| {
-                    let mut batch = store::lease(c, stream, after, limit, lease_micros, owner)?;
-                    if batch.len() < limit {
-                        batch.extend(store::lease(c, replay, 0, limit - batch.len(), lease_micros, owner)?);
-                    }
-                    Ok(batch)
-                })
-                .await;
+            let batch = match next.take() {
+                Some(p) => p.await,
+                None => lease(lease_after(&mut last_rescan, cursor)).await,
+            };
             let batch = match batch {
                 Ok(b) => b,
                 Err(e) => {
@@ -79,7 +84,7 @@ pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<()
                 }
             };
             shared.in_flight.fetch_add(batch.len() as i64 - 1, Ordering::SeqCst);
-            if let Some(last) = batch.iter().filter(|l| l.id > cursor).map(|l| l.id).max() {
+            if let Some(last) = batch.iter().map(|l| l.id).max() {
                 cursor = cursor.max(last);
             }
             if batch.is_empty() {
@@ -93,6 +98,9 @@ pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<()
                 continue;
             }
             idle = Duration::from_millis(2);
+            if !*shutdown.borrow() && back_pressure.last.is_none() {
+                next = Some(lease(lease_after(&mut last_rescan, cursor)));
+            }
             let (settlements, counts) = process_batch(&run, batch).await;
             pending.push_back((shared.store.submit(move |c| store::settle(c, &settlements, None)), counts));
             finish(&run, &shared, &mut pending, MAX_PENDING_COMMITS).await?;
@@ -100,7 +108,58 @@ pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<()
     }
     .await;
     let drained = finish(&run, &shared, &mut pending, 0).await;
+    // A batch leased ahead when an error stopped the worker goes back at once.
+    if let Some(p) = next
+        && let Ok(batch) = p.await
+    {
+        shared.in_flight.fetch_add(batch.len() as i64 - 1, Ordering::SeqCst);
+        let n = batch.len() as i64;
+        let back: Vec<Settlement> =
+            batch.iter().map(|l| Settlement { input: Some((l.id, l.attempts)), outcome: Settle::Retry { visible_at: 0 } }).collect();
+        let _ = shared.store.submit(move |c| store::settle(c, &back, None)).await;
+        shared.in_flight.fetch_sub(n, Ordering::SeqCst);
+    }
     result.and(drained)
+}
+
+/// Where the next lease starts: after the cursor, or, once a second, from the start of the queue
+/// for messages given back for retry or whose lease ran out.
+fn lease_after(last_rescan: &mut Instant, cursor: i64) -> i64 {
+    if last_rescan.elapsed() >= RESCAN {
+        *last_rescan = Instant::now();
+        0
+    } else {
+        cursor
+    }
+}
+
+/// Which queue this pipeline writes is full, looked at no more than every quarter second: a
+/// count over a long queue is not free.
+#[derive(Default)]
+struct BackPressure {
+    checked: Option<Instant>,
+    last: Option<Arc<str>>,
+}
+
+impl BackPressure {
+    async fn blocked_by(&mut self, run: &PipelineRun, shared: &Shared) -> Result<Option<Arc<str>>, RunError> {
+        if self.checked.is_some_and(|t| t.elapsed() < Duration::from_millis(250)) {
+            return Ok(self.last.clone());
+        }
+        self.last = None;
+        for s in &run.sinks {
+            if let RuntimeSink::Queue { queue, max_depth, .. } = s {
+                let q = queue.clone();
+                let depth = shared.store.submit(move |c| store::depth(c, &q)).await?;
+                if depth as u64 >= *max_depth {
+                    self.last = Some(queue.clone());
+                    break;
+                }
+            }
+        }
+        self.checked = Some(Instant::now());
+        Ok(self.last.clone())
+    }
 }
 
 /// Waits for commits until at most `keep` are pending, and counts what they did.
@@ -137,20 +196,6 @@ async fn finish(
         }
     }
     Ok(())
-}
-
-/// The first queue this pipeline writes that is at its `max_depth`.
-async fn blocked_by(run: &PipelineRun, shared: &Shared) -> Result<Option<Arc<str>>, RunError> {
-    for s in &run.sinks {
-        if let RuntimeSink::Queue { queue, max_depth, .. } = s {
-            let q = queue.clone();
-            let depth = shared.store.submit(move |c| store::depth(c, &q)).await?;
-            if depth as u64 >= *max_depth {
-                return Ok(Some(queue.clone()));
-            }
-        }
-    }
-    Ok(None)
 }
 
 /// Delay before retry `attempt` (1-based): 1 s, 2 s, 4 s ... up to a minute.

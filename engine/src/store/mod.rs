@@ -127,7 +127,6 @@ fn open_connection(path: &Path, durability: Durability) -> StoreResult<Connectio
     conn.busy_timeout(Duration::from_secs(30)).map_err(err)?;
     conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
     conn.pragma_update(None, "synchronous", if durability == Durability::Full { "FULL" } else { "NORMAL" }).map_err(err)?;
-    conn.pragma_update(None, "temp_store", "MEMORY").map_err(err)?;
     Ok(conn)
 }
 

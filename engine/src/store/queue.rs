@@ -126,7 +126,12 @@ pub fn subscribe(conn: &Connection, pairs: &[(String, String)]) -> StoreResult<V
         let had_subscribers: bool = conn
             .prepare_cached("SELECT EXISTS (SELECT 1 FROM streams WHERE queue = ?1 AND consumer <> '')")?
             .query_row([queue], |r| r.get(0))?;
-        let mut fresh = Vec::new();
+        let mut waiting: Option<StreamId> = if had_subscribers {
+            None
+        } else {
+            conn.prepare_cached("SELECT id FROM streams WHERE queue = ?1 AND consumer = ''")?.query_row([queue], |r| r.get(0)).optional()?
+        };
+        let mut first_taker: Option<StreamId> = None;
         for c in consumers {
             let existed: Option<StreamId> = conn
                 .prepare_cached("SELECT id FROM streams WHERE queue = ?1 AND consumer = ?2")?
@@ -134,29 +139,29 @@ pub fn subscribe(conn: &Connection, pairs: &[(String, String)]) -> StoreResult<V
                 .optional()?;
             let id = match existed {
                 Some(id) => id,
-                None => {
-                    let id = ensure_stream(conn, queue, c)?;
-                    fresh.push(id);
-                    id
-                }
+                None => match waiting.take() {
+                    // The first new subscriber takes the waiting stream over as its own: no row
+                    // moves, however many messages wait.
+                    Some(w) => {
+                        conn.execute("UPDATE streams SET consumer = ?1 WHERE id = ?2", params![c, w])?;
+                        first_taker = Some(w);
+                        w
+                    }
+                    None => {
+                        let id = ensure_stream(conn, queue, c)?;
+                        // Others subscribing at the same moment get copies.
+                        if let Some(first) = first_taker {
+                            conn.execute(
+                                "INSERT INTO messages (stream, message_id, headers, body, enqueued_at, visible_at, attempts)
+                                 SELECT ?1, message_id, headers, body, enqueued_at, 0, 0 FROM messages WHERE stream = ?2 ORDER BY id",
+                                params![id, first],
+                            )?;
+                        }
+                        id
+                    }
+                },
             };
             ids.insert((queue.to_string(), c.to_string()), id);
-        }
-        if !had_subscribers && !fresh.is_empty() {
-            let waiting: Option<StreamId> = conn
-                .prepare_cached("SELECT id FROM streams WHERE queue = ?1 AND consumer = ''")?
-                .query_row([queue], |r| r.get(0))
-                .optional()?;
-            if let Some(w) = waiting {
-                for id in &fresh {
-                    conn.execute(
-                        "INSERT INTO messages (stream, message_id, headers, body, enqueued_at, visible_at, attempts)
-                         SELECT ?1, message_id, headers, body, enqueued_at, 0, 0 FROM messages WHERE stream = ?2 ORDER BY id",
-                        params![id, w],
-                    )?;
-                }
-                conn.execute("DELETE FROM messages WHERE stream = ?1", [w])?;
-            }
         }
     }
     Ok(pairs.iter().map(|(q, c)| ids[&(q.clone(), c.clone())]).collect())
