@@ -201,7 +201,10 @@ fn every_canonical_order_on_the_queue_is_valid_and_adds_up() {
 
     let db = rusqlite::Connection::open(data.path().join("switchyard.db")).unwrap();
     let rows: Vec<(Vec<u8>, String)> = db
-        .prepare("SELECT body, headers FROM messages JOIN streams ON streams.id = messages.stream WHERE queue = 'orders.canonical'")
+        .prepare(
+            "SELECT b.body, b.headers FROM messages m JOIN bodies b ON b.id = m.id JOIN streams s ON s.id = m.stream
+             WHERE s.queue = 'orders.canonical'",
+        )
         .unwrap()
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
         .unwrap()

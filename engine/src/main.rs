@@ -71,9 +71,11 @@ enum Command {
     },
     /// Show each queue: messages ready, in flight, delayed for retry, and the oldest one's age.
     Queues {
+        #[command(subcommand)]
+        command: Option<cli::ops::QueuesCommand>,
         #[arg(long, value_enum, default_value = "human")]
         format: cli::ops::Listing,
-        #[arg(long, env = "SWITCHYARD_DATA_DIR", default_value = ".switchyard")]
+        #[arg(long, env = "SWITCHYARD_DATA_DIR", default_value = ".switchyard", global = true)]
         data_dir: PathBuf,
     },
     /// List, show, replay, discard and export exception records.
@@ -297,7 +299,8 @@ fn write_junit(results: &[testing::FileResult], path: &PathBuf) -> Result<(), Bo
 
 fn cmd_run(paths: Vec<PathBuf>, once: bool, data_dir: PathBuf) -> ExitCode {
     let shared = Shared::with_process_env();
-    let loaded = match load::load_all(&default_paths(paths), &shared) {
+    let paths = default_paths(paths);
+    let loaded = match load::load_all(&paths, &shared) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("error: {e}");
@@ -310,7 +313,7 @@ fn cmd_run(paths: Vec<PathBuf>, once: bool, data_dir: PathBuf) -> ExitCode {
         return ExitCode::from(1);
     }
     eprint!("{}", render(&loaded.warnings));
-    cli::ops::run(loaded.pipelines, once, data_dir)
+    cli::ops::run(loaded.pipelines, paths, once, data_dir)
 }
 
 fn main() -> ExitCode {
@@ -323,7 +326,10 @@ fn main() -> ExitCode {
         Command::Test { paths, junit } => cmd_test(paths, junit),
         Command::Run { paths, once, data_dir } => cmd_run(paths, once, data_dir),
         Command::Send { queue, files, format, data_dir } => cli::ops::send(queue, files, format, data_dir),
-        Command::Queues { format, data_dir } => cli::ops::queues(format, data_dir),
+        Command::Queues { command: None, format, data_dir } => cli::ops::queues(format, data_dir),
+        Command::Queues { command: Some(cli::ops::QueuesCommand::Unsubscribe { queue, pipeline, drop_messages }), data_dir, .. } => {
+            cli::ops::unsubscribe(queue, pipeline, drop_messages, data_dir)
+        }
         Command::Exceptions { command, data_dir } => cli::ops::exceptions(command, data_dir),
         Command::Schema { kind } => {
             print!("{}", schema::render(kind));

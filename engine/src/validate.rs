@@ -193,6 +193,7 @@ pub fn schema_root(file: &Path) -> PathBuf {
 }
 
 fn read_json(path: &Path) -> Result<Value, SchemaError> {
+    crate::config::diag::note_read(path);
     let text = std::fs::read_to_string(path).map_err(|source| SchemaError::Read { path: path.to_path_buf(), source })?;
     serde_json::from_str(&text).map_err(|e| SchemaError::Json {
         path: path.to_path_buf(),

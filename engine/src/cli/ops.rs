@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use switchyard::message::RawMessage;
 use switchyard::runtime::envelope::StoredHeaders;
-use switchyard::runtime::{RunOptions, Runtime, Summary};
-use switchyard::source::{CsvOptions, Format, file::split};
+use switchyard::runtime::{Reloader, RunOptions, Runtime, Summary};
+use switchyard::source::file::{NdjsonLines, split};
+use switchyard::source::{CsvOptions, Format};
 use switchyard::store::{self, Durability, ExceptionFilter, NewMessage, Store, StoredException};
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -23,16 +24,31 @@ fn durability() -> Result<Durability, ExitCode> {
     })
 }
 
-/// Opens the store of a data directory that must already exist (for commands that only look).
-fn open_existing(data_dir: &Path) -> Result<Store, ExitCode> {
-    if !store::db_path(data_dir).exists() {
-        eprintln!(
-            "error: there is no store in {} yet; `switchyard run` or `switchyard send` creates it (or pass --data-dir)",
-            data_dir.display()
-        );
-        return Err(ExitCode::from(2));
+fn must_exist(data_dir: &Path) -> Result<(), ExitCode> {
+    if store::db_path(data_dir).exists() {
+        return Ok(());
     }
+    eprintln!(
+        "error: there is no store in {} yet; `switchyard run` or `switchyard send` creates it (or pass --data-dir)",
+        data_dir.display()
+    );
+    Err(ExitCode::from(2))
+}
+
+/// Opens the store of a data directory that must already exist, to change it.
+fn open_existing(data_dir: &Path) -> Result<Store, ExitCode> {
+    must_exist(data_dir)?;
     Store::open(data_dir, durability()?).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(2)
+    })
+}
+
+/// A read-only connection, for commands that only look: they neither wait for a running
+/// engine's writes nor need permission to write.
+fn look(data_dir: &Path) -> Result<rusqlite::Connection, ExitCode> {
+    must_exist(data_dir)?;
+    store::open_reader(data_dir).map_err(|e| {
         eprintln!("error: {e}");
         ExitCode::from(2)
     })
@@ -68,22 +84,41 @@ fn progress_line(summaries: &[Summary]) -> String {
         .join(" | ")
 }
 
-pub fn run(pipelines: Vec<switchyard::pipeline::Pipeline>, once: bool, data_dir: PathBuf) -> ExitCode {
+pub fn run(pipelines: Vec<switchyard::pipeline::Pipeline>, paths: Vec<PathBuf>, once: bool, data_dir: PathBuf) -> ExitCode {
     let durability = match durability() {
         Ok(d) => d,
         Err(c) => return c,
     };
     let versions: Vec<(String, PathBuf)> = pipelines.iter().map(|p| (p.version.clone(), p.file.clone())).collect();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Signals are caught before anything else: a stop asked for at any moment is a clean stop.
+    {
+        let interrupted = interrupted.clone();
+        let _guard = rt.enter();
+        let first = signal_stream();
+        rt.spawn(async move {
+            let mut signals = first;
+            signals.recv().await;
+            interrupted.store(true, std::sync::atomic::Ordering::SeqCst);
+            eprintln!(
+                "switchyard: stopping; finishing the messages in hand (Ctrl-C again stops at once: they are delivered again next time)"
+            );
+            let _ = stop_tx.send(true);
+            signals.recv().await;
+            std::process::exit(130);
+        });
+    }
     let runtime = match Runtime::open(pipelines, RunOptions { data_dir: data_dir.clone(), once, durability }) {
-        Ok(r) => std::sync::Arc::new(r),
+        Ok(r) => std::sync::Arc::new(r.with_reloader(Reloader::new(paths, |said| eprintln!("switchyard: {said}")))),
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(1);
         }
     };
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let result = rt.block_on(async {
+        let mut helpers = Vec::new();
         if !once {
             eprintln!(
                 "switchyard: running {} pipeline(s) on {} (Ctrl-C stops after the messages in hand)",
@@ -91,36 +126,27 @@ pub fn run(pipelines: Vec<switchyard::pipeline::Pipeline>, once: bool, data_dir:
                 runtime.store().path().display()
             );
             eprintln!("  from another terminal: `switchyard queues`, `switchyard exceptions list`, `switchyard send QUEUE FILE`");
-        }
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            eprintln!(
-                "switchyard: stopping; finishing the messages in hand (Ctrl-C again stops at once: they are delivered again next time)"
-            );
-            let _ = stop_tx.send(true);
-            wait_for_signal().await;
-            std::process::exit(130);
-        });
-        let reporter = (!once).then(|| {
-            let runtime = runtime.clone();
-            tokio::spawn(async move {
+            eprintln!("  a changed mapping, table or schema is loaded again while running");
+            let r = runtime.clone();
+            helpers.push(tokio::spawn(async move {
                 let mut last = String::new();
                 loop {
                     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
-                    let line = progress_line(&runtime.summaries());
+                    let line = progress_line(&r.summaries());
                     if line != last {
                         eprintln!("[{}] {line}", chrono::Local::now().format("%H:%M:%S"));
                         last = line;
                     }
                 }
-            })
-        });
+            }));
+        }
         let r = runtime.run(stop_rx).await;
-        if let Some(r) = reporter {
-            r.abort();
+        for h in helpers {
+            h.abort();
         }
         r
     });
+    let left = runtime.left().unwrap_or(0);
     runtime.close();
     let summaries = match result {
         Ok(s) => s,
@@ -142,23 +168,45 @@ pub fn run(pipelines: Vec<switchyard::pipeline::Pipeline>, once: bool, data_dir:
     }
     eprintln!("total: {total_in} in = {total_out} routed + {total_exc} exceptions");
     eprintln!("store: {} (`switchyard queues`, `switchyard exceptions list`)", store::db_path(&data_dir).display());
+    if once && interrupted.load(std::sync::atomic::Ordering::SeqCst) && left > 0 {
+        eprintln!("stopped before the end: {left} message(s) wait in the queues for the next run");
+        return ExitCode::from(130);
+    }
     ExitCode::SUCCESS
 }
 
-async fn wait_for_signal() {
+/// SIGINT and SIGTERM, as one stream of stop requests.
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Installs the handlers now (needs the runtime entered), so no signal is missed later.
+fn signal_stream() -> Signals {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+        Signals {
+            term: signal(SignalKind::terminate()).expect("SIGTERM handler"),
+            int: signal(SignalKind::interrupt()).expect("SIGINT handler"),
         }
     }
     #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
+    Signals {}
 }
 
 // ---------------------------------------------------------------- send
@@ -188,14 +236,8 @@ fn send_one(store: &Store, queue: &str, name: &str, reader: Box<dyn BufRead>, fo
         Format::Ndjson => {
             // Line by line: a file of a million orders is not held in memory.
             let mut chunk = Vec::with_capacity(SEND_CHUNK);
-            for (i, line) in reader.split(b'\n').enumerate() {
-                let line = line.map_err(|e| format!("cannot read {name}: {e}"))?;
-                let line = line.strip_suffix(b"\r").map(<[u8]>::to_vec).unwrap_or(line);
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    continue;
-                }
-                let mut raw = RawMessage::json(line);
-                raw.origin = Some(format!("{name}:{}", i + 1));
+            for raw in NdjsonLines::new(reader, name) {
+                let raw = raw.map_err(|e| format!("cannot read {name}: {e}"))?;
                 chunk.push(stored(raw));
                 if chunk.len() == SEND_CHUNK {
                     count += chunk.len();
@@ -245,20 +287,23 @@ pub fn send(queue: String, files: Vec<PathBuf>, format: Option<SendFormat>, data
         }
     };
     let mut total = 0;
-    let inputs: Vec<Option<PathBuf>> = if files.is_empty() { vec![None] } else { files.into_iter().map(Some).collect() };
-    for input in inputs {
-        let (name, reader): (String, Box<dyn BufRead>) = match &input {
-            None => ("<stdin>".into(), Box::new(std::io::stdin().lock())),
-            Some(p) => match std::fs::File::open(p) {
-                Ok(f) => (p.display().to_string(), Box::new(std::io::BufReader::new(f))),
-                Err(e) => {
-                    eprintln!("error: cannot read {}: {e}", p.display());
-                    store.close();
-                    return ExitCode::from(1);
-                }
-            },
-        };
-        match send_one(&store, &queue, &name, reader, format_for(input.as_deref())) {
+    // Every file is opened before anything is sent: a typo in the last name sends nothing.
+    let mut inputs: Vec<(Option<PathBuf>, String, Box<dyn BufRead>)> = Vec::new();
+    if files.is_empty() {
+        inputs.push((None, "<stdin>".into(), Box::new(std::io::stdin().lock())));
+    }
+    for p in files {
+        match std::fs::File::open(&p) {
+            Ok(f) => inputs.push((Some(p.clone()), p.display().to_string(), Box::new(std::io::BufReader::new(f)))),
+            Err(e) => {
+                eprintln!("error: cannot read {}: {e}; nothing was sent", p.display());
+                store.close();
+                return ExitCode::from(1);
+            }
+        }
+    }
+    for (path, name, reader) in inputs {
+        match send_one(&store, &queue, &name, reader, format_for(path.as_deref())) {
             Ok(n) => total += n,
             Err(e) => {
                 eprintln!("error: {e}");
@@ -307,14 +352,59 @@ fn age(micros: Option<i64>) -> String {
     }
 }
 
-pub fn queues(format: Listing, data_dir: PathBuf) -> ExitCode {
+#[derive(Subcommand)]
+pub enum QueuesCommand {
+    /// Stop delivering a queue to a pipeline that no longer reads it, dropping what waits for it.
+    Unsubscribe {
+        queue: String,
+        /// The pipeline (consumer) to unsubscribe.
+        pipeline: String,
+        /// Confirm dropping the messages waiting for it, when there are any.
+        #[arg(long)]
+        drop_messages: bool,
+    },
+}
+
+pub fn unsubscribe(queue: String, pipeline: String, drop_messages: bool, data_dir: PathBuf) -> ExitCode {
     let store = match open_existing(&data_dir) {
         Ok(s) => s,
         Err(c) => return c,
     };
-    let stats = store.reader().and_then(|c| store::queue_stats(&c));
+    let (q, p) = (queue.clone(), pipeline.clone());
+    let result = store.submit_blocking(move |c| {
+        let waiting: Option<i64> = c.query_row("SELECT depth FROM streams WHERE queue = ?1 AND consumer = ?2", [&q, &p], |r| r.get(0)).ok();
+        match waiting {
+            Some(n) if n > 0 && !drop_messages => Err(store::StoreError::Refused(format!(
+                "{n} message(s) wait for `{p}` on `{q}`; add --drop-messages to drop them with the subscription"
+            ))),
+            _ => store::unsubscribe(c, &q, &p),
+        }
+    });
     store.close();
-    let stats = match stats {
+    match result {
+        Ok(Some(n)) => {
+            eprintln!(
+                "`{pipeline}` no longer receives `{queue}`; {n} waiting message(s) dropped. A run of that pipeline subscribes it again."
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(None) => {
+            eprintln!("error: `{pipeline}` is not subscribed to `{queue}` (see `switchyard queues`)");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+pub fn queues(format: Listing, data_dir: PathBuf) -> ExitCode {
+    let conn = match look(&data_dir) {
+        Ok(c) => c,
+        Err(c) => return c,
+    };
+    let stats = match store::queue_stats(&conn) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
@@ -361,9 +451,9 @@ pub enum ExceptionsCommand {
         status: String,
         #[arg(long, value_enum, default_value = "human")]
         format: Listing,
-        /// At most this many.
-        #[arg(long)]
-        limit: Option<usize>,
+        /// At most this many, oldest first.
+        #[arg(long, default_value_t = 200)]
+        limit: usize,
     },
     /// Show one exception record in full, with its original payload.
     Show { id: String },
@@ -441,19 +531,33 @@ fn first_error(e: &StoredException) -> String {
 }
 
 pub fn exceptions(cmd: ExceptionsCommand, data_dir: PathBuf) -> ExitCode {
-    let store = match open_existing(&data_dir) {
-        Ok(s) => s,
-        Err(c) => return c,
-    };
-    let code = exceptions_in(&store, cmd);
-    store.close();
-    code
-}
-
-fn exceptions_in(store: &Store, cmd: ExceptionsCommand) -> ExitCode {
     let fail = |e: String| {
         eprintln!("error: {e}");
         ExitCode::from(2)
+    };
+    let changes = matches!(cmd, ExceptionsCommand::Replay { .. } | ExceptionsCommand::Discard { .. });
+    if changes {
+        let store = match open_existing(&data_dir) {
+            Ok(s) => s,
+            Err(c) => return c,
+        };
+        let code = match cmd {
+            ExceptionsCommand::Replay { id, filter } | ExceptionsCommand::Discard { id, filter }
+                if id.is_none() && filter.pipeline.is_none() && filter.reason.is_none() && filter.since.is_none() =>
+            {
+                let _ = filter;
+                fail("say which records: an exception id, or --pipeline, --reason or --since".into())
+            }
+            ExceptionsCommand::Replay { id, filter } => dispose(&store, &filter, id, true),
+            ExceptionsCommand::Discard { id, filter } => dispose(&store, &filter, id, false),
+            _ => unreachable!("only changes here"),
+        };
+        store.close();
+        return code;
+    }
+    let conn = match look(&data_dir) {
+        Ok(c) => c,
+        Err(c) => return c,
     };
     match cmd {
         ExceptionsCommand::List { filter, status, format, limit } => {
@@ -461,11 +565,14 @@ fn exceptions_in(store: &Store, cmd: ExceptionsCommand) -> ExitCode {
                 Ok(f) => f,
                 Err(e) => return fail(e),
             };
-            f.limit = limit;
-            let rows = match store.reader().and_then(|c| store::exceptions(&c, &f)) {
+            // One more than shown, to say that there are more.
+            f.limit = Some(limit + 1);
+            let mut rows = match store::exceptions(&conn, &f) {
                 Ok(r) => r,
                 Err(e) => return fail(e.to_string()),
             };
+            let more = rows.len() > limit;
+            rows.truncate(limit);
             if format == Listing::Json {
                 println!("{}", serde_json::to_string_pretty(&rows).expect("JSON"));
                 return ExitCode::SUCCESS;
@@ -483,12 +590,19 @@ fn exceptions_in(store: &Store, cmd: ExceptionsCommand) -> ExitCode {
                     first_error(e)
                 );
             }
-            eprintln!("{} exception record(s); `switchyard exceptions show ID` shows one in full", rows.len());
+            if more {
+                eprintln!(
+                    "the first {} exception record(s) are shown; there are more (--limit, or `switchyard exceptions export`)",
+                    rows.len()
+                );
+            } else {
+                eprintln!("{} exception record(s); `switchyard exceptions show ID` shows one in full", rows.len());
+            }
             ExitCode::SUCCESS
         }
         ExceptionsCommand::Show { id } => {
             let f = ExceptionFilter { id: Some(id.clone()), ..Default::default() };
-            match store.reader().and_then(|c| store::exceptions(&c, &f)) {
+            match store::exceptions(&conn, &f) {
                 Ok(rows) if rows.is_empty() => fail(format!("no exception record `{id}` (see `switchyard exceptions list --status all`)")),
                 Ok(rows) => {
                     println!("{}", serde_json::to_string_pretty(&rows[0]).expect("JSON"));
@@ -497,20 +611,13 @@ fn exceptions_in(store: &Store, cmd: ExceptionsCommand) -> ExitCode {
                 Err(e) => fail(e.to_string()),
             }
         }
-        ExceptionsCommand::Replay { id, filter } | ExceptionsCommand::Discard { id, filter }
-            if id.is_none() && filter.pipeline.is_none() && filter.reason.is_none() && filter.since.is_none() =>
-        {
-            let _ = filter;
-            fail("say which records: an exception id, or --pipeline, --reason or --since".into())
-        }
-        ExceptionsCommand::Replay { id, filter } => dispose(store, &filter, id, true),
-        ExceptionsCommand::Discard { id, filter } => dispose(store, &filter, id, false),
+        ExceptionsCommand::Replay { .. } | ExceptionsCommand::Discard { .. } => unreachable!("handled above"),
         ExceptionsCommand::Export { filter, status, .. } => {
             let f = match filter_of(&filter, None, status) {
                 Ok(f) => f,
                 Err(e) => return fail(e),
             };
-            match store.reader().and_then(|c| store::exceptions(&c, &f)) {
+            match store::exceptions(&conn, &f) {
                 Ok(rows) => {
                     use std::io::Write;
                     let mut out = std::io::stdout().lock();
@@ -538,13 +645,16 @@ fn dispose(store: &Store, filter: &FilterArgs, id: Option<String>, replay: bool)
     };
     let result = store.submit_blocking(move |c| if replay { store::replay(c, &f) } else { store::discard(c, &f) });
     match result {
-        Ok(done) if done.is_empty() => {
-            match id {
-                Some(id) => eprintln!("error: no exception record `{id}`"),
-                None => eprintln!("no open exception records match"),
+        Ok(done) if done.is_empty() => match id {
+            Some(id) => {
+                eprintln!("error: no exception record `{id}` (see `switchyard exceptions list --status all`)");
+                ExitCode::from(2)
             }
-            ExitCode::from(1)
-        }
+            None => {
+                eprintln!("no open exception records match");
+                ExitCode::from(1)
+            }
+        },
         Ok(done) => {
             for d in &done {
                 println!("{}  {}  {}", d.exception_id, d.pipeline, d.result);

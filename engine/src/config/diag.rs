@@ -20,6 +20,20 @@ impl Span {
     }
 }
 
+/// Every project file read while building pipelines: a running engine watches them and loads
+/// its pipelines again when one changes.
+static FILES_READ: std::sync::Mutex<std::collections::BTreeSet<PathBuf>> = std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+pub fn note_read(path: &Path) {
+    let p = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    FILES_READ.lock().expect("files read").insert(p);
+}
+
+/// The files noted by [`note_read`] so far.
+pub fn files_read() -> Vec<PathBuf> {
+    FILES_READ.lock().expect("files read").iter().cloned().collect()
+}
+
 /// A file's text, shared so that diagnostics can show the offending line.
 #[derive(Debug, Clone)]
 pub struct SourceFile {
@@ -33,6 +47,7 @@ impl SourceFile {
     }
 
     pub fn read(path: &Path) -> std::io::Result<Self> {
+        note_read(path);
         Ok(SourceFile::new(path, std::fs::read_to_string(path)?))
     }
 

@@ -9,7 +9,10 @@
 
 pub mod envelope;
 mod ingest;
+mod reload;
 mod worker;
+
+pub use reload::Reloader;
 
 use crate::message::{ErrorDetail, Failure, Stage, reason};
 use crate::pipeline::{Outcome, Pipeline};
@@ -104,7 +107,11 @@ pub fn build_sink(config: &SinkConfig, cx: &SinkContext) -> Option<Box<dyn Sink>
 
 /// One pipeline in the runtime.
 pub(crate) struct PipelineRun {
+    /// The pipeline as started: its name, source, sinks and runtime settings.
     pub pipeline: Arc<Pipeline>,
+    /// The version that processes messages: the one started, or one loaded since because a
+    /// mapping, schema or table changed.
+    current: std::sync::RwLock<Arc<Pipeline>>,
     pub sinks: Vec<RuntimeSink>,
     /// The queue its messages are taken from (its source queue or its inbox).
     pub input_queue: String,
@@ -114,6 +121,14 @@ pub(crate) struct PipelineRun {
 }
 
 impl PipelineRun {
+    pub fn current(&self) -> Arc<Pipeline> {
+        self.current.read().expect("pipeline lock").clone()
+    }
+
+    fn set_current(&self, p: Arc<Pipeline>) {
+        *self.current.write().expect("pipeline lock") = p;
+    }
+
     fn summary(&self) -> Summary {
         let p = &self.pipeline;
         let mut s = Summary {
@@ -156,6 +171,19 @@ pub(crate) struct Shared {
     pub ingesting: AtomicUsize,
     /// Messages leased and not yet settled, over all workers.
     pub in_flight: AtomicI64,
+    /// The pipelines of this engine: back pressure applies to queues they read.
+    pub consumers: std::collections::HashSet<String>,
+    reloader: Option<Arc<Reloader>>,
+    runs: Vec<Arc<PipelineRun>>,
+}
+
+impl Shared {
+    /// Loads the pipelines again if one of their files changed (before replays are processed).
+    pub async fn refresh(&self) {
+        if let Some(r) = &self.reloader {
+            r.refresh(&self.runs).await;
+        }
+    }
 }
 
 /// The process's claim on its leases: a locked file per running engine. A lock that can be
@@ -183,9 +211,13 @@ impl OwnerLock {
             }
         }
         let id = (uuid::Uuid::now_v7().as_u128() as i64).abs();
+        // Locked under a name other engines do not look at, then renamed: no engine starting at
+        // the same moment can mistake this one for a dead one.
         let path = dir.join(format!("{id}.lock"));
-        let file = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&path).map_err(io)?;
+        let taking = dir.join(format!("{id}.taking"));
+        let file = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&taking).map_err(io)?;
         file.lock().map_err(io)?;
+        std::fs::rename(&taking, &path).map_err(io)?;
         Ok((id, OwnerLock { path, _file: file }))
     }
 }
@@ -201,13 +233,15 @@ pub struct Runtime {
     store: Store,
     runs: Vec<Arc<PipelineRun>>,
     opts: RunOptions,
+    reloader: Option<Arc<Reloader>>,
 }
 
 impl Runtime {
     /// Opens the store and subscribes every pipeline to its queues.
     pub fn open(pipelines: Vec<Pipeline>, opts: RunOptions) -> Result<Runtime, RunError> {
         let store = Store::open(&opts.data_dir, opts.durability)?;
-        let cx = SinkContext { data_dir: opts.data_dir.clone() };
+        let committed = store.submit_blocking(store::sink_offsets)?;
+        let cx = SinkContext { data_dir: opts.data_dir.clone(), committed };
         let mut pairs = Vec::new();
         for p in &pipelines {
             let input = match &p.source {
@@ -236,17 +270,25 @@ impl Runtime {
                     })
                     .collect();
                 let stats = Stats { outputs: p.sinks.iter().map(|_| AtomicU64::new(0)).collect(), ..Default::default() };
+                let p = Arc::new(p);
                 Arc::new(PipelineRun {
                     input_queue: pairs[2 * i].0.clone(),
                     stream: ids[2 * i],
                     replay_stream: ids[2 * i + 1],
-                    pipeline: Arc::new(p),
+                    current: std::sync::RwLock::new(p.clone()),
+                    pipeline: p,
                     sinks,
                     stats,
                 })
             })
             .collect();
-        Ok(Runtime { store, runs, opts })
+        Ok(Runtime { store, runs, opts, reloader: None })
+    }
+
+    /// Watches the pipelines' files while running and loads them again when one changes.
+    pub fn with_reloader(mut self, r: Reloader) -> Self {
+        self.reloader = Some(Arc::new(r));
+        self
     }
 
     pub fn store(&self) -> &Store {
@@ -281,6 +323,9 @@ impl Runtime {
             shutdown: stop_rx,
             ingesting: AtomicUsize::new(0),
             in_flight: AtomicI64::new(0),
+            consumers: self.runs.iter().map(|r| r.pipeline.name.clone()).collect(),
+            reloader: self.reloader.clone(),
+            runs: self.runs.clone(),
         });
         let mut tasks = tokio::task::JoinSet::new();
         for run in &self.runs {
@@ -293,6 +338,18 @@ impl Runtime {
             for _ in 0..run.pipeline.runtime.concurrency {
                 tasks.spawn(worker::run(run.clone(), shared.clone()));
             }
+        }
+        if let Some(r) = &self.reloader {
+            let (r, shared) = (r.clone(), shared.clone());
+            let mut shutdown = shared.shutdown.clone();
+            tasks.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => r.refresh(&shared.runs).await,
+                        _ = shutdown.changed() => return Ok(()),
+                    }
+                }
+            });
         }
         if self.opts.once {
             let streams: Vec<StreamId> = self.runs.iter().flat_map(|r| [r.stream, r.replay_stream]).collect();
@@ -328,6 +385,12 @@ impl Runtime {
             Some(e) => Err(e),
             None => Ok(self.summaries()),
         }
+    }
+
+    /// Messages still stored for the pipelines of this engine.
+    pub fn left(&self) -> Result<i64, RunError> {
+        let streams: Vec<StreamId> = self.runs.iter().flat_map(|r| [r.stream, r.replay_stream]).collect();
+        Ok(self.store.submit_blocking(move |c| store::pending(c, &streams))?)
     }
 
     /// Stops the store's writer; call after `run`.

@@ -1,27 +1,34 @@
 //! A worker: lease a batch, process it, write outside sinks and make them durable, settle the
-//! batch in one store commit. Up to two commits are in the writer's hands while the next batch is
-//! processed; they commit in order, so a worker keeps its queue's order.
+//! batch in one store commit. The next batch is leased while this one is processed, and up to two
+//! commits are in the writer's hands; they commit in order, so a worker keeps its queue's order.
 
 use super::envelope::{StoredHeaders, to_raw};
 use super::{PipelineRun, RunError, RuntimeSink, Shared, process_guarded};
-use crate::message::{ErrorDetail, Failure, Stage, reason};
-use crate::pipeline::Outcome;
+use crate::message::{ErrorDetail, ExceptionRecord, Failure, Stage, reason};
+use crate::pipeline::{Outcome, Pipeline};
 use crate::store::{self, ExceptionRow, Leased, NewMessage, Pending, Settle, SettleReport, Settlement, Target, now_micros};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-/// What a batch will add to the counters once its commit is through.
-#[derive(Default)]
-struct BatchCounts {
-    leased: i64,
-    received: u64,
-    routed: u64,
-    retried: u64,
-    outputs: Vec<u64>,
-    exceptions: BTreeMap<String, u64>,
+/// What one settlement adds to the counters once its commit is through.
+#[derive(Debug, Clone, PartialEq)]
+enum Counted {
+    /// Routed to these sinks.
+    Routed(Vec<usize>),
+    Exception(String),
+    Retried,
 }
+
+/// A batch on its way to the store.
+struct InCommit {
+    commit: Pending<SettleReport>,
+    counted: Vec<Counted>,
+}
+
+/// A lease on its way: where it started, and the batch with how many replays lead it.
+type LeaseAhead = (i64, Pending<(Vec<Leased>, usize)>);
 
 /// Most settle commits a worker leaves in flight.
 const MAX_PENDING_COMMITS: usize = 2;
@@ -29,36 +36,72 @@ const MAX_PENDING_COMMITS: usize = 2;
 const RESCAN: Duration = Duration::from_secs(1);
 /// Longest idle wait between looks at an empty queue (other processes do not wake us).
 const MAX_IDLE: Duration = Duration::from_millis(100);
+/// Replays taken per batch before the queue's own messages, so a backlog does not hold them up.
+const REPLAYS_PER_BATCH: usize = 16;
+
+/// Where the next lease starts. Normally after the cursor: ids only grow, so everything stored
+/// since is there. Once a second it goes through the queue from the start, batch by batch, for
+/// messages given back for a retry or whose lease ran out.
+struct Cursor {
+    after: i64,
+    rescan: Option<i64>,
+    last_rescan: Instant,
+}
+
+impl Cursor {
+    fn new() -> Self {
+        // The first lease reads from the start anyway.
+        Cursor { after: 0, rescan: None, last_rescan: Instant::now() }
+    }
+
+    fn next_from(&mut self) -> i64 {
+        if self.rescan.is_none() && self.last_rescan.elapsed() >= RESCAN {
+            self.rescan = Some(0);
+            self.last_rescan = Instant::now();
+        }
+        self.rescan.unwrap_or(self.after)
+    }
+
+    /// Records what a lease starting at `from` returned (ids of the queue's own stream).
+    fn leased(&mut self, from: i64, last_id: Option<i64>, full: bool) {
+        if self.rescan == Some(from) {
+            self.rescan = match last_id {
+                Some(id) if full && id < self.after => Some(id),
+                _ => None,
+            };
+        }
+        if let Some(id) = last_id {
+            self.after = self.after.max(id);
+        }
+    }
+}
 
 pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<(), RunError> {
     let settings = &run.pipeline.runtime;
     let lease_micros = settings.visibility_timeout.as_micros() as i64;
-    let mut cursor = 0i64;
-    let mut last_rescan = Instant::now();
+    let mut cursor = Cursor::new();
     let mut idle = Duration::from_millis(2);
-    let mut pending: VecDeque<(Pending<SettleReport>, BatchCounts)> = VecDeque::new();
-    // The next batch is leased while this one is processed, so the store and the pipeline work
-    // at the same time.
-    let mut next: Option<Pending<Vec<Leased>>> = None;
+    let mut pending: VecDeque<InCommit> = VecDeque::new();
+    // The next batch, leased while this one is processed: the store and the pipeline work at once.
+    let mut next: Option<LeaseAhead> = None;
     let mut back_pressure = BackPressure::default();
     let waker = shared.store.waker(&run.input_queue);
     let mut shutdown = shared.shutdown.clone();
-    let lease = |after: i64| -> Pending<Vec<Leased>> {
+    let lease = |from: i64| -> LeaseAhead {
         let (stream, replay, limit, owner) = (run.stream, run.replay_stream, settings.batch_size, shared.owner);
         // Counted as in flight before it exists, so `--once` never sees a batch nowhere.
         shared.in_flight.fetch_add(1, Ordering::SeqCst);
-        shared.store.submit(move |c| {
-            let mut batch = store::lease(c, stream, after, limit, lease_micros, owner)?;
-            if batch.len() < limit {
-                batch.extend(store::lease(c, replay, 0, limit - batch.len(), lease_micros, owner)?);
-            }
-            Ok(batch)
-        })
+        let pending = shared.store.submit(move |c| {
+            let mut batch = store::lease(c, replay, 0, REPLAYS_PER_BATCH.min(limit), lease_micros, owner)?;
+            let replays = batch.len();
+            batch.extend(store::lease(c, stream, from, limit - replays, lease_micros, owner)?);
+            Ok((batch, replays))
+        });
+        (from, pending)
     };
     let result = async {
         loop {
-            let stopping = *shutdown.borrow();
-            if stopping && next.is_none() {
+            if *shutdown.borrow() && next.is_none() {
                 return Ok(());
             }
             if next.is_none()
@@ -72,11 +115,11 @@ pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<()
                 }
                 continue;
             }
-            let batch = match next.take() {
-                Some(p) => p.await,
-                None => lease(lease_after(&mut last_rescan, cursor)).await,
+            let (from, batch) = match next.take() {
+                Some(n) => n,
+                None => lease(cursor.next_from()),
             };
-            let batch = match batch {
+            let (batch, replays) = match batch.await {
                 Ok(b) => b,
                 Err(e) => {
                     shared.in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -84,11 +127,17 @@ pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<()
                 }
             };
             shared.in_flight.fetch_add(batch.len() as i64 - 1, Ordering::SeqCst);
-            if let Some(last) = batch.iter().map(|l| l.id).max() {
-                cursor = cursor.max(last);
+            if replays > 0 {
+                // A replay follows a fix: it goes through the pipeline as its files are now.
+                shared.refresh().await;
             }
+            let own = &batch[replays..];
+            cursor.leased(from, own.last().map(|l| l.id), own.len() == settings.batch_size - replays);
             if batch.is_empty() {
                 finish(&run, &shared, &mut pending, 0).await?;
+                if cursor.rescan.is_some() {
+                    continue;
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(idle) => {}
                     _ = waker.notified() => {}
@@ -99,42 +148,32 @@ pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<()
             }
             idle = Duration::from_millis(2);
             if !*shutdown.borrow() && back_pressure.last.is_none() {
-                next = Some(lease(lease_after(&mut last_rescan, cursor)));
+                next = Some(lease(cursor.next_from()));
             }
-            let (settlements, counts) = process_batch(&run, batch).await;
-            pending.push_back((shared.store.submit(move |c| store::settle(c, &settlements, None)), counts));
+            let (settlements, counted, marks) = process_batch(&run, batch).await;
+            pending.push_back(InCommit { commit: shared.store.submit(move |c| store::settle(c, &settlements, None, &marks)), counted });
             finish(&run, &shared, &mut pending, MAX_PENDING_COMMITS).await?;
         }
     }
     .await;
     let drained = finish(&run, &shared, &mut pending, 0).await;
     // A batch leased ahead when an error stopped the worker goes back at once.
-    if let Some(p) = next
-        && let Ok(batch) = p.await
+    if let Some((_, p)) = next
+        && let Ok((batch, _)) = p.await
     {
         shared.in_flight.fetch_add(batch.len() as i64 - 1, Ordering::SeqCst);
         let n = batch.len() as i64;
         let back: Vec<Settlement> =
             batch.iter().map(|l| Settlement { input: Some((l.id, l.attempts)), outcome: Settle::Retry { visible_at: 0 } }).collect();
-        let _ = shared.store.submit(move |c| store::settle(c, &back, None)).await;
+        let _ = shared.store.submit(move |c| store::settle(c, &back, None, &[])).await;
         shared.in_flight.fetch_sub(n, Ordering::SeqCst);
     }
     result.and(drained)
 }
 
-/// Where the next lease starts: after the cursor, or, once a second, from the start of the queue
-/// for messages given back for retry or whose lease ran out.
-fn lease_after(last_rescan: &mut Instant, cursor: i64) -> i64 {
-    if last_rescan.elapsed() >= RESCAN {
-        *last_rescan = Instant::now();
-        0
-    } else {
-        cursor
-    }
-}
-
-/// Which queue this pipeline writes is full, looked at no more than every quarter second: a
-/// count over a long queue is not free.
+/// Whether a queue this pipeline writes is full for one of the pipelines of this engine that read
+/// it, looked at no more than four times a second. Readers in other engines, or none, do not hold
+/// the pipeline back: their messages wait in the store.
 #[derive(Default)]
 struct BackPressure {
     checked: Option<Instant>,
@@ -150,8 +189,8 @@ impl BackPressure {
         for s in &run.sinks {
             if let RuntimeSink::Queue { queue, max_depth, .. } = s {
                 let q = queue.clone();
-                let depth = shared.store.submit(move |c| store::depth(c, &q)).await?;
-                if depth as u64 >= *max_depth {
+                let depths = shared.store.submit(move |c| store::depths(c, &q)).await?;
+                if depths.iter().any(|(consumer, depth)| *depth as u64 >= *max_depth && shared.consumers.contains(consumer)) {
                     self.last = Some(queue.clone());
                     break;
                 }
@@ -163,35 +202,40 @@ impl BackPressure {
 }
 
 /// Waits for commits until at most `keep` are pending, and counts what they did.
-async fn finish(
-    run: &PipelineRun,
-    shared: &Shared,
-    pending: &mut VecDeque<(Pending<SettleReport>, BatchCounts)>,
-    keep: usize,
-) -> Result<(), RunError> {
+async fn finish(run: &PipelineRun, shared: &Shared, pending: &mut VecDeque<InCommit>, keep: usize) -> Result<(), RunError> {
     while pending.len() > keep {
-        let (commit, counts) = pending.pop_front().expect("non-empty");
+        let InCommit { commit, counted } = pending.pop_front().expect("non-empty");
         let result = commit.await;
-        shared.in_flight.fetch_sub(counts.leased, Ordering::SeqCst);
+        shared.in_flight.fetch_sub(counted.len() as i64, Ordering::SeqCst);
         let report = result?;
         for q in &report.queues {
             shared.store.wake(q);
         }
-        if report.lost_leases > 0 {
-            tracing::warn!(pipeline = %run.pipeline.name, messages = report.lost_leases,
+        if !report.lost_leases.is_empty() {
+            tracing::warn!(pipeline = %run.pipeline.name, messages = report.lost_leases.len(),
                 "messages took longer than the visibility timeout and went to another consumer; raise `runtime.visibility_timeout`");
         }
+        let lost: BTreeSet<usize> = report.lost_leases.into_iter().collect();
         let s = &run.stats;
-        s.received.fetch_add(counts.received, Ordering::Relaxed);
-        s.routed.fetch_add(counts.routed, Ordering::Relaxed);
-        s.retried.fetch_add(counts.retried, Ordering::Relaxed);
-        for (i, n) in counts.outputs.iter().enumerate() {
-            s.outputs[i].fetch_add(*n, Ordering::Relaxed);
-        }
-        if !counts.exceptions.is_empty() {
-            let mut e = s.exceptions.lock().expect("stats lock");
-            for (r, n) in counts.exceptions {
-                *e.entry(r).or_default() += n;
+        for (i, c) in counted.into_iter().enumerate() {
+            if lost.contains(&i) {
+                continue;
+            }
+            match c {
+                Counted::Routed(sinks) => {
+                    s.received.fetch_add(1, Ordering::Relaxed);
+                    s.routed.fetch_add(1, Ordering::Relaxed);
+                    for i in sinks {
+                        s.outputs[i].fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Counted::Exception(r) => {
+                    s.received.fetch_add(1, Ordering::Relaxed);
+                    *s.exceptions.lock().expect("stats lock").entry(r).or_default() += 1;
+                }
+                Counted::Retried => {
+                    s.retried.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -203,18 +247,43 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_secs(1u64 << attempt.saturating_sub(1).min(6)).min(Duration::from_secs(60))
 }
 
-async fn process_batch(run: &PipelineRun, batch: Vec<Leased>) -> (Vec<Settlement>, BatchCounts) {
-    let p = &run.pipeline;
+fn exception_row(record: ExceptionRecord, leased: &Leased) -> ExceptionRow {
+    ExceptionRow { record, headers: leased.headers.clone(), replayable: true }
+}
+
+fn done_with_exception(input: Option<(i64, u32)>, row: ExceptionRow) -> (Settlement, Counted) {
+    let counted = Counted::Exception(row.record.reason.clone());
+    (Settlement { input, outcome: Settle::Done { outputs: vec![], exceptions: vec![row] } }, counted)
+}
+
+/// A sink that could not take the message: it is retried later, or after its last attempt it
+/// becomes a `sink_failed` exception.
+fn sink_failure(p: &Pipeline, leased: &Leased, metadata: crate::message::Metadata, message: String) -> (Settlement, Counted) {
+    let input = Some((leased.id, leased.attempts));
+    if leased.attempts < p.runtime.max_attempts {
+        tracing::warn!(pipeline = %p.name, attempt = leased.attempts, error = %message, "a sink failed; the message will be retried");
+        let visible_at = now_micros() + backoff(leased.attempts).as_micros() as i64;
+        return (Settlement { input, outcome: Settle::Retry { visible_at } }, Counted::Retried);
+    }
+    let record =
+        p.exception(metadata, &leased.body, Stage::Sink, None, Failure::one(reason::SINK_FAILED, ErrorDetail::record("", message)));
+    done_with_exception(input, exception_row(record, leased))
+}
+
+/// Processes a batch: what to settle, what to count, and the file sinks' lengths once flushed.
+async fn process_batch(run: &PipelineRun, batch: Vec<Leased>) -> (Vec<Settlement>, Vec<Counted>, Vec<(String, u64)>) {
+    // The version in force when the batch starts: a reload applies from the next batch.
+    let current = run.current();
+    let p: &Pipeline = &current;
     let max_attempts = p.runtime.max_attempts;
-    let mut counts = BatchCounts { leased: batch.len() as i64, outputs: vec![0; run.sinks.len()], ..Default::default() };
     let mut settlements = Vec::with_capacity(batch.len());
-    // Per settlement: the outside sinks it wrote, which must be durable before the commit.
-    let mut wrote_outside: Vec<Vec<usize>> = Vec::with_capacity(batch.len());
-    for leased in batch {
+    let mut counted = Vec::with_capacity(batch.len());
+    // Per settlement: the message's envelope and the outside sinks it wrote, which must hold the
+    // output before the commit.
+    let mut wrote_outside: Vec<Option<(crate::message::Metadata, Vec<usize>)>> = Vec::with_capacity(batch.len());
+    for leased in &batch {
         let input = Some((leased.id, leased.attempts));
-        let raw = to_raw(&leased);
-        let exception =
-            |record: crate::message::ExceptionRecord| ExceptionRow { record, headers: leased.headers.clone(), replayable: true };
+        let raw = to_raw(leased);
         if leased.attempts > max_attempts {
             let f = Failure::one(
                 reason::TOO_MANY_ATTEMPTS,
@@ -226,21 +295,17 @@ async fn process_batch(run: &PipelineRun, batch: Vec<Leased>) -> (Vec<Settlement
                     ),
                 ),
             );
-            let record = p.failure_record(&raw, Stage::Source, f);
-            *counts.exceptions.entry(record.reason.clone()).or_default() += 1;
-            counts.received += 1;
-            settlements.push(Settlement { input, outcome: Settle::Done { outputs: vec![], exceptions: vec![exception(record)] } });
-            wrote_outside.push(vec![]);
+            let (s, c) = done_with_exception(input, exception_row(p.failure_record(&raw, Stage::Source, f), leased));
+            settlements.push(s);
+            counted.push(c);
+            wrote_outside.push(None);
             continue;
         }
-        let body = raw.body.clone();
-        match process_guarded(p, raw, &body) {
+        let (settlement, count, outside) = match process_guarded(p, raw, &leased.body) {
             Outcome::Failed(record) => {
                 tracing::info!(pipeline = %p.name, correlation_id = %record.correlation_id, reason = %record.reason, stage = record.stage.as_str(), "message sent to exceptions");
-                *counts.exceptions.entry(record.reason.clone()).or_default() += 1;
-                counts.received += 1;
-                settlements.push(Settlement { input, outcome: Settle::Done { outputs: vec![], exceptions: vec![exception(*record)] } });
-                wrote_outside.push(vec![]);
+                let (s, c) = done_with_exception(input, exception_row(*record, leased));
+                (s, c, None)
             }
             Outcome::Routed { output, sinks } => {
                 let mut outputs = Vec::new();
@@ -266,78 +331,43 @@ async fn process_batch(run: &PipelineRun, batch: Vec<Leased>) -> (Vec<Settlement
                     }
                 }
                 match failed {
-                    None => {
-                        counts.received += 1;
-                        counts.routed += 1;
-                        for &i in &sinks {
-                            counts.outputs[i] += 1;
-                        }
-                        settlements.push(Settlement { input, outcome: Settle::Done { outputs, exceptions: vec![] } });
-                    }
+                    None => (
+                        Settlement { input, outcome: Settle::Done { outputs, exceptions: vec![] } },
+                        Counted::Routed(sinks),
+                        Some((output.metadata, outside)),
+                    ),
                     Some(message) => {
-                        settlements.push(sink_failure(run, &mut counts, input, &leased, output.metadata, &body, message));
+                        let (s, c) = sink_failure(p, leased, output.metadata, message);
+                        (s, c, None)
                     }
                 }
-                wrote_outside.push(outside);
             }
-        }
+        };
+        settlements.push(settlement);
+        counted.push(count);
+        wrote_outside.push(outside);
     }
     // Outside sinks must hold what they were given before the inputs leave their queue.
-    let mut flush_failed: BTreeMap<usize, String> = BTreeMap::new();
-    let used: std::collections::BTreeSet<usize> = wrote_outside.iter().flatten().copied().collect();
+    let used: BTreeSet<usize> = wrote_outside.iter().flatten().flat_map(|(_, sinks)| sinks.iter().copied()).collect();
+    let mut flush_failed: Vec<(usize, String)> = Vec::new();
+    let mut marks = Vec::new();
     for i in used {
-        if let RuntimeSink::External(sink) = &run.sinks[i]
-            && let Err(e) = sink.flush().await
-        {
-            flush_failed.insert(i, format!("sink `{}`: {e}", p.sink_name(i)));
+        if let RuntimeSink::External(sink) = &run.sinks[i] {
+            match sink.flush().await {
+                Ok(()) => marks.extend(sink.mark()),
+                Err(e) => flush_failed.push((i, format!("sink `{}`: {e}", p.sink_name(i)))),
+            }
         }
     }
     if !flush_failed.is_empty() {
-        for (s, wrote) in settlements.iter_mut().zip(&wrote_outside) {
-            if let Some(i) = wrote.iter().find(|i| flush_failed.contains_key(i))
-                && let (Some((id, attempts)), Settle::Done { .. }) = (s.input, &s.outcome)
-            {
-                tracing::warn!(pipeline = %p.name, error = %flush_failed[i], "a sink could not make its output durable; the message will be retried");
-                // Counted as routed above; it is not.
-                counts.received -= 1;
-                counts.routed -= 1;
-                counts.retried += 1;
-                *s = Settlement {
-                    input: Some((id, attempts)),
-                    outcome: Settle::Retry { visible_at: now_micros() + backoff(attempts).as_micros() as i64 },
-                };
+        for (k, outside) in wrote_outside.into_iter().enumerate() {
+            let Some((metadata, sinks)) = outside else { continue };
+            if let Some((_, message)) = flush_failed.iter().find(|(i, _)| sinks.contains(i)) {
+                (settlements[k], counted[k]) = sink_failure(p, &batch[k], metadata, message.clone());
             }
         }
     }
-    (settlements, counts)
-}
-
-/// A sink that could not take the message: retried later, or an exception after the last attempt.
-fn sink_failure(
-    run: &PipelineRun,
-    counts: &mut BatchCounts,
-    input: Option<(i64, u32)>,
-    leased: &Leased,
-    metadata: crate::message::Metadata,
-    body: &[u8],
-    message: String,
-) -> Settlement {
-    let p = &run.pipeline;
-    if leased.attempts < p.runtime.max_attempts {
-        tracing::warn!(pipeline = %p.name, attempt = leased.attempts, error = %message, "a sink failed; the message will be retried");
-        counts.retried += 1;
-        return Settlement { input, outcome: Settle::Retry { visible_at: now_micros() + backoff(leased.attempts).as_micros() as i64 } };
-    }
-    let record = p.exception(metadata, body, Stage::Sink, None, Failure::one(reason::SINK_FAILED, ErrorDetail::record("", message)));
-    *counts.exceptions.entry(record.reason.clone()).or_default() += 1;
-    counts.received += 1;
-    Settlement {
-        input,
-        outcome: Settle::Done {
-            outputs: vec![],
-            exceptions: vec![ExceptionRow { record, headers: leased.headers.clone(), replayable: true }],
-        },
-    }
+    (settlements, counted, marks)
 }
 
 #[cfg(test)]
@@ -347,5 +377,21 @@ mod tests {
     #[test]
     fn backoff_doubles_up_to_a_minute() {
         assert_eq!([1, 2, 3, 7, 8, 30].map(|a| backoff(a).as_secs()), [1, 2, 4, 60, 60, 60]);
+    }
+
+    #[test]
+    fn a_rescan_walks_the_whole_queue_batch_by_batch_then_returns_to_the_cursor() {
+        let mut c = Cursor::new();
+        assert_eq!(c.next_from(), 0);
+        c.leased(0, Some(500), true);
+        assert_eq!(c.next_from(), 500);
+        c.last_rescan -= RESCAN;
+        assert_eq!(c.next_from(), 0, "a rescan starts from the beginning");
+        c.leased(0, Some(100), true);
+        assert_eq!(c.next_from(), 100, "a full batch behind the cursor: the rescan goes on");
+        c.leased(100, Some(200), false);
+        assert_eq!(c.next_from(), 500, "a short batch ends it");
+        c.leased(500, Some(700), true);
+        assert_eq!(c.next_from(), 700);
     }
 }

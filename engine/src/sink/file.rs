@@ -21,15 +21,21 @@ pub struct FileSinkConfig {
 
 pub struct FileSink {
     path: PathBuf,
+    /// The file's absolute path: its key for committed lengths.
+    key: String,
     format: OutputFormat,
     file: Mutex<Option<tokio::io::BufWriter<tokio::fs::File>>>,
+    committed: Option<u64>,
+    flushed: std::sync::Mutex<Option<u64>>,
 }
 
 impl FileSink {
     pub fn new(config: &FileSinkConfig, cx: &SinkContext) -> Self {
         let p = PathBuf::from(&config.path.value);
         let path = if p.is_absolute() { p } else { cx.data_dir.join(p) };
-        FileSink { path, format: config.format, file: Mutex::new(None) }
+        let key = crate::build::normalize(&std::path::absolute(&path).unwrap_or_else(|_| path.clone())).display().to_string();
+        let committed = cx.committed.get(&key).copied();
+        FileSink { path, key, format: config.format, file: Mutex::new(None), committed, flushed: std::sync::Mutex::new(None) }
     }
 
     pub fn path(&self) -> &std::path::Path {
@@ -37,16 +43,43 @@ impl FileSink {
     }
 }
 
-/// Opens `path` for appending, creating its folder. A last line without its newline was torn by
-/// a crash: its message was not settled and will be delivered again, so the fragment is cut off.
-pub async fn open_append(path: &std::path::Path) -> std::io::Result<tokio::fs::File> {
+/// Opens `path` for appending, creating its folder. What lies beyond the `committed` length was
+/// written for messages that were never settled (they are delivered again) and is cut off; with
+/// no committed length known, a last line without its newline (torn by a crash) is.
+pub async fn open_append(path: &std::path::Path, committed: Option<u64>) -> std::io::Result<tokio::fs::File> {
     if let Some(dir) = path.parent() {
         tokio::fs::create_dir_all(dir).await?;
     }
+    let existed = tokio::fs::try_exists(path).await.unwrap_or(false);
     let file = tokio::fs::OpenOptions::new().create(true).append(true).read(true).open(path).await?;
+    if !existed {
+        // A new file is only durable once its folder's entry is: else a power cut could lose the
+        // file after its messages were settled.
+        if let Some(dir) = path.parent() {
+            let dir = dir.to_path_buf();
+            tokio::task::spawn_blocking(move || std::fs::File::open(&dir)?.sync_all()).await.map_err(std::io::Error::other)??;
+        }
+    }
     let std_file = file.into_std().await;
-    let std_file = tokio::task::spawn_blocking(move || cut_torn_line(std_file)).await.map_err(std::io::Error::other)??;
+    let shown = path.display().to_string();
+    let std_file = tokio::task::spawn_blocking(move || match committed {
+        None => cut_torn_line(std_file),
+        Some(c) => cut_to(std_file, c, &shown),
+    })
+    .await
+    .map_err(std::io::Error::other)??;
     Ok(tokio::fs::File::from_std(std_file))
+}
+
+fn cut_to(f: std::fs::File, committed: u64, shown: &str) -> std::io::Result<std::fs::File> {
+    let len = f.metadata()?.len();
+    if len > committed {
+        tracing::warn!(file = %shown, bytes = len - committed, "cut off output written for messages that were not settled before a stop; they are delivered again");
+        f.set_len(committed)?;
+    } else if len < committed {
+        tracing::warn!(file = %shown, "the file is shorter than the output settled into it (rotated or edited?); appending");
+    }
+    Ok(f)
 }
 
 fn cut_torn_line(mut f: std::fs::File) -> std::io::Result<std::fs::File> {
@@ -87,25 +120,51 @@ impl Sink for FileSink {
         let io = |source| SinkError::Io { path: self.path.clone(), source };
         let mut guard = self.file.lock().await;
         if guard.is_none() {
-            *guard = Some(tokio::io::BufWriter::new(open_append(&self.path).await.map_err(io)?));
+            // Cut back to the last length known good: the one committed before this process, or,
+            // when a failed write is why the file is opened again, the last flush.
+            let committed = self.flushed.lock().expect("flushed lock").or(self.committed);
+            *guard = Some(tokio::io::BufWriter::new(open_append(&self.path, committed).await.map_err(io)?));
         }
         let w = guard.as_mut().expect("opened above");
         let mut line = self.format.render(output);
         line.push(b'\n');
-        w.write_all(&line).await.map_err(io)
+        let written = w.write_all(&line).await;
+        if written.is_err() {
+            // Reopened on the next write, which cuts off what this one left half-written.
+            *guard = None;
+        }
+        written.map_err(io)
     }
 
     async fn flush(&self) -> Result<(), SinkError> {
         let io = |source| SinkError::Io { path: self.path.clone(), source };
-        if let Some(w) = self.file.lock().await.as_mut() {
-            w.flush().await.map_err(io)?;
-            w.get_ref().sync_data().await.map_err(io)?;
+        let mut guard = self.file.lock().await;
+        if let Some(w) = guard.as_mut() {
+            let flushed = match w.flush().await {
+                Ok(()) => w.get_ref().sync_data().await,
+                Err(e) => Err(e),
+            };
+            let len = match flushed {
+                Ok(()) => w.get_ref().metadata().await.map(|m| m.len()),
+                Err(e) => Err(e),
+            };
+            match len {
+                Ok(len) => *self.flushed.lock().expect("flushed lock") = Some(len),
+                Err(e) => {
+                    *guard = None;
+                    return Err(io(e));
+                }
+            }
         }
         Ok(())
     }
 
     fn describe(&self) -> String {
         self.path.display().to_string()
+    }
+
+    fn mark(&self) -> Option<(String, u64)> {
+        self.flushed.lock().expect("flushed lock").map(|len| (self.key.clone(), len))
     }
 }
 
@@ -118,12 +177,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("out.ndjson");
         std::fs::write(&p, "{\"a\":1}\n{\"a\":2}\n{\"a\"").unwrap();
-        drop(open_append(&p).await.unwrap());
+        drop(open_append(&p, None).await.unwrap());
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "{\"a\":1}\n{\"a\":2}\n");
-        drop(open_append(&p).await.unwrap());
+        drop(open_append(&p, None).await.unwrap());
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "{\"a\":1}\n{\"a\":2}\n", "whole files are left alone");
         std::fs::write(&p, "no newline at all").unwrap();
-        drop(open_append(&p).await.unwrap());
+        drop(open_append(&p, None).await.unwrap());
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "");
+        // With a committed length, everything after it goes, whole lines included.
+        std::fs::write(&p, "{\"a\":1}\n{\"a\":2}\n").unwrap();
+        drop(open_append(&p, Some(8)).await.unwrap());
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "{\"a\":1}\n");
     }
 }

@@ -53,9 +53,18 @@ pub trait Sink: Send + Sync {
     async fn flush(&self) -> Result<(), SinkError>;
     /// Where the output goes, for summaries.
     fn describe(&self) -> String;
+    /// For sinks that append to a file: its key and how long it was at the last flush. The
+    /// runtime stores this in the commit that settles the messages flushed; at the next start,
+    /// whatever lies beyond was written for messages never settled (they are delivered again),
+    /// and is cut off, so a crash leaves no duplicate in the file.
+    fn mark(&self) -> Option<(String, u64)> {
+        None
+    }
 }
 
 /// What a runtime sink needs from the engine.
 pub struct SinkContext {
     pub data_dir: PathBuf,
+    /// File lengths committed with settled messages, by file (see [`Sink::mark`]).
+    pub committed: std::collections::HashMap<String, u64>,
 }

@@ -1,6 +1,6 @@
 //! What operators ask of the store: queue depths, exception records, replay and discard.
 
-use super::queue::{NewMessage, REPLAY_QUEUE, ensure_stream};
+use super::queue::{NewMessage, REPLAY_QUEUE, ensure_stream, insert_one};
 use super::{StoreError, StoreResult, now_micros};
 use crate::message::ExceptionRecord;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -157,10 +157,7 @@ pub fn replay(conn: &Connection, filter: &ExceptionFilter) -> StoreResult<Vec<Di
                 headers: serde_json::Value::Object(headers).to_string(),
                 body: r.original.to_bytes(),
             };
-            conn.prepare_cached(
-                "INSERT INTO messages (stream, message_id, headers, body, enqueued_at, visible_at, attempts) VALUES (?1, ?2, ?3, ?4, ?5, 0, 0)",
-            )?
-            .execute(params![stream, m.message_id, m.headers, m.body, now])?;
+            insert_one(conn, stream, &m)?;
             let changed = conn.execute(
                 "UPDATE exceptions SET status = 'replayed', status_at = ?1 WHERE id = ?2 AND status = 'open'",
                 params![now, r.exception_id],
@@ -240,7 +237,7 @@ mod tests {
             .submit_blocking(|c| {
                 let rows = [record("e1", "unknown_sku"), record("e2", "unknown_sku"), record("e3", "schema_violation")]
                     .map(|record| ExceptionRow { record, headers: "{\"correlation_id\":\"c\"}".into(), replayable: true });
-                settle(c, &[Settlement { input: None, outcome: Settle::Done { outputs: vec![], exceptions: rows.to_vec() } }], None)?;
+                settle(c, &[Settlement { input: None, outcome: Settle::Done { outputs: vec![], exceptions: rows.to_vec() } }], None, &[])?;
                 let by_reason = ExceptionFilter { reason: Some("unknown_sku".into()), ..Default::default() };
                 let first = replay(c, &by_reason)?;
                 assert_eq!(first.iter().filter(|d| d.done).count(), 2);

@@ -70,20 +70,26 @@ CREATE TABLE IF NOT EXISTS streams (
     queue TEXT NOT NULL,
     consumer TEXT NOT NULL,
     created_at INTEGER NOT NULL,
+    depth INTEGER NOT NULL DEFAULT 0,
     UNIQUE (queue, consumer)
 );
+-- Ids only grow (AUTOINCREMENT): a message stored later always sorts after a consumer's cursor.
+-- The bodies live apart, so taking a lease rewrites a short row, not the payload.
 CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     stream INTEGER NOT NULL,
-    message_id TEXT NOT NULL,
-    headers TEXT NOT NULL,
-    body BLOB NOT NULL,
     enqueued_at INTEGER NOT NULL,
     visible_at INTEGER NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
-    owner INTEGER
+    owner INTEGER,
+    message_id TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS messages_by_stream ON messages (stream, id, visible_at);
+CREATE TABLE IF NOT EXISTS bodies (
+    id INTEGER PRIMARY KEY,
+    headers TEXT NOT NULL,
+    body BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS exceptions (
     id TEXT PRIMARY KEY,
     pipeline TEXT NOT NULL,
@@ -107,9 +113,15 @@ CREATE TABLE IF NOT EXISTS file_checkpoints (
     modified INTEGER NOT NULL,
     records INTEGER NOT NULL,
     complete INTEGER NOT NULL,
+    content_hash INTEGER NOT NULL,
     PRIMARY KEY (pipeline, path)
 );
-INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1');
+-- How long each file sink's file was when messages written to it were settled.
+CREATE TABLE IF NOT EXISTS sink_offsets (
+    path TEXT PRIMARY KEY,
+    length INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '2');
 "#;
 
 /// Microseconds since the Unix epoch: the store's clock.
@@ -119,6 +131,15 @@ pub fn now_micros() -> i64 {
 
 pub fn db_path(data_dir: &Path) -> PathBuf {
     data_dir.join("switchyard.db")
+}
+
+/// A read-only connection to the store of `data_dir`, for commands that only look.
+pub fn open_reader(data_dir: &Path) -> StoreResult<Connection> {
+    let path = db_path(data_dir);
+    let err = |e: rusqlite::Error| StoreError::Open { path: path.display().to_string(), message: e.to_string() };
+    let c = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(err)?;
+    c.busy_timeout(Duration::from_secs(30)).map_err(err)?;
+    Ok(c)
 }
 
 fn open_connection(path: &Path, durability: Durability) -> StoreResult<Connection> {
@@ -133,7 +154,8 @@ fn open_connection(path: &Path, durability: Durability) -> StoreResult<Connectio
 /// What a job tells the writer: whether to keep its changes, and what to say to its caller once
 /// the transaction's fate is known.
 struct Done {
-    ok: bool,
+    /// The job's own error, if it failed; its changes are then rolled back.
+    error: Option<StoreError>,
     reply: Box<dyn FnOnce(Option<StoreError>) + Send>,
 }
 
@@ -161,13 +183,26 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
             }
             continue;
         }
+        // Set when SQLite itself rolled the whole transaction back (disk full, I/O error): then
+        // nothing of this group is stored, and every job hears so.
+        let mut aborted: Option<StoreError> = None;
         for job in group {
+            if let Some(e) = &aborted {
+                (job(None).reply)(Some(e.clone()));
+                continue;
+            }
             if let Err(e) = conn.execute_batch("SAVEPOINT job") {
                 done.push(fail_job(job(None), e.into()));
                 continue;
             }
             let d = job(Some(&conn));
-            let d = if d.ok {
+            if conn.is_autocommit() {
+                let e = d.error.clone().unwrap_or_else(|| StoreError::Sql("the transaction was rolled back".into()));
+                aborted = Some(e.clone());
+                (d.reply)(Some(e));
+                continue;
+            }
+            let d = if d.error.is_none() {
                 match conn.execute_batch("RELEASE job") {
                     Ok(()) => d,
                     Err(e) => fail_job(d, e.into()),
@@ -177,6 +212,12 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
                 d
             };
             done.push(d);
+        }
+        if let Some(e) = aborted {
+            for d in done {
+                (d.reply)(Some(e.clone()));
+            }
+            continue;
         }
         let committed = conn.execute_batch("COMMIT").map_err(StoreError::from);
         if committed.is_err() {
@@ -190,7 +231,7 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
 
 fn fail_job(d: Done, e: StoreError) -> Done {
     let reply = d.reply;
-    Done { ok: false, reply: Box::new(move |_| reply(Some(e))) }
+    Done { error: Some(e.clone()), reply: Box::new(move |_| reply(Some(e))) }
 }
 
 struct Inner {
@@ -241,10 +282,7 @@ impl Store {
 
     /// A read-only connection for queries that must not wait behind the writer.
     pub fn reader(&self) -> StoreResult<Connection> {
-        let c = Connection::open_with_flags(&self.inner.path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .map_err(|e| StoreError::Open { path: self.inner.path.display().to_string(), message: e.to_string() })?;
-        c.busy_timeout(Duration::from_secs(30))?;
-        Ok(c)
+        open_reader(self.inner.path.parent().unwrap_or(Path::new(".")))
     }
 
     fn sender(&self) -> Option<mpsc::SyncSender<Job>> {
@@ -259,9 +297,8 @@ impl Store {
                 Some(conn) => f(conn),
                 None => Err(StoreError::Stopped),
             };
-            let ok = result.is_ok();
             Done {
-                ok,
+                error: result.as_ref().err().cloned(),
                 reply: Box::new(move |commit_error| {
                     let _ = tx.send(match commit_error {
                         Some(e) => Err(e),
@@ -371,5 +408,27 @@ pub(crate) mod tests {
             .collect::<Result<_, _>>()
             .unwrap();
         assert_eq!(keys, ["a", "c"]);
+    }
+
+    #[test]
+    fn when_the_disk_is_full_every_answer_matches_what_was_stored() {
+        let (_dir, store) = temp_store();
+        let pages: i64 = store.submit_blocking(|c| Ok(c.query_row("PRAGMA page_count", [], |r| r.get(0))?)).unwrap();
+        store.submit_blocking(move |c| Ok(c.query_row(&format!("PRAGMA max_page_count = {}", pages + 8), [], |_| Ok(()))?)).unwrap();
+        let put = |key: &'static str, size: usize| {
+            store.submit(move |c| {
+                c.execute("INSERT INTO meta (key, value) VALUES (?1, ?2)", rusqlite::params![key, "x".repeat(size)])?;
+                Ok(())
+            })
+        };
+        // Three jobs in one group, most likely; the middle one cannot fit.
+        let (a, b, c) = (put("a", 10), put("b", 1 << 20), put("c", 10));
+        let answers = [("a", futures_lite_block_on(a)), ("b", futures_lite_block_on(b)), ("c", futures_lite_block_on(c))];
+        assert!(answers[1].1.is_err(), "a megabyte does not fit in 8 pages");
+        let reader = store.reader().unwrap();
+        for (key, answer) in answers {
+            let stored = reader.query_row("SELECT 1 FROM meta WHERE key = ?1", [key], |_| Ok(())).is_ok();
+            assert_eq!(stored, answer.is_ok(), "job {key}: answered {answer:?} but stored = {stored}");
+        }
     }
 }

@@ -76,20 +76,31 @@ pub enum Settle {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checkpoint {
     pub pipeline: String,
+    /// The file's canonical path.
     pub path: String,
     pub size: i64,
     pub modified: i64,
     /// Records of the file already stored.
     pub records: i64,
     pub complete: bool,
+    /// A hash of the file's bytes when it was read: an appended file still starts with them.
+    pub content_hash: i64,
+}
+
+/// A checkpoint to write, and the one this reader last saw: if the row changed since (another
+/// engine reads the same file), the write is refused instead of storing the records twice.
+#[derive(Debug, Clone)]
+pub struct CheckpointWrite {
+    pub new: Checkpoint,
+    pub seen: Option<Checkpoint>,
 }
 
 /// What a settle call did.
 #[derive(Debug, Default, Clone)]
 pub struct SettleReport {
-    /// Inputs whose lease had expired and gone to another consumer: their outputs were not
-    /// written (the other consumer writes them).
-    pub lost_leases: usize,
+    /// Inputs (indexes into the settlements) whose lease had expired and gone to another
+    /// consumer: their outputs were not written (the other consumer writes them).
+    pub lost_leases: Vec<usize>,
     /// Queues that received messages, to wake their consumers.
     pub queues: Vec<Arc<str>>,
 }
@@ -114,6 +125,24 @@ fn streams_of(conn: &Connection, queue: &str) -> StoreResult<Vec<StreamId>> {
     if ids.is_empty() { Ok(vec![ensure_stream(conn, queue, "")?]) } else { Ok(ids) }
 }
 
+/// Keeps `streams.depth` in step with the rows: depth is read before every batch, a count is not.
+#[derive(Default)]
+struct Depths(HashMap<StreamId, i64>);
+
+impl Depths {
+    fn add(&mut self, stream: StreamId, n: i64) {
+        *self.0.entry(stream).or_default() += n;
+    }
+    fn apply(self, conn: &Connection) -> StoreResult<()> {
+        for (s, n) in self.0 {
+            if n != 0 {
+                conn.prepare_cached("UPDATE streams SET depth = depth + ?1 WHERE id = ?2")?.execute(params![n, s])?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Subscribes each consumer to its queue. The first subscribers of a queue take the messages
 /// that waited for them; later ones see only what is sent after they joined.
 pub fn subscribe(conn: &Connection, pairs: &[(String, String)]) -> StoreResult<Vec<StreamId>> {
@@ -122,6 +151,7 @@ pub fn subscribe(conn: &Connection, pairs: &[(String, String)]) -> StoreResult<V
         by_queue.entry(q.as_str()).or_default().push(c.as_str());
     }
     let mut ids = HashMap::new();
+    let mut depths = Depths::default();
     for (queue, consumers) in by_queue {
         let had_subscribers: bool = conn
             .prepare_cached("SELECT EXISTS (SELECT 1 FROM streams WHERE queue = ?1 AND consumer <> '')")?
@@ -151,11 +181,21 @@ pub fn subscribe(conn: &Connection, pairs: &[(String, String)]) -> StoreResult<V
                         let id = ensure_stream(conn, queue, c)?;
                         // Others subscribing at the same moment get copies.
                         if let Some(first) = first_taker {
-                            conn.execute(
-                                "INSERT INTO messages (stream, message_id, headers, body, enqueued_at, visible_at, attempts)
-                                 SELECT ?1, message_id, headers, body, enqueued_at, 0, 0 FROM messages WHERE stream = ?2 ORDER BY id",
-                                params![id, first],
-                            )?;
+                            let rows: Vec<(i64, String, i64)> = conn
+                                .prepare("SELECT id, message_id, enqueued_at FROM messages WHERE stream = ?1 ORDER BY id")?
+                                .query_map([first], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                                .collect::<Result<_, _>>()?;
+                            for (old, message_id, enqueued_at) in rows {
+                                conn.prepare_cached(
+                                    "INSERT INTO messages (stream, enqueued_at, visible_at, attempts, message_id) VALUES (?1, ?2, 0, 0, ?3)",
+                                )?
+                                .execute(params![id, enqueued_at, message_id])?;
+                                conn.prepare_cached(
+                                    "INSERT INTO bodies (id, headers, body) SELECT ?1, headers, body FROM bodies WHERE id = ?2",
+                                )?
+                                .execute(params![conn.last_insert_rowid(), old])?;
+                                depths.add(id, 1);
+                            }
                         }
                         id
                     }
@@ -164,26 +204,40 @@ pub fn subscribe(conn: &Connection, pairs: &[(String, String)]) -> StoreResult<V
             ids.insert((queue.to_string(), c.to_string()), id);
         }
     }
+    depths.apply(conn)?;
     Ok(pairs.iter().map(|(q, c)| ids[&(q.clone(), c.clone())]).collect())
 }
 
-fn insert(conn: &Connection, stream: StreamId, m: &NewMessage, now: i64) -> StoreResult<()> {
-    conn.prepare_cached(
-        "INSERT INTO messages (stream, message_id, headers, body, enqueued_at, visible_at, attempts) VALUES (?1, ?2, ?3, ?4, ?5, 0, 0)",
-    )?
-    .execute(params![stream, m.message_id, m.headers, m.body, now])?;
+fn insert(conn: &Connection, stream: StreamId, m: &NewMessage, now: i64, depths: &mut Depths) -> StoreResult<()> {
+    conn.prepare_cached("INSERT INTO messages (stream, enqueued_at, visible_at, attempts, message_id) VALUES (?1, ?2, 0, 0, ?3)")?
+        .execute(params![stream, now, m.message_id])?;
+    conn.prepare_cached("INSERT INTO bodies (id, headers, body) VALUES (?1, ?2, ?3)")?.execute(params![
+        conn.last_insert_rowid(),
+        m.headers,
+        m.body
+    ])?;
+    depths.add(stream, 1);
     Ok(())
+}
+
+/// Stores one message in one stream (a replay to one pipeline).
+pub fn insert_one(conn: &Connection, stream: StreamId, m: &NewMessage) -> StoreResult<()> {
+    let mut depths = Depths::default();
+    insert(conn, stream, m, now_micros(), &mut depths)?;
+    depths.apply(conn)
 }
 
 /// Sends messages to a queue (to each subscriber); returns how many rows were written.
 pub fn enqueue(conn: &Connection, queue: &str, messages: &[NewMessage]) -> StoreResult<usize> {
     let now = now_micros();
     let streams = streams_of(conn, queue)?;
+    let mut depths = Depths::default();
     for m in messages {
         for s in &streams {
-            insert(conn, *s, m, now)?;
+            insert(conn, *s, m, now, &mut depths)?;
         }
     }
+    depths.apply(conn)?;
     Ok(messages.len() * streams.len())
 }
 
@@ -194,20 +248,24 @@ pub fn lease(conn: &Connection, stream: StreamId, after: i64, limit: usize, leas
         .prepare_cached(
             "UPDATE messages SET visible_at = ?1, attempts = attempts + 1, owner = ?2
              WHERE id IN (SELECT id FROM messages WHERE stream = ?3 AND id > ?4 AND visible_at <= ?5 ORDER BY id LIMIT ?6)
-             RETURNING id, attempts, message_id, headers, body, enqueued_at",
+             RETURNING id, attempts, message_id, enqueued_at",
         )?
         .query_map(params![now + lease_micros, owner, stream, after, now, limit as i64], |r| {
             Ok(Leased {
                 id: r.get(0)?,
                 attempts: r.get(1)?,
                 message_id: r.get(2)?,
-                headers: r.get(3)?,
-                body: r.get(4)?,
-                enqueued_at: r.get(5)?,
+                enqueued_at: r.get(3)?,
+                headers: String::new(),
+                body: Vec::new(),
             })
         })?
         .collect::<Result<_, _>>()?;
     out.sort_by_key(|l| l.id);
+    let mut get = conn.prepare_cached("SELECT headers, body FROM bodies WHERE id = ?1")?;
+    for l in &mut out {
+        (l.headers, l.body) = get.query_row([l.id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    }
     Ok(out)
 }
 
@@ -236,11 +294,18 @@ fn insert_exception(conn: &Connection, e: &ExceptionRow) -> StoreResult<()> {
 /// Settles leased messages and stores outputs, exception records and a file checkpoint, all in
 /// the writer's current transaction. An input whose lease was lost is left alone, and so are
 /// its outputs: whoever holds it now writes them.
-pub fn settle(conn: &Connection, items: &[Settlement], checkpoint: Option<&Checkpoint>) -> StoreResult<SettleReport> {
+/// `marks`: file sinks' lengths after the flush that made these messages' outputs durable.
+pub fn settle(
+    conn: &Connection,
+    items: &[Settlement],
+    checkpoint: Option<&CheckpointWrite>,
+    marks: &[(String, u64)],
+) -> StoreResult<SettleReport> {
     let now = now_micros();
     let mut report = SettleReport::default();
     let mut streams: HashMap<Arc<str>, Vec<StreamId>> = HashMap::new();
-    for item in items {
+    let mut depths = Depths::default();
+    for (index, item) in items.iter().enumerate() {
         match &item.outcome {
             Settle::Retry { visible_at } => {
                 if let Some((id, attempts)) = item.input {
@@ -250,23 +315,27 @@ pub fn settle(conn: &Connection, items: &[Settlement], checkpoint: Option<&Check
             }
             Settle::Done { outputs, exceptions } => {
                 if let Some((id, attempts)) = item.input {
-                    let deleted =
-                        conn.prepare_cached("DELETE FROM messages WHERE id = ?1 AND attempts = ?2")?.execute(params![id, attempts])?;
-                    if deleted == 0 {
-                        report.lost_leases += 1;
+                    let stream: Option<StreamId> = conn
+                        .prepare_cached("DELETE FROM messages WHERE id = ?1 AND attempts = ?2 RETURNING stream")?
+                        .query_row(params![id, attempts], |r| r.get(0))
+                        .optional()?;
+                    let Some(stream) = stream else {
+                        report.lost_leases.push(index);
                         continue;
-                    }
+                    };
+                    conn.prepare_cached("DELETE FROM bodies WHERE id = ?1")?.execute([id])?;
+                    depths.add(stream, -1);
                 }
                 for (target, m) in outputs {
                     match target {
-                        Target::Stream(s) => insert(conn, *s, m, now)?,
+                        Target::Stream(s) => insert(conn, *s, m, now, &mut depths)?,
                         Target::Queue(q) => {
                             if !streams.contains_key(q) {
                                 streams.insert(q.clone(), streams_of(conn, q)?);
                                 report.queues.push(q.clone());
                             }
                             for s in &streams[q] {
-                                insert(conn, *s, m, now)?;
+                                insert(conn, *s, m, now, &mut depths)?;
                             }
                         }
                     }
@@ -277,14 +346,58 @@ pub fn settle(conn: &Connection, items: &[Settlement], checkpoint: Option<&Check
             }
         }
     }
-    if let Some(c) = checkpoint {
+    depths.apply(conn)?;
+    if let Some(w) = checkpoint {
+        write_checkpoint(conn, w)?;
+    }
+    for (path, length) in marks {
         conn.prepare_cached(
-            "INSERT INTO file_checkpoints (pipeline, path, size, modified, records, complete) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (pipeline, path) DO UPDATE SET size = ?3, modified = ?4, records = ?5, complete = ?6",
+            "INSERT INTO sink_offsets (path, length) VALUES (?1, ?2) ON CONFLICT (path) DO UPDATE SET length = max(length, excluded.length)",
         )?
-        .execute(params![c.pipeline, c.path, c.size, c.modified, c.records, c.complete])?;
+        .execute(params![path, *length as i64])?;
     }
     Ok(report)
+}
+
+/// The committed length of every file sink's file.
+pub fn sink_offsets(conn: &Connection) -> StoreResult<HashMap<String, u64>> {
+    let rows: Vec<(String, i64)> =
+        conn.prepare("SELECT path, length FROM sink_offsets")?.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+    Ok(rows.into_iter().map(|(p, l)| (p, l.max(0) as u64)).collect())
+}
+
+fn write_checkpoint(conn: &Connection, w: &CheckpointWrite) -> StoreResult<()> {
+    let c = &w.new;
+    let changed = match &w.seen {
+        None => conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO file_checkpoints (pipeline, path, size, modified, records, complete, content_hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![c.pipeline, c.path, c.size, c.modified, c.records, c.complete, c.content_hash])?,
+        Some(s) => conn
+            .prepare_cached(
+                "UPDATE file_checkpoints SET size = ?3, modified = ?4, records = ?5, complete = ?6, content_hash = ?7
+                 WHERE pipeline = ?1 AND path = ?2 AND size = ?8 AND modified = ?9 AND records = ?10",
+            )?
+            .execute(params![
+                c.pipeline,
+                c.path,
+                c.size,
+                c.modified,
+                c.records,
+                c.complete,
+                c.content_hash,
+                s.size,
+                s.modified,
+                s.records
+            ])?,
+    };
+    if changed == 1 {
+        Ok(())
+    } else {
+        Err(StoreError::Refused(format!("{}: another engine is reading this file for pipeline {}", c.path, c.pipeline)))
+    }
 }
 
 /// Makes the messages leased by a dead process visible again at once.
@@ -295,7 +408,7 @@ pub fn reclaim(conn: &Connection, owner: i64) -> StoreResult<usize> {
 /// The checkpoints of a pipeline's files.
 pub fn checkpoints(conn: &Connection, pipeline: &str) -> StoreResult<HashMap<String, Checkpoint>> {
     let rows = conn
-        .prepare_cached("SELECT path, size, modified, records, complete FROM file_checkpoints WHERE pipeline = ?1")?
+        .prepare_cached("SELECT path, size, modified, records, complete, content_hash FROM file_checkpoints WHERE pipeline = ?1")?
         .query_map([pipeline], |r| {
             Ok(Checkpoint {
                 pipeline: pipeline.to_string(),
@@ -304,26 +417,41 @@ pub fn checkpoints(conn: &Connection, pipeline: &str) -> StoreResult<HashMap<Str
                 modified: r.get(2)?,
                 records: r.get(3)?,
                 complete: r.get(4)?,
+                content_hash: r.get(5)?,
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(rows.into_iter().map(|c| (c.path.clone(), c)).collect())
 }
 
-/// Messages stored for a queue, over all its streams.
-pub fn depth(conn: &Connection, queue: &str) -> StoreResult<i64> {
+/// Messages stored for each consumer of a queue.
+pub fn depths(conn: &Connection, queue: &str) -> StoreResult<Vec<(String, i64)>> {
     Ok(conn
-        .prepare_cached("SELECT count(*) FROM messages WHERE stream IN (SELECT id FROM streams WHERE queue = ?1)")?
-        .query_row([queue], |r| r.get(0))?)
+        .prepare_cached("SELECT consumer, depth FROM streams WHERE queue = ?1")?
+        .query_map([queue], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?)
 }
 
 /// Messages stored in the given streams, leased or not.
 pub fn pending(conn: &Connection, streams: &[StreamId]) -> StoreResult<i64> {
     let mut total = 0;
     for s in streams {
-        total += conn.prepare_cached("SELECT count(*) FROM messages WHERE stream = ?1")?.query_row([s], |r| r.get::<_, i64>(0))?;
+        total += conn.prepare_cached("SELECT depth FROM streams WHERE id = ?1")?.query_row([s], |r| r.get::<_, i64>(0))?;
     }
     Ok(total)
+}
+
+/// Removes a consumer's subscription to a queue, and the messages waiting for it.
+pub fn unsubscribe(conn: &Connection, queue: &str, consumer: &str) -> StoreResult<Option<i64>> {
+    let Some(id): Option<StreamId> =
+        conn.query_row("SELECT id FROM streams WHERE queue = ?1 AND consumer = ?2", [queue, consumer], |r| r.get(0)).optional()?
+    else {
+        return Ok(None);
+    };
+    conn.execute("DELETE FROM bodies WHERE id IN (SELECT id FROM messages WHERE stream = ?1)", [id])?;
+    let dropped = conn.execute("DELETE FROM messages WHERE stream = ?1", [id])?;
+    conn.execute("DELETE FROM streams WHERE id = ?1", [id])?;
+    Ok(Some(dropped as i64))
 }
 
 #[cfg(test)]
@@ -373,11 +501,11 @@ mod tests {
                     input: Some((l.id, l.attempts)),
                     outcome: Settle::Done { outputs: vec![(Target::Queue("out".into()), msg("o"))], exceptions: vec![] },
                 };
-                let r = settle(c, &[done(&first[0])], None)?;
-                assert_eq!(r.lost_leases, 1);
+                let r = settle(c, &[done(&first[0])], None, &[])?;
+                assert_eq!(r.lost_leases, [0]);
                 assert_eq!(pending(c, &[out])?, 0);
-                let r = settle(c, &[done(&second[0])], None)?;
-                assert_eq!((r.lost_leases, pending(c, &[s])?, pending(c, &[out])?), (0, 0, 1));
+                let r = settle(c, &[done(&second[0])], None, &[])?;
+                assert_eq!((r.lost_leases.len(), pending(c, &[s])?, pending(c, &[out])?), (0, 0, 1));
                 Ok(())
             })
             .unwrap();
@@ -398,6 +526,7 @@ mod tests {
                         outcome: Settle::Retry { visible_at: now_micros() + 60_000_000 },
                     }],
                     None,
+                    &[],
                 )?;
                 let l2 = lease(c, s, 0, 10, 60_000_000, 7)?;
                 assert_eq!(l2.iter().map(|l| l.message_id.as_str()).collect::<Vec<_>>(), ["m2"], "m1 waits for its retry time");
