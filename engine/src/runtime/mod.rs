@@ -281,7 +281,25 @@ impl Runtime {
                     stats,
                 })
             })
-            .collect();
+            .collect::<Vec<Arc<PipelineRun>>>();
+        // A file sink used for the first time here gets its committed length before anything
+        // is written to it: a crash before its first settle then leaves no duplicate either.
+        let mut baselines = Vec::new();
+        for run in &runs {
+            for s in &run.sinks {
+                if let RuntimeSink::External(sink) = s
+                    && let Some(b) = sink.baseline()
+                {
+                    baselines.push(b.map_err(|e| RunError::Sink {
+                        pipeline: run.pipeline.name.clone(),
+                        source: SinkError::Io { path: PathBuf::from(sink.describe()), source: e },
+                    })?);
+                }
+            }
+        }
+        if !baselines.is_empty() {
+            store.submit_blocking(move |c| store::record_marks(c, &baselines))?;
+        }
         Ok(Runtime { store, runs, opts, reloader: None })
     }
 

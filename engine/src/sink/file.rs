@@ -166,6 +166,22 @@ impl Sink for FileSink {
     fn mark(&self) -> Option<(String, u64)> {
         self.flushed.lock().expect("flushed lock").map(|len| (self.key.clone(), len))
     }
+
+    fn baseline(&self) -> Option<std::io::Result<(String, u64)>> {
+        if self.committed.is_some() {
+            return None;
+        }
+        let len = match std::fs::OpenOptions::new().read(true).write(true).open(&self.path) {
+            Ok(f) => cut_torn_line(f).and_then(|f| f.metadata()).map(|m| m.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(e),
+        };
+        Some(len.map(|len| {
+            // The first open cuts back to it.
+            *self.flushed.lock().expect("flushed lock") = Some(len);
+            (self.key.clone(), len)
+        }))
+    }
 }
 
 #[cfg(test)]
@@ -188,5 +204,28 @@ mod tests {
         std::fs::write(&p, "{\"a\":1}\n{\"a\":2}\n").unwrap();
         drop(open_append(&p, Some(8)).await.unwrap());
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "{\"a\":1}\n");
+    }
+
+    #[tokio::test]
+    async fn with_no_committed_length_the_first_open_cuts_back_to_the_baseline() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = FileSinkConfig { path: Spanned::new("out.ndjson".to_string()), format: OutputFormat::default() };
+        let cx = SinkContext { data_dir: dir.path().to_path_buf(), committed: Default::default() };
+        let sink = FileSink::new(&config, &cx);
+        let (_, len) = sink.baseline().expect("no length on record").unwrap();
+        assert_eq!(len, 0, "no file yet");
+        // Lines written after the baseline by an engine that died before settling them.
+        std::fs::write(sink.path(), "{\"unsettled\":1}\n").unwrap();
+        let output: Output = serde_json::from_value(serde_json::json!({
+            "payload": {"a": 1},
+            "metadata": {"message_id": "m1", "correlation_id": "c1", "received_at": "2026-11-27T00:00:00Z",
+                         "pipeline": "p", "pipeline_version": "1", "mapping_versions": {}, "attempt": 1}
+        }))
+        .unwrap();
+        sink.write(&output).await.unwrap();
+        sink.flush().await.unwrap();
+        let text = std::fs::read_to_string(sink.path()).unwrap();
+        assert!(!text.contains("unsettled"), "cut back to the baseline before writing: {text}");
+        assert_eq!(text.lines().count(), 1);
     }
 }

@@ -60,6 +60,12 @@ pub trait Sink: Send + Sync {
     fn mark(&self) -> Option<(String, u64)> {
         None
     }
+    /// For sinks that append to a file with no committed length on record yet: where the file
+    /// ends before this engine writes anything. The runtime records it before the first message
+    /// is processed, so a crash before the first settle is cut back to it too.
+    fn baseline(&self) -> Option<std::io::Result<(String, u64)>> {
+        None
+    }
 }
 
 /// What a runtime sink needs from the engine.

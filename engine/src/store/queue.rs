@@ -350,13 +350,19 @@ pub fn settle(
     if let Some(w) = checkpoint {
         write_checkpoint(conn, w)?;
     }
+    record_marks(conn, marks)?;
+    Ok(report)
+}
+
+/// Stores file sinks' committed lengths (see [`settle`]).
+pub fn record_marks(conn: &Connection, marks: &[(String, u64)]) -> StoreResult<()> {
     for (path, length) in marks {
         conn.prepare_cached(
             "INSERT INTO sink_offsets (path, length) VALUES (?1, ?2) ON CONFLICT (path) DO UPDATE SET length = max(length, excluded.length)",
         )?
         .execute(params![path, *length as i64])?;
     }
-    Ok(report)
+    Ok(())
 }
 
 /// The committed length of every file sink's file.
