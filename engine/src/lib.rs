@@ -5,6 +5,7 @@
 // time, and for messages that already failed.
 #![allow(clippy::result_large_err)]
 
+pub mod amqp;
 pub mod build;
 pub mod config;
 pub mod convert;

@@ -320,6 +320,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log_level));
+    // lapin logs a returned message with its whole payload, and channel errors we report
+    // ourselves in words: never payloads in the log.
+    let filter = filter
+        .add_directive("lapin::returned_messages=off".parse().expect("directive"))
+        .add_directive("lapin::channel=off".parse().expect("directive"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).init();
     match cli.command {
         Command::Validate { paths, format } => cmd_validate(paths, format),

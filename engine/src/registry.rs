@@ -1,6 +1,7 @@
 //! The registry: every kind of source, validate step, map step and sink, keyed by its `type:`.
 //! A plain `match` per stage; adding a kind means adding a line here and its module.
 
+use crate::amqp::config::{AmqpSinkConfig, AmqpSourceConfig};
 use crate::config::de::{RawNode, display_path};
 use crate::config::diag::{one_of, suggestion};
 use crate::config::yaml::{Node, NodeValue};
@@ -22,6 +23,8 @@ pub enum SourceConfig {
     Stdin(StdinSourceConfig),
     /// A queue: what other pipelines' `queue` sinks or `switchyard send` write.
     Queue(QueueSourceConfig),
+    /// A RabbitMQ queue (needs `broker:`): manual acknowledgements, retries, a dead-letter queue.
+    Amqp(AmqpSourceConfig),
 }
 
 /// A sink, picked by `type:`.
@@ -34,6 +37,8 @@ pub enum SinkConfig {
     Stdout(StdoutSinkConfig),
     /// A queue: feeds every pipeline whose source is that queue.
     Queue(QueueSinkConfig),
+    /// A RabbitMQ exchange (needs `broker:`): persistent, confirmed, unroutable is a failure.
+    Amqp(AmqpSinkConfig),
 }
 
 /// A validate step, picked by `type:`.
@@ -59,12 +64,13 @@ fn p<T: DeserializeOwned>(node: &Node, file: &SourceFile, prefix: &[PathPart]) -
 
 impl Tagged for SourceConfig {
     const WHAT: &'static str = "source";
-    const TYPES: &'static [&'static str] = &["file", "stdin", "queue"];
+    const TYPES: &'static [&'static str] = &["file", "stdin", "queue", "amqp"];
     fn parse_type(ty: &str, node: &Node, file: &SourceFile, prefix: &[PathPart]) -> Result<Self, Vec<Diagnostic>> {
         Ok(match ty {
             "file" => SourceConfig::File(p(node, file, prefix)?),
             "stdin" => SourceConfig::Stdin(p(node, file, prefix)?),
             "queue" => SourceConfig::Queue(p(node, file, prefix)?),
+            "amqp" => SourceConfig::Amqp(p(node, file, prefix)?),
             _ => unreachable!("checked against TYPES"),
         })
     }
@@ -72,12 +78,13 @@ impl Tagged for SourceConfig {
 
 impl Tagged for SinkConfig {
     const WHAT: &'static str = "sink";
-    const TYPES: &'static [&'static str] = &["file", "stdout", "queue"];
+    const TYPES: &'static [&'static str] = &["file", "stdout", "queue", "amqp"];
     fn parse_type(ty: &str, node: &Node, file: &SourceFile, prefix: &[PathPart]) -> Result<Self, Vec<Diagnostic>> {
         Ok(match ty {
             "file" => SinkConfig::File(p(node, file, prefix)?),
             "stdout" => SinkConfig::Stdout(p(node, file, prefix)?),
             "queue" => SinkConfig::Queue(p(node, file, prefix)?),
+            "amqp" => SinkConfig::Amqp(p(node, file, prefix)?),
             _ => unreachable!("checked against TYPES"),
         })
     }

@@ -95,6 +95,8 @@ pub enum DiagCode {
     InvalidSchema,
     InvalidFile,
     Conflict,
+    /// A binding names an exchange the topology does not declare.
+    UndeclaredExchange,
     /// A hint for an exception reason nothing in the pipeline produces (a warning).
     UnknownReason,
 }
@@ -117,6 +119,7 @@ impl DiagCode {
             DiagCode::InvalidSchema => "invalid_schema",
             DiagCode::InvalidFile => "invalid_file",
             DiagCode::Conflict => "conflict",
+            DiagCode::UndeclaredExchange => "undeclared_exchange",
             DiagCode::UnknownReason => "unknown_reason",
         }
     }

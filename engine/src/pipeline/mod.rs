@@ -181,6 +181,9 @@ pub struct PipelineConfig {
     #[serde(default)]
     pub channel: Option<String>,
     pub source: Component<SourceConfig>,
+    /// RabbitMQ, for `amqp` sources and sinks: the URL and the topology to declare.
+    #[serde(default)]
+    pub broker: Option<crate::amqp::config::BrokerConfig>,
     #[serde(default)]
     pub envelope: EnvelopeConfig,
     /// Checks of the message as received.
@@ -259,6 +262,8 @@ pub struct Pipeline {
     pub dir: PathBuf,
     pub source: SourceConfig,
     pub sinks: Vec<(String, SinkConfig)>,
+    /// RabbitMQ, when the source or a sink is `amqp`.
+    pub broker: Option<BrokerPlan>,
     correlation: Correlation,
     idempotency_key: Option<Template>,
     validate: Vec<SchemaCheck>,
@@ -291,6 +296,62 @@ pub enum Outcome {
         sinks: Vec<usize>,
     },
     Failed(Box<ExceptionRecord>),
+}
+
+fn no_broker(cx: &BuildContext, span: crate::config::Span, at: &str) -> Diagnostic {
+    cx.diag(DiagCode::MissingKey, span, at, "an `amqp` source or sink needs the pipeline's `broker:`")
+        .hint("add at the top level:\nbroker:\n  url: ${SWITCHYARD_AMQP_URL}")
+}
+
+/// RabbitMQ as a pipeline uses it.
+#[derive(Debug, Clone)]
+pub struct BrokerPlan {
+    /// The URL with its password: never shown (see [`crate::amqp::redact`]).
+    pub url: String,
+    pub heartbeat: std::time::Duration,
+    pub topology: Arc<crate::amqp::Topology>,
+    pub source: Option<crate::amqp::topology::SourcePlan>,
+    /// Each `amqp` sink's target, by sink name.
+    pub targets: IndexMap<String, crate::amqp::publish::PublishTarget>,
+}
+
+impl BrokerPlan {
+    fn build(
+        b: &crate::amqp::config::BrokerConfig,
+        source: Option<&crate::amqp::config::AmqpSourceConfig>,
+        cx: &BuildContext,
+        diags: &mut Diags,
+    ) -> BrokerPlan {
+        let url = b.url.value.trim().to_string();
+        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) || url.parse::<lapin::uri::AMQPUri>().is_err() {
+            diags.push(
+                cx.diag(
+                    DiagCode::InvalidValue,
+                    b.url.span,
+                    "broker.url",
+                    format!("`{}` is not an AMQP URL", crate::amqp::redact(b.url.shown())),
+                )
+                .expected("amqp://user:password@host:5672/vhost (amqps:// for TLS), e.g. ${SWITCHYARD_AMQP_URL}"),
+            );
+        }
+        let heartbeat = match &b.heartbeat {
+            None => std::time::Duration::from_secs(30),
+            Some(h) => match humantime::parse_duration(h.value.trim()) {
+                Ok(d) if d >= std::time::Duration::from_secs(1) => d,
+                _ => {
+                    diags.push(
+                        cx.diag(DiagCode::InvalidValue, h.span, "broker.heartbeat", format!("`{}` is not a heartbeat interval", h.shown()))
+                            .expected("a duration of a second or more, e.g. `30s`"),
+                    );
+                    std::time::Duration::from_secs(30)
+                }
+            },
+        };
+        let mut found = Vec::new();
+        let (topology, source) = crate::amqp::Topology::build(b, source, cx, &mut found);
+        diags.extend(found);
+        BrokerPlan { url, heartbeat, topology: Arc::new(topology), source, targets: IndexMap::new() }
+    }
 }
 
 fn check_queue_name(name: &Spanned<String>, key_path: &str, cx: &BuildContext, diags: &mut Diags) {
@@ -338,6 +399,18 @@ impl Pipeline {
             check_queue_name(&q.queue, "source.queue", cx, &mut diags);
         }
         let runtime = RuntimeSettings::build(&config.runtime, cx, &mut diags);
+        let mut broker = config.broker.as_ref().map(|b| {
+            let source = match &source {
+                Some(SourceConfig::Amqp(s)) => Some(s),
+                _ => None,
+            };
+            BrokerPlan::build(b, source, cx, &mut diags)
+        });
+        if broker.is_none()
+            && let Some(SourceConfig::Amqp(s)) = &source
+        {
+            diags.push(no_broker(cx, s.queue.span, "source"));
+        }
         let mut sinks = Vec::new();
         for (name, c) in config.sinks.iter() {
             if !valid_name(name) {
@@ -352,6 +425,16 @@ impl Pipeline {
                 );
             }
             if let Some(s) = diags.take_all(c.resolve(file)) {
+                if let SinkConfig::Amqp(a) = &s {
+                    match broker.as_mut() {
+                        None => diags.push(no_broker(cx, c.raw.node.span, &format!("sinks.{name}"))),
+                        Some(b) => {
+                            if let Some(t) = diags.take_all(crate::amqp::publish::PublishTarget::build(a, &format!("sinks.{name}"), cx)) {
+                                b.targets.insert(name.clone(), t);
+                            }
+                        }
+                    }
+                }
                 if let SinkConfig::Queue(q) = &s {
                     check_queue_name(&q.queue, &format!("sinks.{name}.queue"), cx, &mut diags);
                     if let Some(SourceConfig::Queue(src)) = &source
@@ -455,6 +538,7 @@ impl Pipeline {
             dir: cx.dir.clone(),
             source,
             sinks,
+            broker,
             correlation,
             idempotency_key,
             validate,

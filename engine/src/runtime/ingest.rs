@@ -142,7 +142,7 @@ impl Ingester {
                 Kind::Files { path: crate::build::normalize(&run.pipeline.dir.join(&c.path.value)), config: c.clone() }
             }
             SourceConfig::Stdin(c) => Kind::Stdin(c.clone()),
-            SourceConfig::Queue(_) => return None,
+            SourceConfig::Queue(_) | SourceConfig::Amqp(_) => return None,
         };
         Some(Ingester { run, shared, kind })
     }

@@ -7,6 +7,7 @@
 //! queue outputs and the exception records. A worker that dies leaves its lease to expire (or to
 //! be reclaimed at once when its process is gone), so nothing is lost: at least once.
 
+mod amqp_worker;
 pub mod envelope;
 mod ingest;
 mod reload;
@@ -37,6 +38,8 @@ pub enum RunError {
     Sink { pipeline: String, source: SinkError },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("pipeline {pipeline}: {source}")]
+    Broker { pipeline: String, source: crate::amqp::AmqpError },
     #[error("cannot use the data directory {}: {source}", path.display())]
     DataDir { path: PathBuf, source: std::io::Error },
 }
@@ -101,7 +104,7 @@ pub fn build_sink(config: &SinkConfig, cx: &SinkContext) -> Option<Box<dyn Sink>
     match config {
         SinkConfig::File(c) => Some(Box::new(FileSink::new(c, cx))),
         SinkConfig::Stdout(c) => Some(Box::new(StdoutSink { format: c.format })),
-        SinkConfig::Queue(_) => None,
+        SinkConfig::Queue(_) | SinkConfig::Amqp(_) => None,
     }
 }
 
@@ -117,6 +120,8 @@ pub(crate) struct PipelineRun {
     pub input_queue: String,
     pub stream: StreamId,
     pub replay_stream: StreamId,
+    /// RabbitMQ, for pipelines with an `amqp` source or sink: one connection per pipeline.
+    pub broker: Option<Arc<crate::amqp::Broker>>,
     stats: Stats,
 }
 
@@ -144,6 +149,11 @@ impl PipelineRun {
                     format!("{} (via {})", crate::build::normalize(&p.dir.join(&f.path.value)).display(), self.input_queue)
                 }
                 SourceConfig::Stdin(_) => format!("standard input (via {})", self.input_queue),
+                SourceConfig::Amqp(a) => format!(
+                    "RabbitMQ queue {} at {}",
+                    a.queue.value,
+                    self.broker.as_ref().map(|b| b.shown_url().to_string()).unwrap_or_default()
+                ),
             },
             ..Default::default()
         };
@@ -257,10 +267,18 @@ impl Runtime {
             .into_iter()
             .enumerate()
             .map(|(i, p)| {
+                let broker =
+                    p.broker.as_ref().map(|b| Arc::new(crate::amqp::Broker::new(&b.url, b.heartbeat, &p.name, b.topology.clone())));
                 let sinks = p
                     .sinks
                     .iter()
-                    .map(|(_, c)| match c {
+                    .map(|(name, c)| match c {
+                        SinkConfig::Amqp(_) => {
+                            let (Some(broker), Some(plan)) = (&broker, &p.broker) else {
+                                unreachable!("checked at load: amqp sinks need a broker")
+                            };
+                            RuntimeSink::External(Box::new(crate::amqp::publish::AmqpSink::new(broker.clone(), plan.targets[name].clone())))
+                        }
                         SinkConfig::Queue(q) => RuntimeSink::Queue {
                             queue: Arc::from(q.queue.value.as_str()),
                             format: q.format.unwrap_or(OutputFormat::Payload),
@@ -278,6 +296,7 @@ impl Runtime {
                     current: std::sync::RwLock::new(p.clone()),
                     pipeline: p,
                     sinks,
+                    broker,
                     stats,
                 })
             })
@@ -321,6 +340,13 @@ impl Runtime {
     /// Runs until `shutdown` turns true (or, with `once`, until everything is processed), then
     /// finishes the batches in hand and returns the counts.
     pub async fn run(&self, shutdown: watch::Receiver<bool>) -> Result<Vec<Summary>, RunError> {
+        // RabbitMQ must be there at start: a wrong URL or a refused topology is said at once.
+        // Later losses of the connection are waited out.
+        for run in &self.runs {
+            if let Some(b) = &run.broker {
+                b.session().await.map_err(|source| RunError::Broker { pipeline: run.pipeline.name.clone(), source })?;
+            }
+        }
         let (id, lock) = OwnerLock::acquire(&self.opts.data_dir, &self.store)?;
         // With `once`, the run stops itself through this second signal.
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -354,7 +380,11 @@ impl Runtime {
         }
         for run in &self.runs {
             for _ in 0..run.pipeline.runtime.concurrency {
-                tasks.spawn(worker::run(run.clone(), shared.clone()));
+                if matches!(run.pipeline.source, SourceConfig::Amqp(_)) {
+                    tasks.spawn(amqp_worker::run(run.clone(), shared.clone()));
+                } else {
+                    tasks.spawn(worker::run(run.clone(), shared.clone()));
+                }
             }
         }
         if let Some(r) = &self.reloader {

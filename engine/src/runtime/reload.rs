@@ -112,6 +112,7 @@ fn wiring(p: &Pipeline) -> String {
         SourceConfig::Queue(q) => format!("queue {}", q.queue.value),
         SourceConfig::File(f) => format!("file {} {:?} {:?}", p.dir.join(&f.path.value).display(), f.format, f.pattern),
         SourceConfig::Stdin(s) => format!("stdin {:?}", s.format),
+        SourceConfig::Amqp(a) => format!("amqp {}", a.queue.value),
     };
     let sinks: Vec<String> = p
         .sinks
@@ -120,7 +121,13 @@ fn wiring(p: &Pipeline) -> String {
             SinkConfig::Queue(q) => format!("{name}=queue {} {:?} {:?}", q.queue.value, q.format, q.max_depth),
             SinkConfig::File(f) => format!("{name}=file {} {:?}", f.path.value, f.format),
             SinkConfig::Stdout(o) => format!("{name}=stdout {:?}", o.format),
+            SinkConfig::Amqp(_) => format!("{name}=amqp"),
         })
         .collect();
-    format!("{source} | {} | {:?}", sinks.join(", "), p.runtime)
+    // Compared only, never shown: the URL may hold a password.
+    let broker = p.broker.as_ref().map(|b| {
+        let targets: Vec<String> = b.targets.iter().map(|(n, t)| format!("{n}={}", t.describe())).collect();
+        format!("{} {:?} {:?} {:?} {targets:?}", b.url, b.heartbeat, b.topology.lines(), b.source)
+    });
+    format!("{source} | {} | {:?} | {broker:?}", sinks.join(", "), p.runtime)
 }

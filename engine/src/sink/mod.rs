@@ -43,6 +43,8 @@ impl OutputFormat {
 pub enum SinkError {
     #[error("cannot write {}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Broker(String),
 }
 
 /// A running sink. Contract: `write` returns only when the message is accepted by the sink's
@@ -64,6 +66,10 @@ pub trait Sink: Send + Sync {
     /// ends before this engine writes anything. The runtime records it before the first message
     /// is processed, so a crash before the first settle is cut back to it too.
     fn baseline(&self) -> Option<std::io::Result<(String, u64)>> {
+        None
+    }
+    /// A RabbitMQ sink, which a RabbitMQ-fed worker drives directly (confirms per batch).
+    fn as_amqp(&self) -> Option<&crate::amqp::publish::AmqpSink> {
         None
     }
 }

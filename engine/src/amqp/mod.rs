@@ -1,0 +1,203 @@
+//! RabbitMQ through lapin: one connection per pipeline, named after the engine and the pipeline
+//! so that it can be told apart in the management view; the topology declared at every connect;
+//! reconnects with exponential backoff and jitter. Publishing always uses publisher confirms.
+
+pub mod config;
+pub mod publish;
+pub mod topology;
+
+use lapin::options::ConfirmSelectOptions;
+use lapin::{Connection, ConnectionProperties};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+pub use topology::Topology;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AmqpError {
+    #[error("cannot connect to RabbitMQ at {url}: {message}")]
+    Connect { url: String, message: String },
+    #[error("{0}")]
+    Topology(String),
+    #[error("RabbitMQ connection lost: {0}")]
+    Lost(String),
+    #[error("the broker refused the message: {0}")]
+    Refused(String),
+}
+
+impl AmqpError {
+    /// Worth connecting again for (as opposed to a topology the broker refuses).
+    pub fn is_connection(&self) -> bool {
+        matches!(self, AmqpError::Connect { .. } | AmqpError::Lost(_))
+    }
+}
+
+/// The URL as it may be shown: without its password.
+pub fn redact(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else { return url.to_string() };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let userinfo = &rest[..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            let masked = if userinfo.contains(':') { format!("{user}:***") } else { user.to_string() };
+            format!("{}{masked}{}", &url[..scheme_end + 3], &rest[at..])
+        }
+        None => url.to_string(),
+    }
+}
+
+/// A live connection with its publishing channel (in confirm mode).
+#[derive(Clone)]
+pub struct Session {
+    pub connection: Arc<Connection>,
+    pub publish: Arc<publish::Publisher>,
+    pub generation: u64,
+}
+
+impl Session {
+    pub fn is_alive(&self) -> bool {
+        self.connection.status().connected() && self.publish.is_open()
+    }
+}
+
+/// The broker as a pipeline uses it: connects on demand, again after a failure.
+pub struct Broker {
+    url: String,
+    shown: String,
+    name: String,
+    heartbeat: u16,
+    topology: Arc<Topology>,
+    session: tokio::sync::Mutex<Option<Session>>,
+    generation: AtomicU64,
+}
+
+impl Broker {
+    pub fn new(url: &str, heartbeat: Duration, pipeline: &str, topology: Arc<Topology>) -> Broker {
+        let host = std::env::var("HOSTNAME").ok().or_else(|| std::fs::read_to_string("/etc/hostname").ok()).unwrap_or_default();
+        Broker {
+            url: url.to_string(),
+            shown: redact(url),
+            name: format!("switchyard {pipeline} on {} pid {}", host.trim(), std::process::id()),
+            heartbeat: heartbeat.as_secs().clamp(1, u16::MAX as u64) as u16,
+            topology,
+            session: tokio::sync::Mutex::new(None),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    /// The URL without its password.
+    pub fn shown_url(&self) -> &str {
+        &self.shown
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// The current session, or a new one (one attempt).
+    pub async fn session(&self) -> Result<Session, AmqpError> {
+        let mut guard = self.session.lock().await;
+        if let Some(s) = guard.as_ref()
+            && s.is_alive()
+        {
+            return Ok(s.clone());
+        }
+        if let Some(old) = guard.take() {
+            // Whatever is left of it goes; its unacknowledged deliveries return to their queues.
+            let _ = old.connection.close(320, "reconnecting".into()).await;
+        }
+        let s = self.connect().await?;
+        *guard = Some(s.clone());
+        Ok(s)
+    }
+
+    /// A session, trying again with exponential backoff and jitter (0.2 s up to 10 s) until one
+    /// is up or `stop` turns true. A topology the broker refuses is reported and tried again
+    /// more slowly: someone may be fixing it.
+    pub async fn session_retrying(&self, stop: &mut tokio::sync::watch::Receiver<bool>) -> Option<Session> {
+        let mut delay = Duration::from_millis(200);
+        let mut failures = 0u32;
+        loop {
+            if *stop.borrow() {
+                return None;
+            }
+            match self.session().await {
+                Ok(s) => {
+                    if failures > 0 {
+                        tracing::warn!(broker = %self.shown, attempts = failures + 1, "connected to RabbitMQ again");
+                    }
+                    return Some(s);
+                }
+                Err(e) => {
+                    failures += 1;
+                    let cap = if e.is_connection() { Duration::from_secs(10) } else { Duration::from_secs(30) };
+                    if failures == 1 || failures.is_multiple_of(10) {
+                        tracing::error!(error = %e, attempts = failures, "RabbitMQ is not available; trying again");
+                    }
+                    let jittered = delay.mul_f64(0.5 + fastrand::f64());
+                    tokio::select! {
+                        _ = tokio::time::sleep(jittered) => {}
+                        _ = stop.changed() => {}
+                    }
+                    delay = (delay * 2).min(cap);
+                }
+            }
+        }
+    }
+
+    /// Forgets a session that failed, so the next call connects again.
+    pub async fn broken(&self, generation: u64) {
+        let mut guard = self.session.lock().await;
+        if guard.as_ref().is_some_and(|s| s.generation == generation)
+            && let Some(old) = guard.take()
+        {
+            let _ = old.connection.close(320, "reconnecting".into()).await;
+        }
+    }
+
+    async fn connect(&self) -> Result<Session, AmqpError> {
+        let fail = |message: String| AmqpError::Connect { url: self.shown.clone(), message };
+        let mut uri: lapin::uri::AMQPUri = self.url.parse().map_err(|e: String| fail(format!("not an AMQP URL: {e}")))?;
+        uri.query.heartbeat.get_or_insert(self.heartbeat);
+        uri.query.connection_timeout.get_or_insert(5_000);
+        let props = ConnectionProperties::default().with_connection_name(self.name.clone().into());
+        let connection = Connection::connect_uri(uri, props).await.map_err(|e| fail(lapin_message(&e)))?;
+        self.topology.declare(&connection).await?;
+        let publish = connection.create_channel().await.map_err(|e| fail(lapin_message(&e)))?;
+        publish.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| fail(lapin_message(&e)))?;
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        tracing::info!(broker = %self.shown, name = %self.name, "connected to RabbitMQ");
+        Ok(Session { connection: Arc::new(connection), publish: Arc::new(publish::Publisher::new(publish)), generation })
+    }
+
+    /// Closes the connection at the end of a run.
+    pub async fn close(&self) {
+        if let Some(s) = self.session.lock().await.take() {
+            let _ = s.connection.close(200, "switchyard stopping".into()).await;
+        }
+    }
+}
+
+/// lapin's error in words, never with the URL (which holds the password).
+pub fn lapin_message(e: &lapin::Error) -> String {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(p) => format!("{} ({})", p.get_message(), p.get_id()),
+        lapin::ErrorKind::IOError(io) => io.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_shown_without_their_password() {
+        assert_eq!(redact("amqp://guest:s3cret@10.0.0.1:5672/%2f"), "amqp://guest:***@10.0.0.1:5672/%2f");
+        assert_eq!(redact("amqps://user@host/vhost"), "amqps://user@host/vhost");
+        assert_eq!(redact("amqp://host"), "amqp://host");
+        assert_eq!(redact("amqp://a:b:c@host/x@y"), "amqp://a:***@host/x@y");
+    }
+}

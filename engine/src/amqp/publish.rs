@@ -1,0 +1,337 @@
+//! Publishing: persistent by default, always with publisher confirms, `mandatory` by default so
+//! that a message no queue takes comes back and counts as a failure. Confirms are collected and
+//! awaited together (pipelined): awaiting each one would cost five times the throughput.
+
+use super::config::AmqpSinkConfig;
+use super::{AmqpError, Broker, lapin_message};
+use crate::build::BuildContext;
+use crate::config::Diagnostic;
+use crate::jsonpath::Scope;
+use crate::map::meta_var;
+use crate::message::{Metadata, Output};
+use crate::sink::{OutputFormat, Sink, SinkError};
+use crate::template::{Template, Vars};
+use async_trait::async_trait;
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel};
+use lapin::{Confirmation, PublisherConfirm};
+use std::sync::Arc;
+
+/// Header names Switchyard sets on what it publishes, and reads back on what it consumes.
+pub mod headers {
+    pub const IDEMPOTENCY_KEY: &str = "x-switchyard-idempotency-key";
+    pub const CHANNEL: &str = "x-switchyard-channel";
+    pub const PIPELINE: &str = "x-switchyard-pipeline";
+    pub const PIPELINE_VERSION: &str = "x-switchyard-pipeline-version";
+    pub const MAPPING_VERSIONS: &str = "x-switchyard-mapping-versions";
+    pub const RECEIVED_AT: &str = "x-switchyard-received-at";
+    pub const ORIGIN: &str = "x-switchyard-origin";
+    pub const ATTEMPT: &str = "x-switchyard-attempt";
+    pub const REASON: &str = "x-switchyard-reason";
+    pub const STAGE: &str = "x-switchyard-stage";
+    pub const ERRORS: &str = "x-switchyard-errors";
+    pub const HINT: &str = "x-switchyard-hint";
+    pub const EXCEPTION_ID: &str = "x-switchyard-exception-id";
+    pub const FAILED_AT: &str = "x-switchyard-failed-at";
+    /// Tells returned messages apart (see [`super::Publisher`]).
+    pub const PUBLISH_ID: &str = "x-switchyard-publish-id";
+}
+
+/// Where a sink publishes: fixed, or rendered from each message.
+#[derive(Debug, Clone)]
+enum Name {
+    Fixed(ShortString),
+    Template(Template, String),
+}
+
+impl Name {
+    fn build(v: Option<&crate::config::Spanned<String>>, key: &str, cx: &BuildContext) -> Result<Name, Diagnostic> {
+        match v {
+            None => Ok(Name::Fixed("".into())),
+            Some(s) if !s.value.contains('{') && !s.value.trim_start().starts_with('$') => Ok(Name::Fixed(s.value.as_str().into())),
+            Some(s) => Ok(Name::Template(cx.template(s, key)?, s.value.clone())),
+        }
+    }
+
+    fn render(&self, output: &Output) -> Result<ShortString, String> {
+        match self {
+            Name::Fixed(s) => Ok(s.clone()),
+            Name::Template(t, text) => t
+                .render(Scope::root(&output.payload), &MetaVars(&output.metadata))
+                .map(ShortString::from)
+                .ok_or_else(|| format!("the template `{text}` has no value for this message")),
+        }
+    }
+}
+
+struct MetaVars<'a>(&'a Metadata);
+
+impl Vars for MetaVars<'_> {
+    fn var(&self, name: &str) -> Option<&str> {
+        meta_var(self.0, name)
+    }
+}
+
+/// An `amqp` sink, checked.
+#[derive(Debug, Clone)]
+pub struct PublishTarget {
+    exchange: Name,
+    routing_key: Name,
+    persistent: bool,
+    mandatory: bool,
+    format: OutputFormat,
+}
+
+impl PublishTarget {
+    pub fn build(c: &AmqpSinkConfig, at: &str, cx: &BuildContext) -> Result<PublishTarget, Vec<Diagnostic>> {
+        let exchange = Name::build(c.exchange.as_ref(), &format!("{at}.exchange"), cx);
+        let routing_key = Name::build(c.routing_key.as_ref(), &format!("{at}.routing_key"), cx);
+        match (exchange, routing_key) {
+            (Ok(exchange), Ok(routing_key)) => Ok(PublishTarget {
+                exchange,
+                routing_key,
+                persistent: c.persistent.unwrap_or(true),
+                mandatory: c.mandatory.unwrap_or(true),
+                format: c.format.unwrap_or(OutputFormat::Payload),
+            }),
+            (a, b) => Err([a.err(), b.err()].into_iter().flatten().collect()),
+        }
+    }
+
+    /// Exchange and routing key as written, for summaries.
+    pub fn describe(&self) -> String {
+        let show = |n: &Name| match n {
+            Name::Fixed(s) => s.to_string(),
+            Name::Template(_, t) => t.clone(),
+        };
+        let exchange = show(&self.exchange);
+        format!("exchange `{}` key `{}`", if exchange.is_empty() { "(default)" } else { &exchange }, show(&self.routing_key))
+    }
+}
+
+/// The properties of a published output: ids as AMQP properties, the rest of the envelope as
+/// headers.
+pub fn output_properties(meta: &Metadata, persistent: bool) -> BasicProperties {
+    let mut h = FieldTable::default();
+    let mut text = |k: &str, v: &str| {
+        h.insert(k.into(), AMQPValue::LongString(LongString::from(v)));
+    };
+    if let Some(k) = &meta.idempotency_key {
+        text(headers::IDEMPOTENCY_KEY, k);
+    }
+    if let Some(c) = &meta.channel {
+        text(headers::CHANNEL, c);
+    }
+    text(headers::PIPELINE, &meta.pipeline);
+    text(headers::PIPELINE_VERSION, &meta.pipeline_version);
+    text(headers::RECEIVED_AT, &crate::message::rfc3339::format(&meta.received_at));
+    if !meta.mapping_versions.is_empty() {
+        text(headers::MAPPING_VERSIONS, &serde_json::to_string(&*meta.mapping_versions).unwrap_or_default());
+    }
+    if let Some(o) = &meta.origin {
+        text(headers::ORIGIN, o);
+    }
+    BasicProperties::default()
+        .with_message_id(meta.message_id.as_str().into())
+        .with_correlation_id(meta.correlation_id.as_str().into())
+        .with_content_type("application/json".into())
+        .with_delivery_mode(if persistent { 2 } else { 1 })
+        .with_timestamp(meta.received_at.timestamp().max(0) as u64)
+        .with_headers(h)
+}
+
+/// The broker's answer to one publish, once known.
+pub type Confirm = tokio::sync::oneshot::Receiver<Result<(), AmqpError>>;
+
+type Published = (u64, PublisherConfirm, tokio::sync::oneshot::Sender<Result<(), AmqpError>>);
+
+/// Publishes on one channel in confirm mode and tells each publish its own outcome.
+///
+/// lapin hands a returned (unroutable) message to whichever confirm completes next, which with
+/// the broker's `multiple` acks may be another message's. So every publish carries an id
+/// header, confirms are examined in publish order by one task, and a publish counts as
+/// returned when any confirm brought back a message with its id: a return always reaches the
+/// client before the ack of the same message.
+pub struct Publisher {
+    channel: Channel,
+    next: tokio::sync::Mutex<u64>,
+    collector: tokio::sync::mpsc::UnboundedSender<Published>,
+}
+
+impl Publisher {
+    pub fn is_open(&self) -> bool {
+        self.channel.status().connected()
+    }
+
+    pub fn new(channel: Channel) -> Publisher {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(collect(rx));
+        Publisher { channel, next: tokio::sync::Mutex::new(1), collector: tx }
+    }
+
+    /// Publishes one message; its confirm is awaited later, with others (pipelined).
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        mandatory: bool,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<Confirm, AmqpError> {
+        // Held until the confirm is queued, so that the collector sees publish order.
+        let mut next = self.next.lock().await;
+        let id = *next;
+        *next += 1;
+        let mut h = properties.headers().clone().unwrap_or_default();
+        h.insert(headers::PUBLISH_ID.into(), AMQPValue::LongLongInt(id as i64));
+        let confirm = self
+            .channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions { mandatory, ..Default::default() },
+                body,
+                properties.with_headers(h),
+            )
+            .await
+            .map_err(|e| AmqpError::Lost(lapin_message(&e)))?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.collector.send((id, confirm, tx)).map_err(|_| AmqpError::Lost("the publisher stopped".into()))?;
+        Ok(rx)
+    }
+}
+
+/// Waits for a publish's confirm: a nack, or the message returned as unroutable, is a failure.
+pub async fn confirmed(confirm: Confirm) -> Result<(), AmqpError> {
+    confirm.await.unwrap_or_else(|_| Err(AmqpError::Lost("the connection closed before the broker confirmed".into())))
+}
+
+fn publish_id(returned: &lapin::message::BasicReturnMessage) -> Option<u64> {
+    match returned.delivery.properties.headers().as_ref()?.inner().get(headers::PUBLISH_ID)? {
+        AMQPValue::LongLongInt(n) => Some(*n as u64),
+        _ => None,
+    }
+}
+
+fn returned_error(returned: &lapin::message::BasicReturnMessage) -> AmqpError {
+    AmqpError::Refused(format!(
+        "no queue took the message published to exchange `{}` with routing key `{}` ({}: {}); bind a queue for it",
+        if returned.delivery.exchange.as_str().is_empty() { "(default)" } else { returned.delivery.exchange.as_str() },
+        returned.delivery.routing_key,
+        returned.reply_code,
+        returned.reply_text
+    ))
+}
+
+/// The collector: confirms in publish order; before answering one, every confirm already
+/// resolved is looked at too, for returned messages it may carry for others.
+async fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<Published>) {
+    use futures_util::FutureExt;
+    let mut queue: std::collections::VecDeque<(Published, Option<lapin::Result<Confirmation>>)> = std::collections::VecDeque::new();
+    let mut returned: std::collections::HashMap<u64, AmqpError> = std::collections::HashMap::new();
+    loop {
+        if queue.is_empty() {
+            match rx.recv().await {
+                Some(p) => queue.push_back((p, None)),
+                None => return,
+            }
+        }
+        while let Ok(p) = rx.try_recv() {
+            queue.push_back((p, None));
+        }
+        let front = queue.front_mut().expect("non-empty");
+        if front.1.is_none() {
+            let result = (&mut front.0.1).await;
+            front.1 = Some(result);
+        }
+        for ((_, confirm, _), result) in queue.iter_mut().skip(1) {
+            if result.is_none() {
+                *result = confirm.now_or_never();
+            }
+        }
+        for (_, result) in queue.iter() {
+            if let Some(Ok(Confirmation::Ack(Some(m)) | Confirmation::Nack(Some(m)))) = result
+                && let Some(id) = publish_id(m)
+            {
+                returned.entry(id).or_insert_with(|| returned_error(m));
+            }
+        }
+        // Answer the resolved prefix.
+        while queue.front().is_some_and(|(_, r)| r.is_some()) {
+            let ((id, _, reply), result) = queue.pop_front().expect("non-empty");
+            let outcome = match result.expect("resolved") {
+                _ if returned.contains_key(&id) => Err(returned.remove(&id).expect("present")),
+                Ok(Confirmation::Ack(_)) | Ok(Confirmation::NotRequested) => Ok(()),
+                Ok(Confirmation::Nack(_)) => Err(AmqpError::Refused(
+                    "the broker did not store the message (nack): a queue may be full or the broker short of resources".into(),
+                )),
+                Err(e) => Err(AmqpError::Lost(lapin_message(&e))),
+            };
+            let _ = reply.send(outcome);
+        }
+    }
+}
+
+/// The `amqp` sink as the runtime drives it: `write` publishes, `flush` awaits the confirms.
+pub struct AmqpSink {
+    broker: Arc<Broker>,
+    target: PublishTarget,
+    pending: tokio::sync::Mutex<Vec<Confirm>>,
+}
+
+impl AmqpSink {
+    pub fn new(broker: Arc<Broker>, target: PublishTarget) -> AmqpSink {
+        AmqpSink { broker, target, pending: tokio::sync::Mutex::new(Vec::new()) }
+    }
+
+    /// Publishes `output`, returning its confirm to await.
+    pub async fn send(&self, output: &Output) -> Result<Confirm, AmqpError> {
+        let exchange = self.target.exchange.render(output).map_err(AmqpError::Refused)?;
+        let routing_key = self.target.routing_key.render(output).map_err(AmqpError::Refused)?;
+        let body = self.target.format.render(output);
+        let session = self.broker.session().await?;
+        session
+            .publish
+            .publish(
+                exchange.as_str(),
+                routing_key.as_str(),
+                self.target.mandatory,
+                &body,
+                output_properties(&output.metadata, self.target.persistent),
+            )
+            .await
+    }
+}
+
+fn sink_error(e: AmqpError) -> SinkError {
+    SinkError::Broker(e.to_string())
+}
+
+#[async_trait]
+impl Sink for AmqpSink {
+    async fn write(&self, output: &Output) -> Result<(), SinkError> {
+        let confirm = self.send(output).await.map_err(sink_error)?;
+        self.pending.lock().await.push(confirm);
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), SinkError> {
+        let pending = std::mem::take(&mut *self.pending.lock().await);
+        let mut first = None;
+        for c in pending {
+            if let Err(e) = confirmed(c).await {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), |e| Err(sink_error(e)))
+    }
+
+    fn as_amqp(&self) -> Option<&AmqpSink> {
+        Some(self)
+    }
+
+    fn describe(&self) -> String {
+        format!("RabbitMQ {} at {}", self.target.describe(), self.broker.shown_url())
+    }
+}

@@ -1,0 +1,436 @@
+//! A worker fed by a RabbitMQ queue. A delivery is acknowledged only once every output it made
+//! is confirmed by the broker (or written by an outside sink), or once it is safely in a retry
+//! queue or the dead-letter queue, itself confirmed. Batches are pipelined: while the broker
+//! confirms one batch, the next is processed; acks go in delivery order, one `multiple` ack per
+//! batch. A lost connection or a consumer cancelled by the broker leads to a new connection and
+//! a new consumer; what was not acknowledged comes back from the broker.
+
+use super::{PipelineRun, RunError, Shared, process_guarded};
+use crate::amqp::publish::{Confirm, Publisher, confirmed, headers};
+use crate::amqp::topology::SourcePlan;
+use crate::amqp::{AmqpError, Broker, Session, lapin_message};
+use crate::message::{ErrorDetail, ExceptionRecord, Failure, RawMessage, Stage, reason};
+use crate::pipeline::{Outcome, Pipeline};
+use crate::runtime::RuntimeSink;
+use futures_util::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Channel};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// Batches whose confirms are awaited while the next one is processed.
+const BATCHES_IN_FLIGHT: usize = 2;
+/// With `--once`: the queue counts as drained after this long without a delivery.
+const ONCE_IDLE: Duration = Duration::from_millis(300);
+
+/// One delivery and what became of it.
+struct InBatch {
+    delivery: Delivery,
+    /// Confirms of its outputs (or of its trip to the dead-letter queue).
+    confirms: Vec<Confirm>,
+    /// Outside sinks (files) it was written to.
+    outside: Vec<usize>,
+    /// A sink refused it: retried later, or dead-lettered after the last retry.
+    failed: Option<String>,
+    counted: Counted,
+    attempt: u32,
+}
+
+#[derive(Debug, Clone)]
+enum Counted {
+    Routed(Vec<usize>),
+    Exception(String),
+}
+
+pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<(), RunError> {
+    let broker = run.broker.clone().expect("amqp sources have a broker");
+    let plan = run.pipeline.broker.as_ref().and_then(|b| b.source.clone()).expect("amqp sources have a plan");
+    let mut stop = shared.shutdown.clone();
+    // With `--once`, the run waits for this worker as for a source being read.
+    if shared.once {
+        shared.ingesting.fetch_add(1, Ordering::SeqCst);
+    }
+    let mut failures = 0u32;
+    let result = loop {
+        let Some(session) = broker.session_retrying(&mut stop).await else { break Ok(()) };
+        match consume(&run, &shared, &broker, &plan, &session, &mut stop).await {
+            Ok(()) => break Ok(()),
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(pipeline = %run.pipeline.name, error = %e, "RabbitMQ consumer interrupted; unacknowledged messages come back; reconnecting");
+                broker.broken(session.generation).await;
+                // A short pause so that a broker refusing every consumer is not hammered.
+                let pause = Duration::from_millis(100 * u64::from(failures.min(20))).mul_f64(0.5 + fastrand::f64());
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        }
+    };
+    if shared.once {
+        shared.ingesting.fetch_sub(1, Ordering::SeqCst);
+    }
+    broker.close().await;
+    result
+}
+
+async fn consume(
+    run: &Arc<PipelineRun>,
+    shared: &Shared,
+    broker: &Broker,
+    plan: &SourcePlan,
+    session: &Session,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<(), AmqpError> {
+    let lost = |e: lapin::Error| AmqpError::Lost(lapin_message(&e));
+    let channel = session.connection.create_channel().await.map_err(lost)?;
+    channel.basic_qos(plan.prefetch, BasicQosOptions::default()).await.map_err(lost)?;
+    let tag = format!("switchyard-{}-{}-{}", run.pipeline.name, std::process::id(), session.generation);
+    let mut consumer = channel
+        .basic_consume(plan.queue.as_str().into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .map_err(lost)?;
+    tracing::info!(pipeline = %run.pipeline.name, queue = %plan.queue, broker = %broker.shown_url(), "consuming");
+    let batch_size = run.pipeline.runtime.batch_size;
+    let mut in_flight: VecDeque<tokio::task::JoinHandle<Result<(), AmqpError>>> = VecDeque::new();
+    let mut previous: Option<tokio::sync::oneshot::Receiver<bool>> = None;
+    let outcome = loop {
+        if *stop.borrow() {
+            break Ok(());
+        }
+        // The first delivery of a batch is waited for; the rest are what is already here.
+        let first = tokio::select! {
+            d = consumer.next() => d,
+            _ = stop.changed() => continue,
+            _ = tokio::time::sleep(ONCE_IDLE), if shared.once => {
+                while in_flight.front().is_some_and(|h| h.is_finished()) {
+                    let done = in_flight.pop_front().expect("non-empty");
+                    done.await.map_err(|e| AmqpError::Lost(e.to_string()))??;
+                }
+                if in_flight.is_empty() && drained(&channel, plan).await? {
+                    break Ok(());
+                }
+                continue;
+            }
+        };
+        let mut deliveries = Vec::with_capacity(batch_size);
+        match first {
+            Some(Ok(d)) => deliveries.push(d),
+            Some(Err(e)) => break Err(lost(e)),
+            // The broker cancelled the consumer (queue deleted, node down): subscribe again.
+            None => break Err(AmqpError::Lost("the broker cancelled the consumer".into())),
+        }
+        while deliveries.len() < batch_size {
+            match consumer.next().now_or_never() {
+                Some(Some(Ok(d))) => deliveries.push(d),
+                _ => break,
+            }
+        }
+        let batch = process_batch(run, plan, session, deliveries).await;
+        let (run2, plan2, publish) = (run.clone(), plan.clone(), session.publish.clone());
+        // Acks go in delivery order: a `multiple` ack of this batch must not cover the one before.
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let before = previous.replace(done_rx);
+        in_flight.push_back(tokio::spawn(async move {
+            let r = settle(&run2, &plan2, &publish, batch, before).await;
+            let _ = done_tx.send(r.is_ok());
+            r
+        }));
+        while in_flight.len() >= BATCHES_IN_FLIGHT {
+            let done = in_flight.pop_front().expect("non-empty");
+            if let Err(e) = done.await.map_err(|e| AmqpError::Lost(e.to_string()))? {
+                // Later batches are not acknowledged either: the broker delivers them again.
+                in_flight.iter().for_each(|h| h.abort());
+                return Err(e);
+            }
+        }
+    };
+    // Finish what is in hand, in order.
+    let mut result = outcome;
+    for h in in_flight {
+        match h.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                result = result.and(Err(e));
+                break;
+            }
+            Err(e) => {
+                result = result.and(Err(AmqpError::Lost(e.to_string())));
+                break;
+            }
+        }
+    }
+    if result.is_ok() {
+        let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+        let _ = channel.close(200, "stopping".into()).await;
+    }
+    result
+}
+
+/// With `--once`: nothing ready in the queue nor waiting in its retry queues.
+async fn drained(channel: &Channel, plan: &SourcePlan) -> Result<bool, AmqpError> {
+    for q in std::iter::once(&plan.queue).chain(plan.retries.iter().map(|r| &r.queue)) {
+        let declared = channel
+            .queue_declare(q.as_str().into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+            .await
+            .map_err(|e| AmqpError::Lost(lapin_message(&e)))?;
+        if declared.message_count() > 0 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// The attempt this delivery is: 1 plus the trips it made through the retry queues
+/// (`x-death`), or the quorum queue's delivery count when that is higher.
+fn attempt_of(d: &Delivery, plan: &SourcePlan) -> u32 {
+    let Some(h) = d.properties.headers() else { return 1 };
+    let mut retried = 0u64;
+    if let Some(AMQPValue::FieldArray(deaths)) = h.inner().get("x-death") {
+        for death in deaths.as_slice() {
+            let AMQPValue::FieldTable(t) = death else { continue };
+            let queue = match t.inner().get("queue") {
+                Some(AMQPValue::LongString(s)) => s.to_string(),
+                Some(AMQPValue::ShortString(s)) => s.to_string(),
+                _ => continue,
+            };
+            if plan.retries.iter().any(|r| r.queue == queue) {
+                retried += match t.inner().get("count") {
+                    Some(AMQPValue::LongLongInt(n)) => *n as u64,
+                    Some(AMQPValue::LongInt(n)) => *n as u64,
+                    Some(AMQPValue::LongUInt(n)) => u64::from(*n),
+                    _ => 1,
+                };
+            }
+        }
+    }
+    let delivered = match h.inner().get("x-delivery-count") {
+        Some(AMQPValue::LongLongInt(n)) => *n as u64,
+        Some(AMQPValue::LongInt(n)) => *n as u64,
+        _ => 0,
+    };
+    (retried.max(delivered) + 1).min(u64::from(u32::MAX)) as u32
+}
+
+fn text(v: &AMQPValue) -> Option<String> {
+    match v {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        AMQPValue::Boolean(b) => Some(b.to_string()),
+        AMQPValue::LongLongInt(n) => Some(n.to_string()),
+        AMQPValue::LongInt(n) => Some(n.to_string()),
+        AMQPValue::LongUInt(n) => Some(n.to_string()),
+        AMQPValue::ShortInt(n) => Some(n.to_string()),
+        AMQPValue::ShortUInt(n) => Some(n.to_string()),
+        AMQPValue::Timestamp(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// The message a pipeline processes, from a delivery: properties and headers become transport
+/// headers (`amqp.routing_key`, `amqp.exchange`, `amqp.redelivered`, each header by its name);
+/// the envelope an upstream Switchyard pipeline set is taken up.
+fn to_raw(d: &Delivery, attempt: u32) -> RawMessage {
+    let p = &d.properties;
+    let mut h: BTreeMap<String, String> = BTreeMap::new();
+    h.insert("amqp.exchange".into(), d.exchange.to_string());
+    h.insert("amqp.routing_key".into(), d.routing_key.to_string());
+    h.insert("amqp.redelivered".into(), d.redelivered.to_string());
+    if let Some(t) = p.content_type() {
+        h.insert("amqp.content_type".into(), t.to_string());
+    }
+    if let Some(t) = p.message_id() {
+        h.insert("amqp.message_id".into(), t.to_string());
+    }
+    if let Some(t) = p.correlation_id() {
+        h.insert("amqp.correlation_id".into(), t.to_string());
+    }
+    if let Some(t) = p.app_id() {
+        h.insert("amqp.app_id".into(), t.to_string());
+    }
+    if let Some(table) = p.headers() {
+        for (k, v) in table {
+            if let Some(s) = text(v) {
+                h.insert(k.as_str().to_ascii_lowercase(), s);
+            }
+        }
+    }
+    let received_at = h
+        .get(headers::RECEIVED_AT)
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .or_else(|| Some(chrono::Utc::now()));
+    RawMessage {
+        body: d.data.clone(),
+        parsed: None,
+        origin: h.get(headers::ORIGIN).cloned().or_else(|| Some(format!("amqp {}", d.routing_key))),
+        received_at,
+        message_id: p.message_id().as_ref().map(|m| m.to_string()),
+        correlation_id: p.correlation_id().as_ref().map(|c| c.to_string()),
+        idempotency_key: h.get(headers::IDEMPOTENCY_KEY).cloned(),
+        channel: h.get(headers::CHANNEL).cloned(),
+        attempt,
+        decode_error: None,
+        headers: h,
+    }
+}
+
+async fn process_batch(run: &PipelineRun, plan: &SourcePlan, session: &Session, deliveries: Vec<Delivery>) -> Vec<InBatch> {
+    let current = run.current();
+    let p: &Pipeline = &current;
+    let mut batch = Vec::with_capacity(deliveries.len());
+    let mut outside_used = std::collections::BTreeSet::new();
+    for delivery in deliveries {
+        let attempt = attempt_of(&delivery, plan);
+        let raw = to_raw(&delivery, attempt);
+        let mut item =
+            InBatch { delivery, confirms: Vec::new(), outside: Vec::new(), failed: None, counted: Counted::Routed(vec![]), attempt };
+        match process_guarded(p, raw, &item.delivery.data) {
+            Outcome::Failed(record) => {
+                tracing::info!(pipeline = %p.name, correlation_id = %record.correlation_id, reason = %record.reason, stage = record.stage.as_str(), "message sent to the dead-letter queue");
+                item.counted = Counted::Exception(record.reason.clone());
+                match dead_letter(&session.publish, plan, &item.delivery, &record).await {
+                    Ok(c) => item.confirms.push(c),
+                    Err(e) => item.failed = Some(e.to_string()),
+                }
+            }
+            Outcome::Routed { output, sinks } => {
+                item.counted = Counted::Routed(sinks.clone());
+                for &i in &sinks {
+                    let RuntimeSink::External(sink) = &run.sinks[i] else {
+                        item.failed =
+                            Some(format!("sink `{}`: an embedded queue cannot be written from a RabbitMQ pipeline", p.sink_name(i)));
+                        break;
+                    };
+                    let written = match sink.as_amqp() {
+                        Some(a) => a.send(&output).await.map(|c| item.confirms.push(c)).map_err(|e| e.to_string()),
+                        None => sink.write(&output).await.map(|()| item.outside.push(i)).map_err(|e| e.to_string()),
+                    };
+                    if let Err(e) = written {
+                        item.failed = Some(format!("sink `{}`: {e}", p.sink_name(i)));
+                        break;
+                    }
+                }
+                outside_used.extend(item.outside.iter().copied());
+            }
+        }
+        batch.push(item);
+    }
+    // Outside sinks hold what they were given before anything is acknowledged.
+    for i in outside_used {
+        if let RuntimeSink::External(sink) = &run.sinks[i]
+            && let Err(e) = sink.flush().await
+        {
+            for item in batch.iter_mut().filter(|b| b.outside.contains(&i)) {
+                item.failed.get_or_insert_with(|| format!("sink `{}`: {e}", p.sink_name(i)));
+            }
+        }
+    }
+    batch
+}
+
+/// Waits for the batch's confirms; sends what failed to a retry queue or, after the last
+/// retry, to the dead-letter queue; then acknowledges the batch.
+async fn settle(
+    run: &PipelineRun,
+    plan: &SourcePlan,
+    publisher: &Publisher,
+    mut batch: Vec<InBatch>,
+    before: Option<tokio::sync::oneshot::Receiver<bool>>,
+) -> Result<(), AmqpError> {
+    let Some(last) = batch.last() else { return Ok(()) };
+    let last_acker = last.delivery.acker.clone();
+    for item in &mut batch {
+        for c in std::mem::take(&mut item.confirms) {
+            if let Err(e) = confirmed(c).await {
+                if !e.is_connection() {
+                    item.failed.get_or_insert_with(|| e.to_string());
+                } else {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    let p = run.current();
+    let mut second = Vec::new();
+    for item in &mut batch {
+        let Some(why) = item.failed.clone() else { continue };
+        let retry = plan.retries.get(item.attempt as usize - 1);
+        let confirm = match retry {
+            Some(tier) => {
+                tracing::warn!(pipeline = %p.name, attempt = item.attempt, retry_in = ?tier.delay, error = %why, "a sink failed; the message will be retried");
+                let props = item.delivery.properties.clone();
+                publisher.publish("", &tier.queue, true, &item.delivery.data, props).await?
+            }
+            None => {
+                let raw = to_raw(&item.delivery, item.attempt);
+                let failure = Failure::one(reason::SINK_FAILED, ErrorDetail::record("", why));
+                let record = p.failure_record(&raw, Stage::Sink, failure);
+                item.counted = Counted::Exception(record.reason.clone());
+                dead_letter(publisher, plan, &item.delivery, &record).await?
+            }
+        };
+        second.push((retry.is_some(), confirm));
+    }
+    let mut retried = 0;
+    for (is_retry, c) in second {
+        confirmed(c).await?;
+        retried += u64::from(is_retry);
+    }
+    if let Some(before) = before
+        && before.await != Ok(true)
+    {
+        return Err(AmqpError::Lost("an earlier batch was not acknowledged".into()));
+    }
+    last_acker.ack(BasicAckOptions { multiple: true }).await.map_err(|e| AmqpError::Lost(lapin_message(&e)))?;
+    let s = &run.stats;
+    s.retried.fetch_add(retried, Ordering::Relaxed);
+    for item in batch {
+        if item.failed.is_some() && !matches!(item.counted, Counted::Exception(_)) {
+            continue;
+        }
+        s.received.fetch_add(1, Ordering::Relaxed);
+        match item.counted {
+            Counted::Routed(sinks) => {
+                s.routed.fetch_add(1, Ordering::Relaxed);
+                for i in sinks {
+                    s.outputs[i].fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Counted::Exception(r) => *s.exceptions.lock().expect("stats lock").entry(r).or_default() += 1,
+        }
+    }
+    Ok(())
+}
+
+/// Publishes the original message to the dead-letter queue, with why it failed in its headers.
+async fn dead_letter(publisher: &Publisher, plan: &SourcePlan, d: &Delivery, record: &ExceptionRecord) -> Result<Confirm, AmqpError> {
+    let mut table = d.properties.headers().clone().unwrap_or_default();
+    let mut put = |k: &str, v: String| {
+        table.insert(k.into(), AMQPValue::LongString(LongString::from(v)));
+    };
+    put(headers::REASON, record.reason.clone());
+    put(headers::STAGE, record.stage.as_str().to_string());
+    put(headers::ATTEMPT, record.attempt.to_string());
+    put(headers::PIPELINE, record.pipeline.clone());
+    put(headers::PIPELINE_VERSION, record.pipeline_version.clone());
+    put(headers::EXCEPTION_ID, record.exception_id.clone());
+    put(headers::FAILED_AT, crate::message::rfc3339::format(&record.failed_at));
+    put(headers::ERRORS, serde_json::to_string(&record.errors).unwrap_or_default());
+    if let Some(hint) = &record.hint {
+        put(headers::HINT, hint.clone());
+    }
+    let props: BasicProperties = d
+        .properties
+        .clone()
+        .with_headers(table)
+        .with_delivery_mode(2)
+        .with_message_id(record.message_id.as_str().into())
+        .with_correlation_id(record.correlation_id.as_str().into());
+    publisher.publish("", &plan.dead_letter_queue, true, &d.data, props).await
+}
