@@ -64,3 +64,12 @@ fn a_sink_the_pipeline_does_not_declare_is_an_error() {
     assert!(out.contains("undeclared-sink.test.yaml:7:9"), "the problem points at the sink's key: {out}");
     assert!(out.contains("BROKEN  a sink name with a typo"), "{out}");
 }
+
+#[test]
+fn mappings_and_routes_read_transport_headers() {
+    // tests/headers: a field map reads `{header.NAME}` and a route rule `meta.headers[...]`, as
+    // an `amqp` source fills them from the delivery's properties and headers.
+    let (code, out) = switchyard(&["test", "tests/headers"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("2 passed, 0 failed"), "{out}");
+}

@@ -39,6 +39,12 @@ enum Command {
         #[arg(long, value_enum, default_value = "human")]
         format: OutputFormat,
     },
+    /// Show the RabbitMQ exchanges, queues and bindings the pipelines declare, and where each
+    /// `amqp` source and sink reads and writes.
+    Topology {
+        /// Pipeline files or folders (default: pipelines/).
+        paths: Vec<PathBuf>,
+    },
     /// Run the tests stored beside each pipeline (`<name>.test.yaml`).
     Test {
         /// Test files, pipeline files or folders (default: pipelines/).
@@ -167,6 +173,41 @@ fn render(diags: &[Diagnostic]) -> String {
         out.push('\n');
     }
     out
+}
+
+fn cmd_topology(paths: Vec<PathBuf>) -> ExitCode {
+    let shared = Shared::with_process_env();
+    let loaded = match load::load_all(&default_paths(paths), &shared) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if !loaded.diagnostics.is_empty() {
+        eprint!("{}", render(&loaded.diagnostics));
+        return ExitCode::from(1);
+    }
+    let mut any = false;
+    for p in &loaded.pipelines {
+        let Some(b) = &p.broker else { continue };
+        any = true;
+        println!("{} ({}) on {}", p.name, p.file.display(), switchyard::amqp::redact(&b.url));
+        for line in b.topology.lines() {
+            println!("  {line}");
+        }
+        if let Some(s) = &b.source {
+            let retries: Vec<String> = s.retries.iter().map(|r| r.queue.clone()).collect();
+            println!("  consumes {} (prefetch {}); retries through [{}]; dead letters to {}", s.queue, s.prefetch, retries.join(", "), s.dead_letter_queue);
+        }
+        for (name, t) in &b.targets {
+            println!("  sink {name} publishes to {}", t.describe());
+        }
+    }
+    if !any {
+        println!("no pipeline here uses RabbitMQ (a `broker:` block with `amqp` sources or sinks)");
+    }
+    ExitCode::SUCCESS
 }
 
 fn cmd_validate(paths: Vec<PathBuf>, format: OutputFormat) -> ExitCode {
@@ -329,6 +370,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Validate { paths, format } => cmd_validate(paths, format),
         Command::Test { paths, junit } => cmd_test(paths, junit),
+        Command::Topology { paths } => cmd_topology(paths),
         Command::Run { paths, once, data_dir } => cmd_run(paths, once, data_dir),
         Command::Send { queue, files, format, data_dir } => cli::ops::send(queue, files, format, data_dir),
         Command::Queues { command: None, format, data_dir } => cli::ops::queues(format, data_dir),

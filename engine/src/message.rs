@@ -55,6 +55,11 @@ pub struct Metadata {
     pub attempt: u32,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub origin: Option<String>,
+    /// Transport headers and properties as received (`amqp.routing_key`, AMQP headers,
+    /// `file.path`): read by mappings (`{header.NAME}`, `meta.headers` in scripts) and routes,
+    /// not written to outputs.
+    #[serde(skip)]
+    pub headers: Arc<std::collections::BTreeMap<String, String>>,
 }
 
 /// One message leaving through one sink.

@@ -191,17 +191,18 @@ impl Router {
     }
 
     /// The sinks (by index) a record goes to; `unrouted` when none.
-    pub fn route(&self, record: &Doc) -> Result<Vec<usize>, Failure> {
+    pub fn route(&self, record: &Doc, input: &crate::map::StepInput) -> Result<Vec<usize>, Failure> {
         let mut out: Vec<usize> = Vec::new();
         for rule in &self.rules {
             let hit = match &rule.cond {
                 Cond::Always => true,
                 Cond::Path(c) => c.matches(crate::jsonpath::Scope::root(record)),
                 Cond::Script(engine, ast) => {
-                    let input = rhai::serde::to_dynamic(record)
+                    let record_value = rhai::serde::to_dynamic(record)
                         .map_err(|e| Failure::one(reason::SCRIPT_ERROR, ErrorDetail::record("", e.to_string())))?;
-                    let mut scope = crate::map::script::declared_scope();
-                    scope.set_value("input", input);
+                    let mut scope = rhai::Scope::new();
+                    scope.push("input", record_value);
+                    scope.push_constant("meta", Dynamic::from_map(input.rhai_meta().clone()));
                     let v: Dynamic = engine.eval_ast_with_scope(&mut scope, ast).map_err(|e| {
                         Failure::one(reason::SCRIPT_ERROR, ErrorDetail::record("", format!("route rule `{}`: {e}", rule.name)))
                     })?;

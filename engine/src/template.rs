@@ -66,12 +66,12 @@ impl Template {
                         let p = CompiledPath::compile(inner)
                             .map_err(|e| PathError { message: e.message, column: text[..i].chars().count() + 1 + e.column })?;
                         parts.push(Part::Path(p));
-                    } else if VARIABLES.contains(&inner) {
+                    } else if VARIABLES.contains(&inner) || inner.strip_prefix("header.").is_some_and(|h| !h.is_empty()) {
                         parts.push(Part::Var(inner.to_string()));
                     } else {
                         return Err(PathError {
                             message: format!(
-                                "`{{{inner}}}` is neither a JSONPath (starting with `$`) nor one of the variables {}",
+                                "`{{{inner}}}` is neither a JSONPath (starting with `$`), `header.NAME`, nor one of the variables {}",
                                 crate::config::diag::one_of(VARIABLES)
                             ),
                             column: text[..i].chars().count() + 2,

@@ -33,7 +33,7 @@ impl<'a> StepInput<'a> {
         StepInput { meta, document, rhai_meta: OnceLock::new() }
     }
 
-    fn rhai_meta(&self) -> &rhai::Map {
+    pub fn rhai_meta(&self) -> &rhai::Map {
         self.rhai_meta.get_or_init(|| {
             let m = self.meta;
             let mut map = rhai::Map::new();
@@ -48,6 +48,8 @@ impl<'a> StepInput<'a> {
                 map.insert(k.into(), v.map_or(rhai::Dynamic::UNIT, |s| rhai::Dynamic::from(s.to_string())));
             }
             map.insert("attempt".into(), rhai::Dynamic::from(i64::from(m.attempt)));
+            let headers: rhai::Map = m.headers.iter().map(|(k, v)| (k.as_str().into(), rhai::Dynamic::from(v.clone()))).collect();
+            map.insert("headers".into(), rhai::Dynamic::from_map(headers));
             map
         })
     }
@@ -67,7 +69,7 @@ pub fn meta_var<'m>(m: &'m Metadata, name: &str) -> Option<&'m str> {
         "pipeline_version" => Some(&m.pipeline_version),
         "message_id" => Some(&m.message_id),
         "correlation_id" => Some(&m.correlation_id),
-        _ => None,
+        _ => name.strip_prefix("header.").and_then(|h| m.headers.get(h)).map(String::as_str),
     }
 }
 

@@ -570,6 +570,7 @@ impl Pipeline {
             mapping_versions: self.mapping_versions.clone(),
             attempt: raw.attempt.max(1),
             origin: raw.origin.clone(),
+            headers: if raw.headers.is_empty() { Arc::default() } else { Arc::new(raw.headers.clone()) },
         }
     }
 
@@ -634,7 +635,7 @@ impl Pipeline {
                 document = Document::Record;
             }
         }
-        match self.router.route(&record) {
+        match self.router.route(&record, &StepInput::new(&meta, document)) {
             Ok(sinks) => Outcome::Routed { output: Output { metadata: meta, payload: record }, sinks },
             Err(f) => self.failed(meta, &raw.body, Stage::Route, None, f),
         }
