@@ -99,6 +99,17 @@ impl PublishTarget {
         }
     }
 
+    /// A fixed exchange and routing key, persistent and mandatory.
+    pub fn fixed(exchange: &str, routing_key: &str, format: OutputFormat) -> PublishTarget {
+        PublishTarget {
+            exchange: Name::Fixed(exchange.into()),
+            routing_key: Name::Fixed(routing_key.into()),
+            persistent: true,
+            mandatory: true,
+            format,
+        }
+    }
+
     /// Exchange and routing key as written, for summaries.
     pub fn describe(&self) -> String {
         let show = |n: &Name| match n {

@@ -210,7 +210,6 @@ impl Topology {
                 }
                 None => DEFAULT_PREFETCH,
             };
-            let queue = s.queue.value.clone();
             let delays: Vec<Duration> = match &s.retry {
                 None => DEFAULT_RETRY_DELAYS.to_vec(),
                 Some(r) => r
@@ -221,37 +220,49 @@ impl Topology {
                     .filter_map(|(i, d)| duration(d, &format!("source.retry.delays[{i}]"), cx, diags))
                     .collect(),
             };
-            let retries: Vec<RetryTier> = delays
-                .iter()
-                .map(|d| RetryTier { queue: format!("{queue}.retry.{}", humantime::format_duration(*d)), delay: *d })
-                .collect();
-            let dead_letter_queue = s.dead_letter_queue.as_ref().map(|d| d.value.clone()).unwrap_or_else(|| format!("{queue}.dlq"));
-            if !topo.queues.iter().any(|q| q.name == queue) {
-                topo.queues.push(Queue { name: queue.clone(), durable: true, arguments: vec![], role: "the source's queue" });
-            }
-            for r in &retries {
-                topo.queues.push(Queue {
-                    name: r.queue.clone(),
-                    durable: true,
-                    arguments: vec![
-                        ("x-message-ttl", Arg::Int(r.delay.as_millis() as i64)),
-                        ("x-dead-letter-exchange", Arg::Text(String::new())),
-                        ("x-dead-letter-routing-key", Arg::Text(queue.clone())),
-                    ],
-                    role: "a retry delay: back to the source's queue when the time is up",
-                });
-            }
-            if !topo.queues.iter().any(|q| q.name == dead_letter_queue) {
-                topo.queues.push(Queue {
-                    name: dead_letter_queue.clone(),
-                    durable: true,
-                    arguments: vec![],
-                    role: "the dead-letter queue: messages that failed for good",
-                });
-            }
-            SourcePlan { queue, prefetch, retries, dead_letter_queue }
+            topo.add_source(&s.queue.value, prefetch, &delays, s.dead_letter_queue.as_ref().map(|d| d.value.clone()))
         });
         (topo, plan)
+    }
+
+    /// Declares an exchange unless it already is.
+    pub fn add_exchange(&mut self, name: &str, kind: ExchangeType) {
+        if !self.exchanges.iter().any(|e| e.name == name) {
+            self.exchanges.push(Exchange { name: name.to_string(), kind, durable: true, auto_delete: false });
+        }
+    }
+
+    /// What a source consuming `queue` needs: the queue itself (unless declared), one retry
+    /// queue per delay, whose TTL dead-letters back to it, and the dead-letter queue.
+    pub fn add_source(&mut self, queue: &str, prefetch: u16, delays: &[Duration], dead_letter_queue: Option<String>) -> SourcePlan {
+        let queue = queue.to_string();
+        let retries: Vec<RetryTier> =
+            delays.iter().map(|d| RetryTier { queue: format!("{queue}.retry.{}", humantime::format_duration(*d)), delay: *d }).collect();
+        let dead_letter_queue = dead_letter_queue.unwrap_or_else(|| format!("{queue}.dlq"));
+        if !self.queues.iter().any(|q| q.name == queue) {
+            self.queues.push(Queue { name: queue.clone(), durable: true, arguments: vec![], role: "the source's queue" });
+        }
+        for r in &retries {
+            self.queues.push(Queue {
+                name: r.queue.clone(),
+                durable: true,
+                arguments: vec![
+                    ("x-message-ttl", Arg::Int(r.delay.as_millis() as i64)),
+                    ("x-dead-letter-exchange", Arg::Text(String::new())),
+                    ("x-dead-letter-routing-key", Arg::Text(queue.clone())),
+                ],
+                role: "a retry delay: back to the source's queue when the time is up",
+            });
+        }
+        if !self.queues.iter().any(|q| q.name == dead_letter_queue) {
+            self.queues.push(Queue {
+                name: dead_letter_queue.clone(),
+                durable: true,
+                arguments: vec![],
+                role: "the dead-letter queue: messages that failed for good",
+            });
+        }
+        SourcePlan { queue, prefetch, retries, dead_letter_queue }
     }
 
     /// Declares everything on a channel of its own (a refusal closes the channel).

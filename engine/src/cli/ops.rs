@@ -226,11 +226,56 @@ fn stored(mut raw: RawMessage) -> NewMessage {
 }
 
 /// Reads messages from one input and stores them in chunks; returns how many.
-fn send_one(store: &Store, queue: &str, name: &str, reader: Box<dyn BufRead>, format: Format) -> Result<usize, String> {
-    let send = |chunk: Vec<NewMessage>| -> Result<(), String> {
-        let q = queue.to_string();
-        store.submit_blocking(move |c| store::enqueue(c, &q, &chunk)).map(|_| ()).map_err(|e| e.to_string())
-    };
+/// Where `send` puts messages: the embedded store, or RabbitMQ with `SWITCHYARD_BROKER`.
+enum Destination {
+    Store(Store),
+    Broker { runtime: tokio::runtime::Runtime, broker: std::sync::Arc<switchyard::amqp::Broker> },
+}
+
+impl Destination {
+    fn send(&self, queue: &str, chunk: Vec<NewMessage>) -> Result<(), String> {
+        match self {
+            Destination::Store(store) => {
+                let q = queue.to_string();
+                store.submit_blocking(move |c| store::enqueue(c, &q, &chunk)).map(|_| ()).map_err(|e| e.to_string())
+            }
+            Destination::Broker { runtime, broker } => runtime.block_on(async {
+                use switchyard::amqp::publish::confirmed;
+                let session = broker.session().await.map_err(|e| e.to_string())?;
+                let mut confirms = Vec::with_capacity(chunk.len());
+                for m in chunk {
+                    let h = switchyard::runtime::envelope::StoredHeaders::parse(&m.headers);
+                    // A CSV row travels as the record it was read into: RabbitMQ readers get JSON.
+                    let body = h.parsed.clone().map(String::into_bytes).unwrap_or(m.body);
+                    let props = lapin::BasicProperties::default()
+                        .with_message_id(m.message_id.as_str().into())
+                        .with_content_type("application/json".into())
+                        .with_delivery_mode(2);
+                    confirms.push(session.publish.publish(queue, "", true, &body, props).await.map_err(|e| e.to_string())?);
+                }
+                for c in confirms {
+                    confirmed(c).await.map_err(|e| match e {
+                        switchyard::amqp::AmqpError::Refused(_) => format!(
+                            "no pipeline reads `{queue}` on RabbitMQ yet (exchange `{queue}` has no queue bound): start `switchyard run` with the pipelines first ({e})"
+                        ),
+                        other => other.to_string(),
+                    })?;
+                }
+                Ok(())
+            }),
+        }
+    }
+
+    fn close(&self) {
+        match self {
+            Destination::Store(store) => store.close(),
+            Destination::Broker { runtime, broker } => runtime.block_on(broker.close()),
+        }
+    }
+}
+
+fn send_one(dest: &Destination, queue: &str, name: &str, reader: Box<dyn BufRead>, format: Format) -> Result<usize, String> {
+    let send = |chunk: Vec<NewMessage>| dest.send(queue, chunk);
     let mut count = 0;
     match format {
         Format::Ndjson => {
@@ -265,15 +310,43 @@ pub fn send(queue: String, files: Vec<PathBuf>, format: Option<SendFormat>, data
         eprintln!("error: `{queue}` is not a valid queue name: lowercase letters, digits, `.`, `-` and `_`, not starting with `_`");
         return ExitCode::from(2);
     }
-    let durability = match durability() {
-        Ok(d) => d,
-        Err(c) => return c,
-    };
-    let store = match Store::open(&data_dir, durability) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
+    let broker_url = std::env::var(switchyard::pipeline::BROKER_SETTING).ok().filter(|u| !u.trim().is_empty());
+    let dest = match &broker_url {
+        Some(url) => {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            // Queue `X` on RabbitMQ is the fanout exchange `X` (see `switchyard topology`).
+            let mut topology = switchyard::amqp::Topology::default();
+            topology.add_exchange(&queue, switchyard::amqp::config::ExchangeType::Fanout);
+            let broker = std::sync::Arc::new(switchyard::amqp::Broker::new(
+                url.trim(),
+                std::time::Duration::from_secs(30),
+                "send",
+                std::sync::Arc::new(topology),
+            ));
+            if let Err(e) = runtime.block_on(broker.session()) {
+                eprintln!("error: {e}");
+                return ExitCode::from(1);
+            }
+            Destination::Broker { runtime, broker }
+        }
+        None => {
+            let durability = match durability() {
+                Ok(d) => d,
+                Err(c) => return c,
+            };
+            match Store::open(&data_dir, durability) {
+                Ok(s) => Destination::Store(s),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            }
         }
     };
     let format_for = |path: Option<&Path>| -> Format {
@@ -297,22 +370,30 @@ pub fn send(queue: String, files: Vec<PathBuf>, format: Option<SendFormat>, data
             Ok(f) => inputs.push((Some(p.clone()), p.display().to_string(), Box::new(std::io::BufReader::new(f)))),
             Err(e) => {
                 eprintln!("error: cannot read {}: {e}; nothing was sent", p.display());
-                store.close();
+                dest.close();
                 return ExitCode::from(1);
             }
         }
     }
     for (path, name, reader) in inputs {
-        match send_one(&store, &queue, &name, reader, format_for(path.as_deref())) {
+        match send_one(&dest, &queue, &name, reader, format_for(path.as_deref())) {
             Ok(n) => total += n,
             Err(e) => {
                 eprintln!("error: {e}");
                 eprintln!("sent {total} message(s) before the error");
-                store.close();
+                dest.close();
                 return ExitCode::from(1);
             }
         }
     }
+    let store = match dest {
+        Destination::Store(s) => s,
+        Destination::Broker { .. } => {
+            dest.close();
+            eprintln!("sent {total} message(s) to `{queue}` on RabbitMQ (confirmed by the broker)");
+            return ExitCode::SUCCESS;
+        }
+    };
     let subscribers: Vec<String> = store
         .reader()
         .and_then(|c| {
@@ -400,6 +481,17 @@ pub fn unsubscribe(queue: String, pipeline: String, drop_messages: bool, data_di
 }
 
 pub fn queues(format: Listing, data_dir: PathBuf) -> ExitCode {
+    if let Ok(url) = std::env::var(switchyard::pipeline::BROKER_SETTING)
+        && !url.trim().is_empty()
+    {
+        // The embedded store still holds the inboxes of file sources; the queues between
+        // pipelines are RabbitMQ's.
+        eprintln!(
+            "note: {} is set: the queues between pipelines are on RabbitMQ at {} (`rabbitmqctl list_queues name messages messages_unacknowledged`, `switchyard topology` for their names); below, the embedded store's",
+            switchyard::pipeline::BROKER_SETTING,
+            switchyard::amqp::redact(url.trim())
+        );
+    }
     let conn = match look(&data_dir) {
         Ok(c) => c,
         Err(c) => return c,

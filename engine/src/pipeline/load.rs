@@ -164,6 +164,17 @@ pub struct Loaded {
 /// diagnostics returned. Two pipelines with one name are an error.
 pub fn load_all(paths: &[PathBuf], shared: &Shared) -> Result<Loaded, String> {
     let files = discover(paths)?;
+    // One setting moves every `queue` source and sink onto RabbitMQ.
+    let broker = shared.env.var(super::BROKER_SETTING).filter(|u| !u.trim().is_empty());
+    if let Some(url) = &broker
+        && (!(url.starts_with("amqp://") || url.starts_with("amqps://")) || url.parse::<lapin::uri::AMQPUri>().is_err())
+    {
+        return Err(format!(
+            "{} is `{}`, which is not an AMQP URL (amqp://user:password@host:5672/vhost)",
+            super::BROKER_SETTING,
+            crate::amqp::redact(url)
+        ));
+    }
     let mut loaded = Loaded { files: files.clone(), ..Default::default() };
     let mut names: HashMap<String, PathBuf> = HashMap::new();
     for f in &files {
@@ -186,7 +197,10 @@ pub fn load_all(paths: &[PathBuf], shared: &Shared) -> Result<Loaded, String> {
                 }
                 names.insert(p.name.clone(), f.clone());
                 loaded.warnings.extend(p.warnings.iter().cloned());
-                loaded.pipelines.push(p);
+                loaded.pipelines.push(match &broker {
+                    Some(url) => p.over_broker(url.trim()),
+                    None => p,
+                });
             }
             Err(d) => loaded.diagnostics.extend(d),
         }

@@ -298,6 +298,60 @@ pub enum Outcome {
     Failed(Box<ExceptionRecord>),
 }
 
+/// The setting that carries every `queue` source and sink over RabbitMQ instead of the embedded
+/// store: `SWITCHYARD_BROKER=amqp://...`.
+pub const BROKER_SETTING: &str = "SWITCHYARD_BROKER";
+
+impl Pipeline {
+    /// The pipeline with its `queue` source and sinks carried by RabbitMQ at `url`. Queue `X` is
+    /// a fanout exchange `X`; each pipeline reading `X` has its own queue `X.<pipeline>` bound to
+    /// it (so every reader gets every message, as on the embedded store), with retry queues and a
+    /// dead-letter queue. A pipeline with its own `broker:` keeps its URL.
+    pub fn over_broker(mut self, url: &str) -> Pipeline {
+        use crate::amqp::config::{AmqpSinkConfig, AmqpSourceConfig, ExchangeType};
+        use crate::amqp::topology::{Binding, DEFAULT_PREFETCH, DEFAULT_RETRY_DELAYS};
+        let reads_queue = matches!(self.source, SourceConfig::Queue(_));
+        if !reads_queue && !self.sinks.iter().any(|(_, s)| matches!(s, SinkConfig::Queue(_))) {
+            return self;
+        }
+        let mut plan = self.broker.take().unwrap_or_else(|| BrokerPlan {
+            url: url.to_string(),
+            heartbeat: std::time::Duration::from_secs(30),
+            topology: Arc::default(),
+            source: None,
+            targets: IndexMap::new(),
+        });
+        let mut topology = (*plan.topology).clone();
+        if let SourceConfig::Queue(q) = &self.source {
+            let exchange = q.queue.value.clone();
+            let queue = format!("{exchange}.{}", self.name);
+            topology.add_exchange(&exchange, ExchangeType::Fanout);
+            plan.source = Some(topology.add_source(&queue, DEFAULT_PREFETCH, &DEFAULT_RETRY_DELAYS, None));
+            topology.bindings.push(Binding { exchange, queue: queue.clone(), routing_key: String::new(), arguments: vec![] });
+            self.source =
+                SourceConfig::Amqp(AmqpSourceConfig { queue: Spanned::new(queue), prefetch: None, retry: None, dead_letter_queue: None });
+        }
+        for (name, sink) in &mut self.sinks {
+            if let SinkConfig::Queue(q) = sink {
+                let exchange = q.queue.value.clone();
+                let format = q.format.unwrap_or(crate::sink::OutputFormat::Payload);
+                topology.add_exchange(&exchange, ExchangeType::Fanout);
+                plan.targets.insert(name.clone(), crate::amqp::publish::PublishTarget::fixed(&exchange, "", format));
+                *sink = SinkConfig::Amqp(AmqpSinkConfig {
+                    exchange: Some(Spanned::new(exchange)),
+                    routing_key: None,
+                    persistent: None,
+                    mandatory: None,
+                    format: Some(format),
+                });
+            }
+        }
+        plan.topology = Arc::new(topology);
+        self.broker = Some(plan);
+        self
+    }
+}
+
 fn no_broker(cx: &BuildContext, span: crate::config::Span, at: &str) -> Diagnostic {
     cx.diag(DiagCode::MissingKey, span, at, "an `amqp` source or sink needs the pipeline's `broker:`")
         .hint("add at the top level:\nbroker:\n  url: ${SWITCHYARD_AMQP_URL}")

@@ -53,6 +53,7 @@ pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<()
     // With `--once`, the run waits for this worker as for a source being read.
     if shared.once {
         shared.ingesting.fetch_add(1, Ordering::SeqCst);
+        shared.amqp_consuming.fetch_add(1, Ordering::SeqCst);
     }
     let mut failures = 0u32;
     let result = loop {
@@ -73,6 +74,7 @@ pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<()
         }
     };
     if shared.once {
+        shared.amqp_consuming.fetch_sub(1, Ordering::SeqCst);
         shared.ingesting.fetch_sub(1, Ordering::SeqCst);
     }
     broker.close().await;
@@ -81,7 +83,7 @@ pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<()
 
 async fn consume(
     run: &Arc<PipelineRun>,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     broker: &Broker,
     plan: &SourcePlan,
     session: &Session,
@@ -112,7 +114,7 @@ async fn consume(
                     let done = in_flight.pop_front().expect("non-empty");
                     done.await.map_err(|e| AmqpError::Lost(e.to_string()))??;
                 }
-                if in_flight.is_empty() && drained(&channel, plan).await? {
+                if in_flight.is_empty() && shared.others_done().await.unwrap_or(false) && drained(&channel, plan).await? {
                     break Ok(());
                 }
                 continue;
@@ -131,21 +133,28 @@ async fn consume(
                 _ => break,
             }
         }
+        // Counted as in hand until settled, so that `--once` consumers downstream wait for it.
+        let taken = deliveries.len() as i64;
+        shared.in_flight.fetch_add(taken, Ordering::SeqCst);
         let batch = process_batch(run, plan, session, deliveries).await;
-        let (run2, plan2, publish) = (run.clone(), plan.clone(), session.publish.clone());
+        let (run2, plan2, publish, shared2) = (run.clone(), plan.clone(), session.publish.clone(), shared.clone());
         // Acks go in delivery order: a `multiple` ack of this batch must not cover the one before.
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let before = previous.replace(done_rx);
         in_flight.push_back(tokio::spawn(async move {
             let r = settle(&run2, &plan2, &publish, batch, before).await;
+            shared2.in_flight.fetch_sub(taken, Ordering::SeqCst);
             let _ = done_tx.send(r.is_ok());
             r
         }));
         while in_flight.len() >= BATCHES_IN_FLIGHT {
             let done = in_flight.pop_front().expect("non-empty");
             if let Err(e) = done.await.map_err(|e| AmqpError::Lost(e.to_string()))? {
-                // Later batches are not acknowledged either: the broker delivers them again.
-                in_flight.iter().for_each(|h| h.abort());
+                // Later batches are not acknowledged either (each waits for the one before): the
+                // broker delivers them again.
+                for h in in_flight {
+                    let _ = h.await;
+                }
                 return Err(e);
             }
         }

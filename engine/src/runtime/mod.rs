@@ -177,8 +177,10 @@ pub(crate) struct Shared {
     pub owner: i64,
     pub once: bool,
     pub shutdown: watch::Receiver<bool>,
-    /// Ingesters still reading their sources.
+    /// Ingesters still reading their sources (and, with `--once`, RabbitMQ consumers not done).
     pub ingesting: AtomicUsize,
+    /// With `--once`: RabbitMQ consumers not done yet (counted in `ingesting` too).
+    pub amqp_consuming: AtomicUsize,
     /// Messages leased and not yet settled, over all workers.
     pub in_flight: AtomicI64,
     /// The pipelines of this engine: back pressure applies to queues they read.
@@ -188,6 +190,17 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// With `--once`: whether the rest of the engine is done, so that a RabbitMQ consumer whose
+    /// queue is empty gets nothing more from it: no source is being read, no batch is in hand,
+    /// and the pipelines' stored queues are empty.
+    pub async fn others_done(&self) -> Result<bool, RunError> {
+        if self.ingesting.load(Ordering::SeqCst) > self.amqp_consuming.load(Ordering::SeqCst) || self.in_flight.load(Ordering::SeqCst) > 0 {
+            return Ok(false);
+        }
+        let streams: Vec<StreamId> = self.runs.iter().flat_map(|r| [r.stream, r.replay_stream]).collect();
+        Ok(self.store.submit(move |c| store::pending(c, &streams)).await? == 0)
+    }
+
     /// Loads the pipelines again if one of their files changed (before replays are processed).
     pub async fn refresh(&self) {
         if let Some(r) = &self.reloader {
@@ -366,6 +379,7 @@ impl Runtime {
             once: self.opts.once,
             shutdown: stop_rx,
             ingesting: AtomicUsize::new(0),
+            amqp_consuming: AtomicUsize::new(0),
             in_flight: AtomicI64::new(0),
             consumers: self.runs.iter().map(|r| r.pipeline.name.clone()).collect(),
             reloader: self.reloader.clone(),
