@@ -1,0 +1,110 @@
+//! `SWITCHYARD_BROKER`: the same three-pipeline chain as the crash test (tests/crash/), its
+//! queues carried by RabbitMQ instead of the embedded store by that one setting. Every message
+//! ends in the final file or in a dead-letter queue, with the reason in its headers.
+//! Needs RabbitMQ at 127.0.0.1:5672 (or `SWITCHYARD_AMQP_URL`); skipped without one unless
+//! `SWITCHYARD_REQUIRE_BROKER=1`.
+
+use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
+}
+
+fn broker_url() -> Option<String> {
+    let url = std::env::var("SWITCHYARD_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let reachable = std::net::TcpStream::connect_timeout(&"127.0.0.1:5672".parse().unwrap(), std::time::Duration::from_secs(2)).is_ok()
+        || std::env::var("SWITCHYARD_AMQP_URL").is_ok();
+    if reachable {
+        return Some(url);
+    }
+    assert!(std::env::var("SWITCHYARD_REQUIRE_BROKER").as_deref() != Ok("1"), "no RabbitMQ at 127.0.0.1:5672 and SWITCHYARD_REQUIRE_BROKER=1");
+    println!("skipped: no RabbitMQ at 127.0.0.1:5672");
+    None
+}
+
+fn switchyard(dir: &Path, url: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .current_dir(dir)
+        .env("SWITCHYARD_BROKER", url)
+        .env("SWITCHYARD_DATA_DIR", dir.join("data"))
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("switchyard runs")
+}
+
+#[test]
+fn one_setting_moves_the_queues_between_pipelines_onto_rabbitmq() {
+    let Some(url) = broker_url() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!("bs{}x{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis());
+    for f in ["a.yaml", "b.yaml", "c.yaml", "b.rhai"] {
+        let text = std::fs::read_to_string(repo().join("tests/crash").join(f)).unwrap();
+        std::fs::write(dir.path().join(f), text.replace("crash.", &format!("{prefix}."))).unwrap();
+    }
+    let input: String = (0..1000).map(|i| format!("{{\"seq\": {i}, \"amount\": \"{i}.50\"}}\n")).collect();
+    std::fs::write(dir.path().join("in.ndjson"), input).unwrap();
+
+    // Nothing reads the queue yet: the send is refused, saying so, and nothing is lost.
+    let early = switchyard(dir.path(), &url, &["send", &format!("{prefix}.in"), "in.ndjson"]);
+    assert_eq!(early.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&early.stderr).contains("no pipeline reads"), "{}", String::from_utf8_lossy(&early.stderr));
+
+    // A first run declares the topology; then the messages go in and a second run drains them.
+    let first = switchyard(dir.path(), &url, &["run", ".", "--once"]);
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let sent = switchyard(dir.path(), &url, &["send", &format!("{prefix}.in"), "in.ndjson"]);
+    assert!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
+    let run = switchyard(dir.path(), &url, &["run", ".", "--once"]);
+    let said = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{said}");
+    assert!(said.contains(&format!("RabbitMQ queue {prefix}.in.crash-a")), "{said}");
+
+    let done = std::fs::read_to_string(dir.path().join("data/out/crash/done.ndjson")).unwrap();
+    let mut seqs: Vec<u64> = done
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["payload"]["seq"].as_u64().unwrap())
+        .collect();
+    seqs.sort();
+    let expected: Vec<u64> = (0..1000).filter(|s| s % 97 != 0).collect();
+    assert_eq!(seqs, expected, "every message that passes reaches the file once");
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        // The planned failures wait in crash-c's dead-letter queue, with their reason.
+        let dlq = format!("{prefix}.mid2.crash-c.dlq");
+        let mut reasons = Vec::new();
+        while let Some(m) = ch.basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+            let h = m.delivery.properties.headers().clone().unwrap_or_default();
+            match h.inner().get("x-switchyard-reason") {
+                Some(AMQPValue::LongString(s)) => reasons.push(s.to_string()),
+                other => panic!("no reason header: {other:?}"),
+            }
+        }
+        assert_eq!(reasons.len(), 11, "the multiples of 97 are dead-lettered");
+        assert!(reasons.iter().all(|r| r == "unlucky_number"), "{reasons:?}");
+        // Clean up what the run declared.
+        for queue in ["in", "mid1", "mid2"] {
+            let pipeline = match queue {
+                "in" => "crash-a",
+                "mid1" => "crash-b",
+                _ => "crash-c",
+            };
+            let base = format!("{prefix}.{queue}.{pipeline}");
+            for q in [base.clone(), format!("{base}.retry.1s"), format!("{base}.retry.10s"), format!("{base}.retry.1m"), format!("{base}.dlq")] {
+                let left = ch.queue_declare(q.as_str().into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default()).await;
+                if let Ok(left) = left {
+                    assert_eq!(left.message_count(), 0, "{q} is empty");
+                }
+                let ch2 = conn.create_channel().await.unwrap();
+                let _ = ch2.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+            }
+            let _ = ch.exchange_delete(format!("{prefix}.{queue}").as_str().into(), ExchangeDeleteOptions::default()).await;
+        }
+    });
+}
