@@ -136,13 +136,13 @@ async fn consume(
         // Counted as in hand until settled, so that `--once` consumers downstream wait for it.
         let taken = deliveries.len() as i64;
         shared.in_flight.fetch_add(taken, Ordering::SeqCst);
-        let batch = process_batch(run, plan, session, deliveries).await;
+        let (batch, marks) = process_batch(run, plan, session, deliveries).await;
         let (run2, plan2, publish, shared2) = (run.clone(), plan.clone(), session.publish.clone(), shared.clone());
         // Acks go in delivery order: a `multiple` ack of this batch must not cover the one before.
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let before = previous.replace(done_rx);
         in_flight.push_back(tokio::spawn(async move {
-            let r = settle(&run2, &plan2, &publish, batch, before).await;
+            let r = settle(&run2, &plan2, &publish, &shared2.store, batch, marks, before).await;
             shared2.in_flight.fetch_sub(taken, Ordering::SeqCst);
             let _ = done_tx.send(r.is_ok());
             r
@@ -289,7 +289,13 @@ fn to_raw(d: &Delivery, attempt: u32) -> RawMessage {
     }
 }
 
-async fn process_batch(run: &PipelineRun, plan: &SourcePlan, session: &Session, deliveries: Vec<Delivery>) -> Vec<InBatch> {
+/// Processes a batch: each delivery's outcome, and the file sinks' lengths once flushed.
+async fn process_batch(
+    run: &PipelineRun,
+    plan: &SourcePlan,
+    session: &Session,
+    deliveries: Vec<Delivery>,
+) -> (Vec<InBatch>, Vec<(String, u64)>) {
     let current = run.current();
     let p: &Pipeline = &current;
     let mut batch = Vec::with_capacity(deliveries.len());
@@ -331,16 +337,20 @@ async fn process_batch(run: &PipelineRun, plan: &SourcePlan, session: &Session, 
         batch.push(item);
     }
     // Outside sinks hold what they were given before anything is acknowledged.
+    let mut marks = Vec::new();
     for i in outside_used {
-        if let RuntimeSink::External(sink) = &run.sinks[i]
-            && let Err(e) = sink.flush().await
-        {
-            for item in batch.iter_mut().filter(|b| b.outside.contains(&i)) {
-                item.failed.get_or_insert_with(|| format!("sink `{}`: {e}", p.sink_name(i)));
+        if let RuntimeSink::External(sink) = &run.sinks[i] {
+            match sink.flush().await {
+                Ok(()) => marks.extend(sink.mark()),
+                Err(e) => {
+                    for item in batch.iter_mut().filter(|b| b.outside.contains(&i)) {
+                        item.failed.get_or_insert_with(|| format!("sink `{}`: {e}", p.sink_name(i)));
+                    }
+                }
             }
         }
     }
-    batch
+    (batch, marks)
 }
 
 /// Waits for the batch's confirms; sends what failed to a retry queue or, after the last
@@ -349,7 +359,9 @@ async fn settle(
     run: &PipelineRun,
     plan: &SourcePlan,
     publisher: &Publisher,
+    store: &crate::store::Store,
     mut batch: Vec<InBatch>,
+    marks: Vec<(String, u64)>,
     before: Option<tokio::sync::oneshot::Receiver<bool>>,
 ) -> Result<(), AmqpError> {
     let Some(last) = batch.last() else { return Ok(()) };
@@ -395,6 +407,14 @@ async fn settle(
         && before.await != Ok(true)
     {
         return Err(AmqpError::Lost("an earlier batch was not acknowledged".into()));
+    }
+    // A file written for these messages keeps what they added across a crash: its length is
+    // committed before the broker forgets them (else the restart would cut acknowledged output).
+    if !marks.is_empty() {
+        store
+            .submit(move |c| crate::store::record_marks(c, &marks))
+            .await
+            .map_err(|e| AmqpError::Lost(format!("cannot record the file sinks' lengths: {e}")))?;
     }
     last_acker.ack(BasicAckOptions { multiple: true }).await.map_err(|e| AmqpError::Lost(lapin_message(&e)))?;
     let s = &run.stats;
