@@ -20,7 +20,10 @@ fn broker_url() -> Option<String> {
     if reachable {
         return Some(url);
     }
-    assert!(std::env::var("SWITCHYARD_REQUIRE_BROKER").as_deref() != Ok("1"), "no RabbitMQ at 127.0.0.1:5672 and SWITCHYARD_REQUIRE_BROKER=1");
+    assert!(
+        std::env::var("SWITCHYARD_REQUIRE_BROKER").as_deref() != Ok("1"),
+        "no RabbitMQ at 127.0.0.1:5672 and SWITCHYARD_REQUIRE_BROKER=1"
+    );
     println!("skipped: no RabbitMQ at 127.0.0.1:5672");
     None
 }
@@ -40,7 +43,8 @@ fn switchyard(dir: &Path, url: &str, args: &[&str]) -> std::process::Output {
 fn one_setting_moves_the_queues_between_pipelines_onto_rabbitmq() {
     let Some(url) = broker_url() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let prefix = format!("bs{}x{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis());
+    let prefix =
+        format!("bs{}x{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis());
     for f in ["a.yaml", "b.yaml", "c.yaml", "b.rhai"] {
         let text = std::fs::read_to_string(repo().join("tests/crash").join(f)).unwrap();
         std::fs::write(dir.path().join(f), text.replace("crash.", &format!("{prefix}."))).unwrap();
@@ -64,10 +68,8 @@ fn one_setting_moves_the_queues_between_pipelines_onto_rabbitmq() {
     assert!(said.contains(&format!("RabbitMQ queue {prefix}.in.crash-a")), "{said}");
 
     let done = std::fs::read_to_string(dir.path().join("data/out/crash/done.ndjson")).unwrap();
-    let mut seqs: Vec<u64> = done
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["payload"]["seq"].as_u64().unwrap())
-        .collect();
+    let mut seqs: Vec<u64> =
+        done.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["payload"]["seq"].as_u64().unwrap()).collect();
     seqs.sort();
     let expected: Vec<u64> = (0..1000).filter(|s| s % 97 != 0).collect();
     assert_eq!(seqs, expected, "every message that passes reaches the file once");
@@ -96,8 +98,12 @@ fn one_setting_moves_the_queues_between_pipelines_onto_rabbitmq() {
                 _ => "crash-c",
             };
             let base = format!("{prefix}.{queue}.{pipeline}");
-            for q in [base.clone(), format!("{base}.retry.1s"), format!("{base}.retry.10s"), format!("{base}.retry.1m"), format!("{base}.dlq")] {
-                let left = ch.queue_declare(q.as_str().into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default()).await;
+            for q in
+                [base.clone(), format!("{base}.retry.1s"), format!("{base}.retry.10s"), format!("{base}.retry.1m"), format!("{base}.dlq")]
+            {
+                let left = ch
+                    .queue_declare(q.as_str().into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+                    .await;
                 if let Ok(left) = left {
                     assert_eq!(left.message_count(), 0, "{q} is empty");
                 }

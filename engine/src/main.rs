@@ -198,7 +198,13 @@ fn cmd_topology(paths: Vec<PathBuf>) -> ExitCode {
         }
         if let Some(s) = &b.source {
             let retries: Vec<String> = s.retries.iter().map(|r| r.queue.clone()).collect();
-            println!("  consumes {} (prefetch {}); retries through [{}]; dead letters to {}", s.queue, s.prefetch, retries.join(", "), s.dead_letter_queue);
+            println!(
+                "  consumes {} (prefetch {}); retries through [{}]; dead letters to {}",
+                s.queue,
+                s.prefetch,
+                retries.join(", "),
+                s.dead_letter_queue
+            );
         }
         for (name, t) in &b.targets {
             println!("  sink {name} publishes to {}", t.describe());
