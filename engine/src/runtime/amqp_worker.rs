@@ -463,3 +463,65 @@ async fn dead_letter(publisher: &Publisher, plan: &SourcePlan, d: &Delivery, rec
         .with_correlation_id(record.correlation_id.as_str().into());
     publisher.publish("", &plan.dead_letter_queue, true, &d.data, props).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::amqp::topology::RetryTier;
+    use lapin::types::{FieldArray, ShortString};
+
+    fn plan() -> SourcePlan {
+        SourcePlan {
+            queue: "orders".into(),
+            prefetch: 10,
+            retries: ["1s", "10s"]
+                .iter()
+                .map(|d| RetryTier { queue: format!("orders.retry.{d}"), delay: humantime::parse_duration(d).unwrap() })
+                .collect(),
+            dead_letter_queue: "orders.dlq".into(),
+        }
+    }
+
+    fn death(queue: &str, count: i64) -> AMQPValue {
+        let mut t = FieldTable::default();
+        t.insert("queue".into(), AMQPValue::LongString(queue.into()));
+        t.insert("reason".into(), AMQPValue::LongString("expired".into()));
+        t.insert("count".into(), AMQPValue::LongLongInt(count));
+        AMQPValue::FieldTable(t)
+    }
+
+    fn delivery(headers: FieldTable) -> Delivery {
+        let mut d = Delivery::mock(1, ShortString::from(""), ShortString::from("orders"), false, b"{}".to_vec());
+        d.properties = BasicProperties::default().with_headers(headers).with_message_id("m-1".into());
+        d
+    }
+
+    #[test]
+    fn the_attempt_counts_trips_through_our_retry_queues_only() {
+        assert_eq!(attempt_of(&delivery(FieldTable::default()), &plan()), 1);
+        let mut h = FieldTable::default();
+        h.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![death("orders.retry.1s", 1), death("orders.retry.10s", 1), death("elsewhere", 5)])),
+        );
+        assert_eq!(attempt_of(&delivery(h), &plan()), 3, "two retries, the foreign dead-lettering does not count");
+        let mut quorum = FieldTable::default();
+        quorum.insert("x-delivery-count".into(), AMQPValue::LongLongInt(4));
+        assert_eq!(attempt_of(&delivery(quorum), &plan()), 5, "a quorum queue's redeliveries count too");
+    }
+
+    #[test]
+    fn properties_and_headers_become_transport_headers_and_the_envelope() {
+        let mut h = FieldTable::default();
+        h.insert(headers::IDEMPOTENCY_KEY.into(), AMQPValue::LongString("shopify:1".into()));
+        h.insert(headers::CHANNEL.into(), AMQPValue::LongString("shopify".into()));
+        h.insert("X-Tenant".into(), AMQPValue::LongString("acme".into()));
+        let raw = to_raw(&delivery(h), 2);
+        assert_eq!(raw.message_id.as_deref(), Some("m-1"));
+        assert_eq!(raw.idempotency_key.as_deref(), Some("shopify:1"));
+        assert_eq!(raw.channel.as_deref(), Some("shopify"));
+        assert_eq!(raw.headers.get("x-tenant").map(String::as_str), Some("acme"), "names are lowercase");
+        assert_eq!(raw.headers.get("amqp.routing_key").map(String::as_str), Some("orders"));
+        assert_eq!(raw.attempt, 2);
+    }
+}
