@@ -114,3 +114,100 @@ fn one_setting_moves_the_queues_between_pipelines_onto_rabbitmq() {
         }
     });
 }
+
+/// Mixed routable and unroutable outputs in the same batches: every unroutable one comes back
+/// (mandatory), is retried, then dead-lettered as `sink_failed`; every routable one arrives once.
+/// lapin hands a returned message to whichever confirm completes next, so this also checks that
+/// returns are told apart per publish.
+#[test]
+fn unroutable_outputs_are_retried_then_dead_lettered_never_dropped() {
+    let Some(url) = broker_url() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let p = format!("ur{}x{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis());
+    let pipeline = format!(
+        r#"apiVersion: switchyard/v1
+kind: Pipeline
+name: unroutable
+version: "1"
+description: half of the outputs have nowhere to go
+owner: tests
+broker:
+  url: {url}
+  topology:
+    queues: [{{name: {p}.out}}]
+source: {{type: amqp, queue: {p}.work, retry: {{delays: [100ms, 200ms]}}}}
+sinks:
+  out: {{type: amqp, routing_key: "{p}.{{$.dest}}"}}
+runtime: {{batch_size: 50}}
+"#
+    );
+    std::fs::write(dir.path().join("unroutable.yaml"), pipeline).unwrap();
+    let feed = format!(
+        r#"apiVersion: switchyard/v1
+kind: Pipeline
+name: feed
+version: "1"
+description: feeds the work queue
+owner: tests
+broker:
+  url: {url}
+  topology:
+    queues: [{{name: {p}.work}}]
+source: {{type: file, path: in.ndjson, format: ndjson}}
+sinks:
+  work: {{type: amqp, routing_key: {p}.work}}
+"#
+    );
+    std::fs::write(dir.path().join("feed.yaml"), feed).unwrap();
+    let input: String =
+        (0..600).map(|i| format!("{{\"seq\": {i}, \"dest\": \"{}\"}}\n", if i % 2 == 0 { "out" } else { "nowhere" })).collect();
+    std::fs::write(dir.path().join("in.ndjson"), input).unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["run", "feed.yaml", "unroutable.yaml", "--once"])
+        .current_dir(dir.path())
+        .env("SWITCHYARD_DATA_DIR", dir.path().join("data"))
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{said}");
+    assert!(said.contains("sink_failed               300"), "{said}");
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let take = |queue: String| {
+            let ch = ch.clone();
+            async move {
+                let mut seqs = Vec::new();
+                let mut attempts = Vec::new();
+                while let Some(m) = ch.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+                    let v: serde_json::Value = serde_json::from_slice(&m.delivery.data).unwrap();
+                    seqs.push(v["seq"].as_u64().unwrap());
+                    if let Some(AMQPValue::LongString(a)) =
+                        m.delivery.properties.headers().as_ref().and_then(|h| h.inner().get("x-switchyard-attempt"))
+                    {
+                        attempts.push(a.to_string());
+                    }
+                }
+                seqs.sort();
+                (seqs, attempts)
+            }
+        };
+        let (out, _) = take(format!("{p}.out")).await;
+        assert_eq!(out, (0..600).filter(|s| s % 2 == 0).collect::<Vec<u64>>(), "routable outputs arrive once each");
+        let (dead, attempts) = take(format!("{p}.work.dlq")).await;
+        assert_eq!(dead, (0..600).filter(|s| s % 2 == 1).collect::<Vec<u64>>(), "unroutable ones are dead-lettered, none dropped");
+        assert!(attempts.iter().all(|a| a == "3"), "after two retries: {attempts:?}");
+        for q in [
+            format!("{p}.out"),
+            format!("{p}.work"),
+            format!("{p}.work.retry.100ms"),
+            format!("{p}.work.retry.200ms"),
+            format!("{p}.work.dlq"),
+        ] {
+            let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+        }
+    });
+}
