@@ -269,15 +269,16 @@ fn to_raw(d: &Delivery, attempt: u32) -> RawMessage {
             }
         }
     }
-    let received_at = h
-        .get(headers::RECEIVED_AT)
-        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-        .map(|t| t.with_timezone(&chrono::Utc))
+    // A Switchyard pipeline upstream stamped when the message first entered (to the second).
+    let received_at = p
+        .timestamp()
+        .filter(|_| h.contains_key(headers::PIPELINE))
+        .and_then(|t| chrono::DateTime::from_timestamp(t as i64, 0))
         .or_else(|| Some(chrono::Utc::now()));
     RawMessage {
         body: d.data.clone(),
         parsed: None,
-        origin: h.get(headers::ORIGIN).cloned().or_else(|| Some(format!("amqp {}", d.routing_key))),
+        origin: Some(format!("amqp {}", d.routing_key)),
         received_at,
         message_id: p.message_id().as_ref().map(|m| m.to_string()),
         correlation_id: p.correlation_id().as_ref().map(|c| c.to_string()),
