@@ -32,8 +32,35 @@ impl AmqpError {
     }
 }
 
-/// The URL as it may be shown: without its password.
+/// AMQP short strings hold at most 255 bytes.
+pub const MAX_SHORT: usize = 255;
+
+/// A name (exchange, queue, routing key) as AMQP carries it, or why it cannot be.
+pub fn short_name(s: &str, what: &str) -> Result<lapin::types::ShortString, AmqpError> {
+    lapin::types::ShortString::try_new(s)
+        .map_err(|_| AmqpError::Refused(format!("the {what} is {} bytes long; RabbitMQ takes at most {MAX_SHORT}", s.len())))
+}
+
+/// An id (message id, correlation id, consumer tag) as AMQP carries it: a longer one is cut at a
+/// character boundary and ends with a hash of the whole, so that different ids stay different.
+pub fn short_id(s: &str) -> lapin::types::ShortString {
+    if s.len() <= MAX_SHORT {
+        return lapin::types::ShortString::try_new(s).expect("checked length");
+    }
+    let mut end = MAX_SHORT - 17;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = format!("{}~{:016x}", &s[..end], xxhash_rust::xxh3::xxh3_64(s.as_bytes()));
+    lapin::types::ShortString::try_new(cut).expect("cut to length")
+}
+
+/// The URL as it may be shown: without its password. A URL that does not parse is not shown
+/// at all (where its password is cannot be told).
 pub fn redact(url: &str) -> String {
+    if url.parse::<lapin::uri::AMQPUri>().is_err() {
+        return "(a URL that does not parse as amqp://user:password@host:port/vhost; not shown, it may hold a password)".to_string();
+    }
     let Some(scheme_end) = url.find("://") else { return url.to_string() };
     let rest = &url[scheme_end + 3..];
     let authority_end = rest.find('/').unwrap_or(rest.len());
@@ -159,7 +186,8 @@ impl Broker {
 
     async fn connect(&self) -> Result<Session, AmqpError> {
         let fail = |message: String| AmqpError::Connect { url: self.shown.clone(), message };
-        let mut uri: lapin::uri::AMQPUri = self.url.parse().map_err(|e: String| fail(format!("not an AMQP URL: {e}")))?;
+        // The parser's message quotes the URL, password and all: not passed on.
+        let mut uri: lapin::uri::AMQPUri = self.url.parse().map_err(|_: String| fail("not an AMQP URL".into()))?;
         uri.query.heartbeat.get_or_insert(self.heartbeat);
         uri.query.connection_timeout.get_or_insert(5_000);
         let props = ConnectionProperties::default().with_connection_name(self.name.clone().into());
@@ -198,6 +226,17 @@ mod tests {
         assert_eq!(redact("amqp://guest:s3cret@10.0.0.1:5672/%2f"), "amqp://guest:***@10.0.0.1:5672/%2f");
         assert_eq!(redact("amqps://user@host/vhost"), "amqps://user@host/vhost");
         assert_eq!(redact("amqp://host"), "amqp://host");
-        assert_eq!(redact("amqp://a:b:c@host/x@y"), "amqp://a:***@host/x@y");
+        assert!(!redact("amqp:user:s3cret@host").contains("s3cret"), "an unparseable URL is not shown");
+        assert!(!redact("amqp://user:pa/ss@host").contains("pa/ss"));
+    }
+
+    #[test]
+    fn long_ids_are_cut_and_stay_distinct() {
+        let a = "x".repeat(300);
+        let b = format!("{}y", "x".repeat(299));
+        assert!(short_id(&a).as_str().len() <= MAX_SHORT);
+        assert_ne!(short_id(&a), short_id(&b));
+        assert_eq!(short_id("m-1").as_str(), "m-1");
+        assert!(short_name(&a, "routing key").is_err());
     }
 }

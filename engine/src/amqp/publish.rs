@@ -5,7 +5,7 @@
 use super::config::AmqpSinkConfig;
 use super::{AmqpError, Broker, lapin_message};
 use crate::build::BuildContext;
-use crate::config::Diagnostic;
+use crate::config::{DiagCode, Diagnostic};
 use crate::jsonpath::Scope;
 use crate::map::meta_var;
 use crate::message::{Metadata, Output};
@@ -48,7 +48,9 @@ impl Name {
     fn build(v: Option<&crate::config::Spanned<String>>, key: &str, cx: &BuildContext) -> Result<Name, Diagnostic> {
         match v {
             None => Ok(Name::Fixed("".into())),
-            Some(s) if !s.value.contains('{') && !s.value.trim_start().starts_with('$') => Ok(Name::Fixed(s.value.as_str().into())),
+            Some(s) if !s.value.contains('{') && !s.value.trim_start().starts_with('$') => {
+                super::short_name(&s.value, key).map(Name::Fixed).map_err(|e| cx.diag(DiagCode::InvalidValue, s.span, key, e.to_string()))
+            }
             Some(s) => Ok(Name::Template(cx.template(s, key)?, s.value.clone())),
         }
     }
@@ -58,8 +60,8 @@ impl Name {
             Name::Fixed(s) => Ok(s.clone()),
             Name::Template(t, text) => t
                 .render(Scope::root(&output.payload), &MetaVars(&output.metadata))
-                .map(ShortString::from)
-                .ok_or_else(|| format!("the template `{text}` has no value for this message")),
+                .ok_or_else(|| format!("the template `{text}` has no value for this message"))
+                .and_then(|s| super::short_name(&s, "rendered name").map_err(|e| e.to_string())),
         }
     }
 }
@@ -109,6 +111,14 @@ impl PublishTarget {
         }
     }
 
+    /// The exchange when it is fixed and not the default one.
+    pub fn fixed_exchange(&self) -> Option<&str> {
+        match &self.exchange {
+            Name::Fixed(s) if !s.as_str().is_empty() => Some(s.as_str()),
+            _ => None,
+        }
+    }
+
     /// Exchange and routing key as written, for summaries.
     pub fn describe(&self) -> String {
         let show = |n: &Name| match n {
@@ -141,8 +151,8 @@ pub fn output_properties(meta: &Metadata, persistent: bool) -> BasicProperties {
         text(headers::MAPPING_VERSIONS, &versions.join(","));
     }
     BasicProperties::default()
-        .with_message_id(meta.message_id.as_str().into())
-        .with_correlation_id(meta.correlation_id.as_str().into())
+        .with_message_id(super::short_id(&meta.message_id))
+        .with_correlation_id(super::short_id(&meta.correlation_id))
         .with_content_type("application/json".into())
         .with_delivery_mode(if persistent { 2 } else { 1 })
         .with_timestamp(meta.received_at.timestamp().max(0) as u64)
@@ -204,7 +214,13 @@ impl Publisher {
         let _order = self.order.lock().await;
         let confirm = self
             .channel
-            .basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions { mandatory, ..Default::default() }, body, properties)
+            .basic_publish(
+                super::short_name(exchange, "exchange name")?,
+                super::short_name(routing_key, "routing key")?,
+                BasicPublishOptions { mandatory, ..Default::default() },
+                body,
+                properties,
+            )
             .await
             .map_err(|e| AmqpError::Lost(lapin_message(&e)))?;
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -315,11 +331,13 @@ pub struct AmqpSink {
     broker: Arc<Broker>,
     target: PublishTarget,
     pending: tokio::sync::Mutex<Vec<Confirm>>,
+    /// Rendered exchanges found to exist, with the connection (generation) that checked them.
+    checked: tokio::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl AmqpSink {
     pub fn new(broker: Arc<Broker>, target: PublishTarget) -> AmqpSink {
-        AmqpSink { broker, target, pending: tokio::sync::Mutex::new(Vec::new()) }
+        AmqpSink { broker, target, pending: tokio::sync::Mutex::new(Vec::new()), checked: Default::default() }
     }
 
     /// Publishes `output`, returning its confirm to await.
@@ -328,6 +346,17 @@ impl AmqpSink {
         let routing_key = self.target.routing_key.render(output).map_err(AmqpError::Refused)?;
         let body = self.target.format.render(output);
         let session = self.broker.session().await?;
+        // A rendered exchange is checked once per connection: publishing to a missing one would
+        // close the channel under every message in flight.
+        if matches!(self.target.exchange, Name::Template(..)) && !exchange.as_str().is_empty() {
+            let known = self.checked.lock().await.get(exchange.as_str()).copied() == Some(session.generation);
+            if !known {
+                if !super::topology::exchange_exists(&session.connection, exchange.as_str()).await? {
+                    return Err(AmqpError::Refused(format!("exchange `{exchange}` does not exist on the broker")));
+                }
+                self.checked.lock().await.insert(exchange.to_string(), session.generation);
+            }
+        }
         session
             .publish
             .publish(

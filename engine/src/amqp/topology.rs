@@ -54,6 +54,9 @@ pub struct Topology {
     pub exchanges: Vec<Exchange>,
     pub queues: Vec<Queue>,
     pub bindings: Vec<Binding>,
+    /// Exchanges sinks publish to that the pipeline does not declare: they must exist (a
+    /// publish to a missing exchange closes the channel).
+    pub expected_exchanges: Vec<String>,
 }
 
 /// What an `amqp` source consumes and where its failures go.
@@ -271,23 +274,23 @@ impl Topology {
         for e in &self.exchanges {
             let options = ExchangeDeclareOptions { durable: e.durable, auto_delete: e.auto_delete, ..Default::default() };
             channel
-                .exchange_declare(e.name.as_str().into(), kind(e.kind), options, FieldTable::default())
+                .exchange_declare(name(&e.name)?, kind(e.kind), options, FieldTable::default())
                 .await
                 .map_err(|err| refused(&err, format!("exchange `{}` ({}, {})", e.name, e.kind.as_str(), durability(e.durable))))?;
         }
         for q in &self.queues {
             let options = QueueDeclareOptions { durable: q.durable, ..Default::default() };
             channel
-                .queue_declare(q.name.as_str().into(), options, table(q.arguments.iter().map(|(k, v)| (*k, v))))
+                .queue_declare(name(&q.name)?, options, table(q.arguments.iter().map(|(k, v)| (*k, v))))
                 .await
                 .map_err(|err| refused(&err, format!("queue `{}` ({}{})", q.name, durability(q.durable), describe_args(&q.arguments))))?;
         }
         for b in &self.bindings {
             channel
                 .queue_bind(
-                    b.queue.as_str().into(),
-                    b.exchange.as_str().into(),
-                    b.routing_key.as_str().into(),
+                    name(&b.queue)?,
+                    name(&b.exchange)?,
+                    name(&b.routing_key)?,
                     QueueBindOptions::default(),
                     table(b.arguments.iter().map(|(k, v)| (k.as_str(), v))),
                 )
@@ -295,6 +298,14 @@ impl Topology {
                 .map_err(|err| refused(&err, format!("binding of queue `{}` to exchange `{}`", b.queue, b.exchange)))?;
         }
         let _ = channel.close(200, "declared".into()).await;
+        for x in &self.expected_exchanges {
+            if !exchange_exists(connection, x).await? {
+                return Err(AmqpError::Topology(format!(
+                    "a sink publishes to exchange `{x}`, which does not exist on the broker: declare it under \
+                     `broker.topology.exchanges` (declaring is idempotent), or have it created"
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -307,12 +318,34 @@ impl Topology {
         for q in &self.queues {
             out.push(format!("queue    {} ({}{}): {}", q.name, durability(q.durable), describe_args(&q.arguments), q.role));
         }
+        for x in &self.expected_exchanges {
+            out.push(format!("exchange {x} (not declared here: must exist)"));
+        }
         for b in &self.bindings {
             let key = if b.routing_key.is_empty() { String::new() } else { format!(" with key `{}`", b.routing_key) };
             out.push(format!("binding  {} -> {}{key}", b.exchange, b.queue));
         }
         out
     }
+}
+
+/// Whether an exchange exists (a passive declare on a channel of its own: a miss closes it).
+pub async fn exchange_exists(connection: &lapin::Connection, exchange: &str) -> Result<bool, AmqpError> {
+    let channel = connection.create_channel().await.map_err(|e| AmqpError::Lost(lapin_message(&e)))?;
+    let options = ExchangeDeclareOptions { passive: true, ..Default::default() };
+    match channel.exchange_declare(name(exchange)?, lapin::ExchangeKind::Direct, options, FieldTable::default()).await {
+        Ok(()) => {
+            let _ = channel.close(200, "checked".into()).await;
+            Ok(true)
+        }
+        Err(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if p.get_id() == 404) => Ok(false),
+        Err(e) => Err(AmqpError::Lost(lapin_message(&e))),
+    }
+}
+
+/// A name RabbitMQ can take (at most 255 bytes), or the topology cannot be declared.
+fn name(s: &str) -> Result<lapin::types::ShortString, AmqpError> {
+    super::short_name(s, &format!("name `{s}`")).map_err(|e| AmqpError::Topology(e.to_string()))
 }
 
 fn durability(durable: bool) -> &'static str {

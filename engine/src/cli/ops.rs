@@ -248,7 +248,7 @@ impl Destination {
                     // A CSV row travels as the record it was read into: RabbitMQ readers get JSON.
                     let body = h.parsed.clone().map(String::into_bytes).unwrap_or(m.body);
                     let props = lapin::BasicProperties::default()
-                        .with_message_id(m.message_id.as_str().into())
+                        .with_message_id(switchyard::amqp::short_id(&m.message_id))
                         .with_content_type("application/json".into())
                         .with_delivery_mode(2);
                     confirms.push(session.publish.publish(queue, "", true, &body, props).await.map_err(|e| e.to_string())?);

@@ -484,6 +484,12 @@ impl Pipeline {
                         None => diags.push(no_broker(cx, c.raw.node.span, &format!("sinks.{name}"))),
                         Some(b) => {
                             if let Some(t) = diags.take_all(crate::amqp::publish::PublishTarget::build(a, &format!("sinks.{name}"), cx)) {
+                                if let Some(x) = t.fixed_exchange()
+                                    && !x.starts_with("amq.")
+                                    && !b.topology.exchanges.iter().any(|e| e.name == x)
+                                {
+                                    Arc::make_mut(&mut b.topology).expected_exchanges.push(x.to_string());
+                                }
                                 b.targets.insert(name.clone(), t);
                             }
                         }
@@ -491,6 +497,20 @@ impl Pipeline {
                 }
                 if let SinkConfig::Queue(q) = &s {
                     check_queue_name(&q.queue, &format!("sinks.{name}.queue"), cx, &mut diags);
+                    // Outputs of a RabbitMQ-fed pipeline are acknowledged through the broker; the
+                    // embedded queues are written in the store's commits. With SWITCHYARD_BROKER
+                    // set, queues are RabbitMQ's too.
+                    if matches!(source, Some(SourceConfig::Amqp(_))) && cx.shared.env.var(BROKER_SETTING).is_none_or(|u| u.trim().is_empty()) {
+                        diags.push(
+                            cx.diag(
+                                DiagCode::Conflict,
+                                q.queue.span,
+                                &format!("sinks.{name}.queue"),
+                                "a pipeline with an `amqp` source cannot write an embedded `queue`",
+                            )
+                            .hint("publish with an `amqp` sink instead, or set SWITCHYARD_BROKER so that queues are RabbitMQ's"),
+                        );
+                    }
                     if let Some(SourceConfig::Queue(src)) = &source
                         && src.queue.value == q.queue.value
                     {

@@ -77,7 +77,6 @@ pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<()
         shared.amqp_consuming.fetch_sub(1, Ordering::SeqCst);
         shared.ingesting.fetch_sub(1, Ordering::SeqCst);
     }
-    broker.close().await;
     result
 }
 
@@ -94,7 +93,12 @@ async fn consume(
     channel.basic_qos(plan.prefetch, BasicQosOptions::default()).await.map_err(lost)?;
     let tag = format!("switchyard-{}-{}-{}", run.pipeline.name, std::process::id(), session.generation);
     let mut consumer = channel
-        .basic_consume(plan.queue.as_str().into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            crate::amqp::short_name(&plan.queue, "queue name")?,
+            crate::amqp::short_id(&tag),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .map_err(lost)?;
     tracing::info!(pipeline = %run.pipeline.name, queue = %plan.queue, broker = %broker.shown_url(), "consuming");
@@ -175,7 +179,7 @@ async fn consume(
         }
     }
     if result.is_ok() {
-        let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+        let _ = channel.basic_cancel(crate::amqp::short_id(&tag), BasicCancelOptions::default()).await;
         let _ = channel.close(200, "stopping".into()).await;
     }
     result
@@ -185,7 +189,7 @@ async fn consume(
 async fn drained(channel: &Channel, plan: &SourcePlan) -> Result<bool, AmqpError> {
     for q in std::iter::once(&plan.queue).chain(plan.retries.iter().map(|r| &r.queue)) {
         let declared = channel
-            .queue_declare(q.as_str().into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+            .queue_declare(crate::amqp::short_name(q, "queue name")?, QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
             .await
             .map_err(|e| AmqpError::Lost(lapin_message(&e)))?;
         if declared.message_count() > 0 {
@@ -209,21 +213,27 @@ fn attempt_of(d: &Delivery, plan: &SourcePlan) -> u32 {
                 _ => continue,
             };
             if plan.retries.iter().any(|r| r.queue == queue) {
-                retried += match t.inner().get("count") {
-                    Some(AMQPValue::LongLongInt(n)) => *n as u64,
-                    Some(AMQPValue::LongInt(n)) => *n as u64,
+                retried = retried.saturating_add(match t.inner().get("count") {
+                    Some(AMQPValue::LongLongInt(n)) => (*n).max(0) as u64,
+                    Some(AMQPValue::LongInt(n)) => (*n).max(0) as u64,
                     Some(AMQPValue::LongUInt(n)) => u64::from(*n),
                     _ => 1,
-                };
+                });
             }
         }
     }
     let delivered = match h.inner().get("x-delivery-count") {
-        Some(AMQPValue::LongLongInt(n)) => *n as u64,
-        Some(AMQPValue::LongInt(n)) => *n as u64,
+        Some(AMQPValue::LongLongInt(n)) => (*n).max(0) as u64,
+        Some(AMQPValue::LongInt(n)) => (*n).max(0) as u64,
         _ => 0,
     };
-    (retried.max(delivered) + 1).min(u64::from(u32::MAX)) as u32
+    // Our own count, stamped on each retry: brokers have not always kept a client's x-death.
+    let stamped = match h.inner().get(headers::ATTEMPT) {
+        Some(AMQPValue::LongLongInt(n)) => (*n).max(0) as u64,
+        Some(AMQPValue::LongString(s)) => s.to_string().parse().unwrap_or(0),
+        _ => 0,
+    };
+    retried.max(delivered).saturating_add(1).max(stamped).clamp(1, u64::from(u32::MAX)) as u32
 }
 
 fn text(v: &AMQPValue) -> Option<String> {
@@ -382,11 +392,13 @@ async fn settle(
     let mut second = Vec::new();
     for item in &mut batch {
         let Some(why) = item.failed.clone() else { continue };
-        let retry = plan.retries.get(item.attempt as usize - 1);
+        let retry = plan.retries.get((item.attempt as usize).saturating_sub(1));
         let confirm = match retry {
             Some(tier) => {
                 tracing::warn!(pipeline = %p.name, attempt = item.attempt, retry_in = ?tier.delay, error = %why, "a sink failed; the message will be retried");
-                let props = item.delivery.properties.clone();
+                let mut h = item.delivery.properties.headers().clone().unwrap_or_default();
+                h.insert(headers::ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(item.attempt) + 1));
+                let props = item.delivery.properties.clone().with_headers(h);
                 publisher.publish("", &tier.queue, true, &item.delivery.data, props).await?
             }
             None => {
@@ -417,7 +429,10 @@ async fn settle(
             .await
             .map_err(|e| AmqpError::Lost(format!("cannot record the file sinks' lengths: {e}")))?;
     }
-    last_acker.ack(BasicAckOptions { multiple: true }).await.map_err(|e| AmqpError::Lost(lapin_message(&e)))?;
+    // `false`: the channel is gone, the broker delivers the batch again.
+    if !last_acker.ack(BasicAckOptions { multiple: true }).await.map_err(|e| AmqpError::Lost(lapin_message(&e)))? {
+        return Err(AmqpError::Lost("the channel closed before the batch was acknowledged".into()));
+    }
     let s = &run.stats;
     s.retried.fetch_add(retried, Ordering::Relaxed);
     for item in batch {
@@ -460,8 +475,8 @@ async fn dead_letter(publisher: &Publisher, plan: &SourcePlan, d: &Delivery, rec
         .clone()
         .with_headers(table)
         .with_delivery_mode(2)
-        .with_message_id(record.message_id.as_str().into())
-        .with_correlation_id(record.correlation_id.as_str().into());
+        .with_message_id(crate::amqp::short_id(&record.message_id))
+        .with_correlation_id(crate::amqp::short_id(&record.correlation_id));
     publisher.publish("", &plan.dead_letter_queue, true, &d.data, props).await
 }
 

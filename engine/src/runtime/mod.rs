@@ -433,6 +433,12 @@ impl Runtime {
             }
         }
         forwarder.abort();
+        // Every worker of a pipeline is done with its connection only now.
+        for run in &self.runs {
+            if let Some(b) = &run.broker {
+                b.close().await;
+            }
+        }
         for run in &self.runs {
             for s in &run.sinks {
                 if let RuntimeSink::External(sink) = s

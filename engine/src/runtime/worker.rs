@@ -104,6 +104,14 @@ pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<()
             if *shutdown.borrow() && next.is_none() {
                 return Ok(());
             }
+            // RabbitMQ down: wait for it here (backoff and jitter) rather than spend the
+            // messages' attempts on a sink that cannot be reached.
+            if next.is_none()
+                && let Some(b) = &run.broker
+                && b.session_retrying(&mut shutdown).await.is_none()
+            {
+                return Ok(());
+            }
             if next.is_none()
                 && let Some(queue) = back_pressure.blocked_by(&run, &shared).await?
             {
@@ -281,6 +289,8 @@ async fn process_batch(run: &PipelineRun, batch: Vec<Leased>) -> (Vec<Settlement
     // Per settlement: the message's envelope and the outside sinks it wrote, which must hold the
     // output before the commit.
     let mut wrote_outside: Vec<Option<(crate::message::Metadata, Vec<usize>)>> = Vec::with_capacity(batch.len());
+    // RabbitMQ sinks: each publish's confirm, with its message (index) and sink, awaited below.
+    let mut confirms: Vec<(usize, usize, crate::amqp::publish::Confirm)> = Vec::new();
     for leased in &batch {
         let input = Some((leased.id, leased.attempts));
         let raw = to_raw(leased);
@@ -321,12 +331,22 @@ async fn process_batch(run: &PipelineRun, batch: Vec<Leased>) -> (Vec<Settlement
                                 body: format.render(&output),
                             },
                         )),
-                        RuntimeSink::External(sink) => match sink.write(&output).await {
-                            Ok(()) => outside.push(i),
-                            Err(e) => {
-                                failed = Some(format!("sink `{}`: {e}", p.sink_name(i)));
-                                break;
-                            }
+                        RuntimeSink::External(sink) => match sink.as_amqp() {
+                            // Confirms are this batch's own: never another worker's flush.
+                            Some(amqp) => match amqp.send(&output).await {
+                                Ok(c) => confirms.push((settlements.len(), i, c)),
+                                Err(e) => {
+                                    failed = Some(format!("sink `{}`: {e}", p.sink_name(i)));
+                                    break;
+                                }
+                            },
+                            None => match sink.write(&output).await {
+                                Ok(()) => outside.push(i),
+                                Err(e) => {
+                                    failed = Some(format!("sink `{}`: {e}", p.sink_name(i)));
+                                    break;
+                                }
+                            },
                         },
                     }
                 }
@@ -357,6 +377,23 @@ async fn process_batch(run: &PipelineRun, batch: Vec<Leased>) -> (Vec<Settlement
                 Ok(()) => marks.extend(sink.mark()),
                 Err(e) => flush_failed.push((i, format!("sink `{}`: {e}", p.sink_name(i)))),
             }
+        }
+    }
+    let mut refused: Vec<(usize, String)> = Vec::new();
+    for (k, i, c) in confirms {
+        if let Err(e) = crate::amqp::publish::confirmed(c).await
+            && !refused.iter().any(|(r, _)| *r == k)
+        {
+            refused.push((k, format!("sink `{}`: {e}", p.sink_name(i))));
+        }
+    }
+    for (k, message) in refused {
+        // Still `Done` (not already a sink failure): the publish was refused after the fact.
+        if matches!(settlements[k].outcome, Settle::Done { .. })
+            && let Some((metadata, _)) = wrote_outside[k].clone()
+        {
+            (settlements[k], counted[k]) = sink_failure(p, &batch[k], metadata, message);
+            wrote_outside[k] = None;
         }
     }
     if !flush_failed.is_empty() {
