@@ -211,3 +211,87 @@ sinks:
         }
     });
 }
+
+/// A sink exchange that does not exist: a fixed one stops the run at start, saying which; a
+/// rendered one is a sink failure for the messages that name it (retried, then dead-lettered),
+/// while the others go through.
+#[test]
+fn missing_exchanges_are_said_at_start_or_dead_lettered() {
+    let Some(url) = broker_url() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let p = format!("mx{}x{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis());
+    let write = |name: &str, sink: &str| {
+        let text = format!(
+            r#"apiVersion: switchyard/v1
+kind: Pipeline
+name: {name}
+version: "1"
+description: publishes to exchanges that may not exist
+owner: tests
+broker:
+  url: {url}
+  topology:
+    exchanges: [{{name: {p}.real, type: fanout}}]
+    queues: [{{name: {p}.out}}, {{name: {p}.work}}]
+    bindings: [{{exchange: {p}.real, queue: {p}.out}}]
+source: {{type: amqp, queue: {p}.work, retry: {{delays: [100ms]}}}}
+sinks:
+  out: {sink}
+"#
+        );
+        std::fs::write(dir.path().join(format!("{name}.yaml")), text).unwrap();
+    };
+    let run = |file: &str| {
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["run", file, "--once"])
+            .current_dir(dir.path())
+            .env("SWITCHYARD_DATA_DIR", dir.path().join("data"))
+            .env("RUST_LOG", "error")
+            .output()
+            .unwrap()
+    };
+    write("fixed", &format!("{{type: amqp, exchange: {p}.missing}}"));
+    let out = run("fixed.yaml");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains(&format!("exchange `{p}.missing`, which does not exist")), "{said}");
+
+    write("rendered", &format!("{{type: amqp, exchange: \"{p}.{{$.to}}\"}}"));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(Default::default()).await.unwrap();
+        for i in 0..100 {
+            let body = format!("{{\"seq\": {i}, \"to\": \"{}\"}}", if i % 10 == 0 { "missing" } else { "real" });
+            ch.basic_publish("".into(), format!("{p}.work").as_str().into(), Default::default(), body.as_bytes(), Default::default())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    });
+    let out = run("rendered.yaml");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("total: 100 in = 90 routed + 10 exceptions"), "{said}");
+    rt.block_on(async {
+        let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let count = |q: String| {
+            let ch = ch.clone();
+            async move {
+                ch.queue_declare(q.as_str().into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+                    .await
+                    .unwrap()
+                    .message_count()
+            }
+        };
+        assert_eq!(count(format!("{p}.out")).await, 90);
+        assert_eq!(count(format!("{p}.work.dlq")).await, 10);
+        for q in [format!("{p}.out"), format!("{p}.work"), format!("{p}.work.retry.100ms"), format!("{p}.work.dlq")] {
+            let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+        }
+        let _ = ch.exchange_delete(format!("{p}.real").as_str().into(), ExchangeDeleteOptions::default()).await;
+    });
+}
