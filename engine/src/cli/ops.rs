@@ -67,7 +67,10 @@ fn print_summary(s: &Summary, version: &str, file: &Path) {
     for (sink, n) in &s.outputs {
         eprintln!("    {sink:<22} {n:>6}  -> {}", s.targets[sink]);
     }
-    eprintln!("  exceptions  {:>6}  -> `switchyard exceptions list --pipeline {}`", s.exception_count(), s.pipeline);
+    match &s.dead_letter_queue {
+        Some(q) => eprintln!("  exceptions  {:>6}  -> RabbitMQ dead-letter queue {q}", s.exception_count()),
+        None => eprintln!("  exceptions  {:>6}  -> `switchyard exceptions list --pipeline {}`", s.exception_count(), s.pipeline),
+    }
     for (reason, n) in &s.exceptions {
         eprintln!("    {reason:<22} {n:>6}");
     }

@@ -500,7 +500,9 @@ impl Pipeline {
                     // Outputs of a RabbitMQ-fed pipeline are acknowledged through the broker; the
                     // embedded queues are written in the store's commits. With SWITCHYARD_BROKER
                     // set, queues are RabbitMQ's too.
-                    if matches!(source, Some(SourceConfig::Amqp(_))) && cx.shared.env.var(BROKER_SETTING).is_none_or(|u| u.trim().is_empty()) {
+                    if matches!(source, Some(SourceConfig::Amqp(_)))
+                        && cx.shared.env.var(BROKER_SETTING).is_none_or(|u| u.trim().is_empty())
+                    {
                         diags.push(
                             cx.diag(
                                 DiagCode::Conflict,

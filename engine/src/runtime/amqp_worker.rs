@@ -189,7 +189,11 @@ async fn consume(
 async fn drained(channel: &Channel, plan: &SourcePlan) -> Result<bool, AmqpError> {
     for q in std::iter::once(&plan.queue).chain(plan.retries.iter().map(|r| &r.queue)) {
         let declared = channel
-            .queue_declare(crate::amqp::short_name(q, "queue name")?, QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+            .queue_declare(
+                crate::amqp::short_name(q, "queue name")?,
+                QueueDeclareOptions { passive: true, ..Default::default() },
+                FieldTable::default(),
+            )
             .await
             .map_err(|e| AmqpError::Lost(lapin_message(&e)))?;
         if declared.message_count() > 0 {

@@ -72,6 +72,8 @@ pub struct Summary {
     pub targets: IndexMap<String, String>,
     /// Where the pipeline reads: a queue, or its inbox and the files behind it.
     pub input: String,
+    /// Where its exception records go when not to the store: a RabbitMQ dead-letter queue.
+    pub dead_letter_queue: Option<String>,
 }
 
 impl Summary {
@@ -143,6 +145,7 @@ impl PipelineRun {
             routed: self.stats.routed.load(Ordering::Relaxed),
             retried: self.stats.retried.load(Ordering::Relaxed),
             exceptions: self.stats.exceptions.lock().expect("stats lock").clone(),
+            dead_letter_queue: p.broker.as_ref().and_then(|b| b.source.as_ref()).map(|s| s.dead_letter_queue.clone()),
             input: match &p.source {
                 SourceConfig::Queue(q) => format!("queue {}", q.queue.value),
                 SourceConfig::File(f) => {
