@@ -466,46 +466,44 @@ fn broker_faults_lose_no_message() {
     let _alone = BROKER.write().unwrap_or_else(|e| e.into_inner());
 
     // b. close_all_connections, three times while messages flow.
-    let scene = Scene::new("close", 10, 5);
+    let dup = through_faults(&Scene::new("close", 10, 5), &[8_500, 6_000, 3_500], |scene, _engine, left| {
+        rabbitmqctl(&["close_all_connections", "amqp_faults test"]);
+        println!("close: closed every connection with {left} message(s) in the queue, {} written", written(&[scene.done("c1")]));
+    });
+    println!("close: {dup} duplicate(s)");
+
+    // c. stop_app, 2 s, start_app while messages flow.
+    let dup = through_faults(&Scene::new("restart", 10, 5), &[7_000], |scene, _engine, left| {
+        let _back = BrokerBack;
+        rabbitmqctl(&["stop_app"]);
+        println!("restart: broker application stopped with {left} message(s) in the queue, {} written", written(&[scene.done("c1")]));
+        std::thread::sleep(Duration::from_secs(2));
+    });
+    println!("restart: {dup} duplicate(s)");
+}
+
+/// Feeds the scene and starts its consumer `c1`; each time the work queue goes down to one of
+/// `at`, `fault` strikes. A fault counts as mid-flow when messages were still waiting (a slow
+/// look at a busy machine may see the queue empty at the last one): at least two must be, or
+/// the only one. Then every message must come through, none lost; returns the duplicates.
+fn through_faults(scene: &Scene, at: &[u64], mut fault: impl FnMut(&Scene, &mut Engine, u64)) -> usize {
     let started = Instant::now();
     scene.feed_all();
     let files = [scene.done("c1")];
     let mut engine = scene.consumer("c1");
     let mut mid_flow = 0;
-    for at in [8_500, 6_000, 3_500] {
-        let left = wait_left(&scene, at, started);
+    for &a in at {
+        let left = wait_left(scene, a, started);
         mid_flow += usize::from(left > 0);
-        rabbitmqctl(&["close_all_connections", "amqp_faults test"]);
-        println!("close: closed every connection with {left} message(s) in the queue, {} written", written(&files));
+        fault(scene, &mut engine, left);
     }
-    assert!(mid_flow >= 2, "connections were closed while messages were flowing at least twice");
-    wait_through(&scene, &files, started);
-    assert!(engine.running(), "the engine reconnected instead of exiting: {}", log(&scene.data("c1")));
+    assert!(mid_flow >= at.len().min(2), "the faults struck while messages were flowing");
+    wait_through(scene, &files, started);
+    assert!(engine.running(), "the engine is still running (it reconnected instead of exiting): {}", log(&scene.data("c1")));
     engine.stop();
-    let dup = check(&scene, &files, true);
-    println!("close: {dup} duplicate(s) in {:?}", started.elapsed());
-    drop(scene);
-
-    // c. stop_app, 2 s, start_app while messages flow.
-    let scene = Scene::new("restart", 10, 5);
-    let started = Instant::now();
-    scene.feed_all();
-    let files = [scene.done("c1")];
-    let mut engine = scene.consumer("c1");
-    let left = wait_left(&scene, 7_000, started);
-    assert!(left > 0, "messages are still flowing");
-    {
-        let _back = BrokerBack;
-        rabbitmqctl(&["stop_app"]);
-        println!("restart: broker application stopped with {left} message(s) in the queue, {} written", written(&files));
-        std::thread::sleep(Duration::from_secs(2));
-    }
-    println!("restart: broker back after {:?}", started.elapsed());
-    wait_through(&scene, &files, started);
-    assert!(engine.running(), "the engine reconnected instead of exiting: {}", log(&scene.data("c1")));
-    engine.stop();
-    let dup = check(&scene, &files, true);
-    println!("restart: {dup} duplicate(s) in {:?}", started.elapsed());
+    let dup = check(scene, &files, true);
+    println!("{dup} duplicate(s) in {:?}", started.elapsed());
+    dup
 }
 
 /// d. The consumer engine is SIGKILLed three times mid-flow and restarted.
@@ -515,26 +513,12 @@ fn sigkill_consumer_loses_no_message() {
         return;
     }
     let _shared = pause_broker_tests();
-    let scene = Scene::new("sigkill", 10, 5);
-    let started = Instant::now();
-    scene.feed_all();
-    let files = [scene.done("c1")];
-    let mut engine = scene.consumer("c1");
-    // A kill counts as mid-flow when messages were still waiting; a slow look at the queue (the
-    // machine busy) may see it empty at the last one.
-    let mut mid_flow = 0;
-    for at in [8_500, 6_000, 3_500] {
-        let left = wait_left(&scene, at, started);
-        mid_flow += usize::from(left > 0);
+    let dup = through_faults(&Scene::new("sigkill", 10, 5), &[8_500, 6_000, 3_500], |scene, engine, left| {
         engine.sigkill();
-        println!("sigkill: killed with {left} message(s) in the queue, {} written", written(&files));
-        engine = scene.consumer("c1");
-    }
-    assert!(mid_flow >= 2, "the engine was killed while messages were flowing at least twice");
-    wait_through(&scene, &files, started);
-    engine.stop();
-    let dup = check(&scene, &files, true);
-    println!("sigkill: {dup} duplicate(s) in {:?}", started.elapsed());
+        println!("sigkill: killed with {left} message(s) in the queue, {} written", written(&[scene.done("c1")]));
+        *engine = scene.consumer("c1");
+    });
+    println!("sigkill: {dup} duplicate(s)");
 }
 
 /// e. Two, then three engines consume the same queue: every message once, each did some work.

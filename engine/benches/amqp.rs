@@ -22,6 +22,8 @@
 //! `BENCH_ORDERS` (default 100000), `BENCH_RUNS` (default 3) and `SWITCHYARD_AMQP_URL` narrow or
 //! redirect a run.
 
+mod common;
+use common::{bin, repo, workload};
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
@@ -30,37 +32,13 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
-}
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_switchyard")
-}
-
 fn url() -> String {
     std::env::var("SWITCHYARD_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-fn workload(n: usize) -> PathBuf {
-    let out = repo().join(format!("target/bench-orders-{n}.jsonl"));
-    if !out.exists() {
-        let status = Command::new("python3")
-            .arg(repo().join("engine/benches/gen_orders.py"))
-            .arg(n.to_string())
-            .arg(&out)
-            .stdout(Stdio::null())
-            .status()
-            .expect("python3 runs gen_orders.py");
-        assert!(status.success(), "gen_orders.py failed");
-    }
-    out
 }
 
 /// What the checks need from an input order.
@@ -312,9 +290,10 @@ async fn verify(conn: &Connection, q: &Queues, expect: &HashMap<String, Expect>,
             let (id, country) = if engine {
                 let id = v["order_id"].as_str().ok_or("no order_id")?.to_string();
                 let e = expect.get(&id).ok_or_else(|| format!("unknown order {id}"))?;
-                let total: f64 = v["totals"]["total"]["amount"].as_str().ok_or("no total")?.parse()?;
-                let want: f64 = e.total.parse()?;
-                if (total - want).abs() > 0.001
+                // Money is compared as decimals, to the cent: "12.50" and "12.5" are one amount.
+                let total: rust_decimal::Decimal = v["totals"]["total"]["amount"].as_str().ok_or("no total")?.parse()?;
+                let want: rust_decimal::Decimal = e.total.parse()?;
+                if total != want
                     || v["currency"] != e.currency.as_str()
                     || v["totals"]["total"]["currency"] != e.currency.as_str()
                     || v["channel"] != "shopify"

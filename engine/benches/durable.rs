@@ -13,34 +13,13 @@
 //!
 //! `BENCH_ORDERS` (default 100000) and `BENCH_SCENARIOS` (e.g. `1,2`) narrow a run.
 
+mod common;
+use common::{bin, repo, workload};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use switchyard::store::{self, Durability, NewMessage, Store};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
-}
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_switchyard")
-}
-
-fn workload(n: usize) -> PathBuf {
-    let out = repo().join(format!("target/bench-orders-{n}.jsonl"));
-    if !out.exists() {
-        let status = Command::new("python3")
-            .arg(repo().join("engine/benches/gen_orders.py"))
-            .arg(n.to_string())
-            .arg(&out)
-            .stdout(Stdio::null())
-            .status()
-            .expect("python3 runs gen_orders.py");
-        assert!(status.success(), "gen_orders.py failed");
-    }
-    out
-}
 
 /// Runs a command under GNU time: (wall seconds, peak RSS in MiB, stderr).
 fn timed(args: &[&str], data: &Path, env: &[(&str, &str)]) -> (f64, f64, String) {

@@ -175,14 +175,18 @@ fn render(diags: &[Diagnostic]) -> String {
     out
 }
 
+/// Loads the pipelines under `paths`; a path that cannot be read is exit code 2.
+fn load_paths(paths: &[PathBuf]) -> Result<load::Loaded, ExitCode> {
+    load::load_all(paths, &Shared::with_process_env()).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(2)
+    })
+}
+
 fn cmd_topology(paths: Vec<PathBuf>) -> ExitCode {
-    let shared = Shared::with_process_env();
-    let loaded = match load::load_all(&default_paths(paths), &shared) {
+    let loaded = match load_paths(&default_paths(paths)) {
         Ok(l) => l,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     if !loaded.diagnostics.is_empty() {
         eprint!("{}", render(&loaded.diagnostics));
@@ -217,13 +221,9 @@ fn cmd_topology(paths: Vec<PathBuf>) -> ExitCode {
 }
 
 fn cmd_validate(paths: Vec<PathBuf>, format: OutputFormat) -> ExitCode {
-    let shared = Shared::with_process_env();
-    let loaded = match load::load_all(&default_paths(paths), &shared) {
+    let loaded = match load_paths(&default_paths(paths)) {
         Ok(l) => l,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let bad_files: std::collections::BTreeSet<String> = loaded.diagnostics.iter().map(|d| d.source.path.display().to_string()).collect();
     match format {
@@ -345,14 +345,10 @@ fn write_junit(results: &[testing::FileResult], path: &PathBuf) -> Result<(), Bo
 }
 
 fn cmd_run(paths: Vec<PathBuf>, once: bool, data_dir: PathBuf) -> ExitCode {
-    let shared = Shared::with_process_env();
     let paths = default_paths(paths);
-    let loaded = match load::load_all(&paths, &shared) {
+    let loaded = match load_paths(&paths) {
         Ok(l) => l,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     if !loaded.diagnostics.is_empty() {
         eprint!("{}", render(&loaded.diagnostics));

@@ -5,7 +5,7 @@
 //! batch. A lost connection or a consumer cancelled by the broker leads to a new connection and
 //! a new consumer; what was not acknowledged comes back from the broker.
 
-use super::{PipelineRun, RunError, Shared, process_guarded};
+use super::{Counted, PipelineRun, RunError, Shared, process_guarded};
 use crate::amqp::publish::{Confirm, Publisher, confirmed, headers};
 use crate::amqp::topology::SourcePlan;
 use crate::amqp::{AmqpError, Broker, Session, lapin_message};
@@ -38,12 +38,6 @@ struct InBatch {
     failed: Option<String>,
     counted: Counted,
     attempt: u32,
-}
-
-#[derive(Debug, Clone)]
-enum Counted {
-    Routed(Vec<usize>),
-    Exception(String),
 }
 
 pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<(), RunError> {
@@ -437,21 +431,11 @@ async fn settle(
     if !last_acker.ack(BasicAckOptions { multiple: true }).await.map_err(|e| AmqpError::Lost(lapin_message(&e)))? {
         return Err(AmqpError::Lost("the channel closed before the batch was acknowledged".into()));
     }
-    let s = &run.stats;
-    s.retried.fetch_add(retried, Ordering::Relaxed);
+    run.stats.retried.fetch_add(retried, Ordering::Relaxed);
     for item in batch {
-        if item.failed.is_some() && !matches!(item.counted, Counted::Exception(_)) {
-            continue;
-        }
-        s.received.fetch_add(1, Ordering::Relaxed);
-        match item.counted {
-            Counted::Routed(sinks) => {
-                s.routed.fetch_add(1, Ordering::Relaxed);
-                for i in sinks {
-                    s.outputs[i].fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            Counted::Exception(r) => *s.exceptions.lock().expect("stats lock").entry(r).or_default() += 1,
+        // One sent to a retry queue is counted when it comes back.
+        if item.failed.is_none() || matches!(item.counted, Counted::Exception(_)) {
+            run.stats.count(item.counted);
         }
     }
     Ok(())

@@ -93,6 +93,37 @@ struct Stats {
     exceptions: Mutex<BTreeMap<String, u64>>,
 }
 
+/// What one settled message adds to the counters.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Counted {
+    /// Routed to these sinks.
+    Routed(Vec<usize>),
+    Exception(String),
+    /// Given back for a later attempt.
+    Retried,
+}
+
+impl Stats {
+    fn count(&self, c: Counted) {
+        match c {
+            Counted::Routed(sinks) => {
+                self.received.fetch_add(1, Ordering::Relaxed);
+                self.routed.fetch_add(1, Ordering::Relaxed);
+                for i in sinks {
+                    self.outputs[i].fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Counted::Exception(r) => {
+                self.received.fetch_add(1, Ordering::Relaxed);
+                *self.exceptions.lock().expect("stats lock").entry(r).or_default() += 1;
+            }
+            Counted::Retried => {
+                self.retried.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 /// A sink as the runtime drives it.
 pub(crate) enum RuntimeSink {
     /// Written in the store commit that settles the input.

@@ -3,7 +3,7 @@
 //! commits are in the writer's hands; they commit in order, so a worker keeps its queue's order.
 
 use super::envelope::{StoredHeaders, to_raw};
-use super::{PipelineRun, RunError, RuntimeSink, Shared, process_guarded};
+use super::{Counted, PipelineRun, RunError, RuntimeSink, Shared, process_guarded};
 use crate::message::{ErrorDetail, ExceptionRecord, Failure, Stage, reason};
 use crate::pipeline::{Outcome, Pipeline};
 use crate::store::{self, ExceptionRow, Leased, NewMessage, Pending, Settle, SettleReport, Settlement, Target, now_micros};
@@ -11,15 +11,6 @@ use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-
-/// What one settlement adds to the counters once its commit is through.
-#[derive(Debug, Clone, PartialEq)]
-enum Counted {
-    /// Routed to these sinks.
-    Routed(Vec<usize>),
-    Exception(String),
-    Retried,
-}
 
 /// A batch on its way to the store.
 struct InCommit {
@@ -224,26 +215,9 @@ async fn finish(run: &PipelineRun, shared: &Shared, pending: &mut VecDeque<InCom
                 "messages took longer than the visibility timeout and went to another consumer; raise `runtime.visibility_timeout`");
         }
         let lost: BTreeSet<usize> = report.lost_leases.into_iter().collect();
-        let s = &run.stats;
         for (i, c) in counted.into_iter().enumerate() {
-            if lost.contains(&i) {
-                continue;
-            }
-            match c {
-                Counted::Routed(sinks) => {
-                    s.received.fetch_add(1, Ordering::Relaxed);
-                    s.routed.fetch_add(1, Ordering::Relaxed);
-                    for i in sinks {
-                        s.outputs[i].fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                Counted::Exception(r) => {
-                    s.received.fetch_add(1, Ordering::Relaxed);
-                    *s.exceptions.lock().expect("stats lock").entry(r).or_default() += 1;
-                }
-                Counted::Retried => {
-                    s.retried.fetch_add(1, Ordering::Relaxed);
-                }
+            if !lost.contains(&i) {
+                run.stats.count(c);
             }
         }
     }
