@@ -90,28 +90,78 @@ fn one_setting_moves_the_queues_between_pipelines_onto_rabbitmq() {
         }
         assert_eq!(reasons.len(), 11, "the multiples of 97 are dead-lettered");
         assert!(reasons.iter().all(|r| r == "unlucky_number"), "{reasons:?}");
-        // Clean up what the run declared.
-        for queue in ["in", "mid1", "mid2"] {
-            let pipeline = match queue {
-                "in" => "crash-a",
-                "mid1" => "crash-b",
-                _ => "crash-c",
-            };
-            let base = format!("{prefix}.{queue}.{pipeline}");
-            for q in
-                [base.clone(), format!("{base}.retry.1s"), format!("{base}.retry.10s"), format!("{base}.retry.1m"), format!("{base}.dlq")]
-            {
-                let left = ch
-                    .queue_declare(q.as_str().into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
-                    .await;
-                if let Ok(left) = left {
-                    assert_eq!(left.message_count(), 0, "{q} is empty");
-                }
-                let ch2 = conn.create_channel().await.unwrap();
-                let _ = ch2.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+        clean_up(&conn, &prefix, &[("in", "crash-a"), ("mid1", "crash-b"), ("mid2", "crash-c")]).await;
+    });
+}
+
+/// Checks that each queue the `SWITCHYARD_BROKER` runs declared for `(queue, pipeline)` is empty,
+/// then deletes them and the queue's exchange.
+async fn clean_up(conn: &lapin::Connection, prefix: &str, readers: &[(&str, &str)]) {
+    let ch = conn.create_channel().await.unwrap();
+    for (queue, pipeline) in readers {
+        let base = format!("{prefix}.{queue}.{pipeline}");
+        for q in [base.clone(), format!("{base}.retry.1s"), format!("{base}.retry.10s"), format!("{base}.retry.1m"), format!("{base}.dlq")]
+        {
+            let left = ch
+                .queue_declare(q.as_str().into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+                .await;
+            if let Ok(left) = left {
+                assert_eq!(left.message_count(), 0, "{q} is empty");
             }
-            let _ = ch.exchange_delete(format!("{prefix}.{queue}").as_str().into(), ExchangeDeleteOptions::default()).await;
+            let ch2 = conn.create_channel().await.unwrap();
+            let _ = ch2.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
         }
+        let _ = ch.exchange_delete(format!("{prefix}.{queue}").as_str().into(), ExchangeDeleteOptions::default()).await;
+    }
+}
+
+/// Duplicate stopping over RabbitMQ: the relay's key travels in the message (as its message id
+/// and a header), the downstream pipeline drops the duplicate and acknowledges it, and a second
+/// run remembers the keys delivered in the first.
+#[test]
+fn duplicates_are_stopped_by_the_upstream_key_over_rabbitmq() {
+    let Some(url) = broker_url() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let prefix =
+        format!("bi{}x{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis());
+    for f in ["idem-relay.yaml", "idem-downstream.yaml"] {
+        let text = std::fs::read_to_string(repo().join("tests/runtime/idempotency").join(f)).unwrap();
+        std::fs::write(dir.path().join(f), text.replace("queue: idem.", &format!("queue: {prefix}."))).unwrap();
+    }
+    let ok = |args: &[&str]| {
+        let out = switchyard(dir.path(), &url, args);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let posted = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(dir.path().join("data/out/idem/posted.ndjson"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    ok(&["run", ".", "--once"]);
+    std::fs::write(dir.path().join("in.ndjson"), "{\"id\":\"x1\"}\n{\"id\":\"x1\"}\n{\"id\":\"x2\"}\n").unwrap();
+    ok(&["send", &format!("{prefix}.relay.in"), "in.ndjson"]);
+    let said = ok(&["run", ".", "--once"]);
+    assert!(said.contains("duplicates       1"), "{said}");
+    let first: Vec<(String, String)> = posted()
+        .iter()
+        .map(|m| (m["payload"]["id"].as_str().unwrap().to_string(), m["metadata"]["message_id"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(first, [("x1".to_string(), "erp:x1".to_string()), ("x2".to_string(), "erp:x2".to_string())], "the key is the message id");
+
+    std::fs::write(dir.path().join("again.ndjson"), "{\"id\":\"x2\"}\n{\"id\":\"x3\"}\n").unwrap();
+    ok(&["send", &format!("{prefix}.relay.in"), "again.ndjson"]);
+    let said = ok(&["run", ".", "--once"]);
+    assert!(said.contains("duplicates       1"), "x2 was delivered in the first run: {said}");
+    let ids: Vec<String> = posted().iter().map(|m| m["payload"]["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(ids, ["x1", "x2", "x3"]);
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await.unwrap();
+        clean_up(&conn, &prefix, &[("relay.in", "idem-relay"), ("keyed", "idem-downstream")]).await;
     });
 }
 

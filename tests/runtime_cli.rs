@@ -106,9 +106,12 @@ fn ndjson(path: &Path) -> Vec<Value> {
     }
 }
 
-/// The `id`s of the records of an NDJSON output, in order.
+/// The `id`s of the records of an NDJSON output (payloads, or envelopes around them), in order.
 fn ids(path: &Path) -> Vec<String> {
-    ndjson(path).iter().map(|v| v["id"].as_str().unwrap_or_else(|| panic!("an id in {v}")).to_string()).collect()
+    ndjson(path)
+        .iter()
+        .map(|v| v["id"].as_str().or(v["payload"]["id"].as_str()).unwrap_or_else(|| panic!("an id in {v}")).to_string())
+        .collect()
 }
 
 fn count(ids: &[String], id: &str) -> usize {
@@ -764,4 +767,103 @@ fn checkpoints_do_not_depend_on_how_the_pipeline_is_named_or_the_working_directo
     .stderr;
     assert_eq!((totals(&again), totals(&from_folder)), ([0, 0, 0], [0, 0, 0]), "the files were already read:\n{again}\n{from_folder}");
     assert_eq!(ids(&data.join("out/relative/files.ndjson")), ["r1", "r2"], "each line delivered once");
+}
+
+/// The count on a pipeline's `word` line of a run summary (0 when the line is not there).
+fn summary_count(summary: &str, pipeline: &str, word: &str) -> u64 {
+    let mut inside = false;
+    for line in summary.lines() {
+        if !line.starts_with(' ') {
+            inside = line.starts_with(&format!("{pipeline} "));
+            continue;
+        }
+        let mut words = line.split_whitespace();
+        if inside && words.next() == Some(word) {
+            return words.next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("a count on `{line}`"));
+        }
+    }
+    0
+}
+
+const IDEM: &str = "tests/runtime/idempotency";
+
+#[test]
+fn duplicates_are_dropped_and_counted_and_only_delivered_keys_are_remembered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let orders = data.join("out/idem/orders.ndjson");
+    let pipeline = &format!("{IDEM}/idem-orders.yaml");
+    // a1 twice in one batch, a2 twice, a3 without a total (its mapping fails).
+    let sent = "{\"id\":\"a1\",\"total\":\"10.00\"}\n{\"id\":\"a2\",\"total\":\"5\"}\n{\"id\":\"a1\",\"total\":\"10.00\",\"note\":\"resent\"}\n\
+                {\"id\":\"a3\"}\n{\"id\":\"a2\",\"total\":\"5\"}\n";
+    send_stdin(&data, "idem.in", &[], sent).ok("send");
+    let summary = run_once(&data, &[pipeline]);
+    assert_eq!(totals(&summary), [5, 2, 1], "{summary}");
+    assert_eq!(summary_count(&summary, "idem-orders", "duplicates"), 2, "{summary}");
+    assert!(summary.contains("total: 5 in = 2 routed + 1 exceptions + 2 duplicates"), "the counts add up: {summary}");
+    assert_eq!(ids(&orders), ["a1", "a2"]);
+    let first = &ndjson(&orders)[0];
+    assert_eq!(first["metadata"]["idempotency_key"], "shop:a1", "the key travels with the output: {first}");
+    assert!(first["payload"]["note"].is_null(), "the first delivery wins, not the resent one: {first}");
+    let canonical: i64 = queues(&data).iter().filter(|q| q["queue"] == "idem.canonical").map(|q| q["ready"].as_i64().unwrap()).sum();
+    assert_eq!(canonical, 2, "the queue sink got each order once");
+
+    // A later run: a1 was delivered (still a duplicate); a3 failed before, so its key was never
+    // recorded and the corrected order goes through.
+    send_stdin(&data, "idem.in", &[], "{\"id\":\"a1\",\"total\":\"10.00\"}\n{\"id\":\"a3\",\"total\":\"7.50\"}\n").ok("send again");
+    let summary = run_once(&data, &[pipeline]);
+    assert_eq!(totals(&summary), [2, 1, 0], "{summary}");
+    assert_eq!(summary_count(&summary, "idem-orders", "duplicates"), 1, "{summary}");
+    assert_eq!(ids(&orders), ["a1", "a2", "a3"]);
+}
+
+#[test]
+fn a_key_is_forgotten_after_its_retention() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let pipeline = &format!("{IDEM}/idem-orders.yaml");
+    let once = || Out::of(sy(&data).env("IDEM_RETENTION", "1s").args(["run", pipeline, "--once"]).output().unwrap()).ok("run").stderr;
+    send_stdin(&data, "idem.in", &[], "{\"id\":\"b1\",\"total\":\"1\"}\n").ok("send");
+    assert_eq!(totals(&once()), [1, 1, 0]);
+    std::thread::sleep(Duration::from_millis(1200));
+    send_stdin(&data, "idem.in", &[], "{\"id\":\"b1\",\"total\":\"1\"}\n").ok("send again");
+    let summary = once();
+    assert_eq!((totals(&summary), summary_count(&summary, "idem-orders", "duplicates")), ([1, 1, 0], 0), "{summary}");
+    assert_eq!(ids(&data.join("out/idem/orders.ndjson")), ["b1", "b1"]);
+}
+
+#[test]
+fn duplicates_can_go_to_an_audit_sink_instead_of_being_dropped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    send_stdin(&data, "idem.audit.in", &[], "{\"id\":\"p1\"}\n{\"id\":\"p1\",\"again\":true}\n{\"id\":\"p2\"}\n").ok("send");
+    let summary = run_once(&data, &[&format!("{IDEM}/idem-audit.yaml")]);
+    assert_eq!(totals(&summary), [3, 2, 0], "{summary}");
+    assert_eq!(summary_count(&summary, "idem-audit", "duplicates"), 1, "{summary}");
+    assert_eq!(ids(&data.join("out/idem/audit-orders.ndjson")), ["p1", "p2"]);
+    let audit = ndjson(&data.join("out/idem/audit-duplicates.ndjson"));
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    assert_eq!((&audit[0]["payload"]["again"], &audit[0]["metadata"]["idempotency_key"]), (&Value::Bool(true), &Value::from("po:p1")));
+}
+
+#[test]
+fn a_downstream_pipeline_stops_duplicates_by_the_key_its_upstream_gave() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let paths = [format!("{IDEM}/idem-relay.yaml"), format!("{IDEM}/idem-downstream.yaml")];
+    let paths: Vec<&str> = paths.iter().map(String::as_str).collect();
+    // The relay does not stop duplicates: both x1 reach the downstream pipeline, keyed `erp:x1`.
+    send_stdin(&data, "idem.relay.in", &[], "{\"id\":\"x1\"}\n{\"id\":\"x1\"}\n{\"id\":\"x2\"}\n").ok("send");
+    let summary = run_once(&data, &paths);
+    assert_eq!(summary_count(&summary, "idem-relay", "routed"), 3, "{summary}");
+    assert_eq!(summary_count(&summary, "idem-downstream", "duplicates"), 1, "{summary}");
+    assert_eq!(ids(&data.join("out/idem/posted.ndjson")), ["x1", "x2"]);
+
+    // A message sent straight to its queue has no key: it cannot be checked, so it is an
+    // exception, not a silent delivery.
+    send_stdin(&data, "idem.keyed", &[], "{\"id\":\"x3\"}\n").ok("send without a key");
+    let summary = run_once(&data, &paths);
+    assert_eq!(totals(&summary), [1, 0, 1], "{summary}");
+    let record = with_reason(&listed(&data, &["--pipeline", "idem-downstream"]), "missing_idempotency_key").clone();
+    assert!(record["errors"][0]["message"].as_str().unwrap().contains("envelope.idempotency_key"), "{record}");
 }

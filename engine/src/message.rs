@@ -142,6 +142,8 @@ pub mod reason {
     pub const INVALID_CSV: &str = "invalid_csv";
     pub const SCHEMA_VIOLATION: &str = "schema_violation";
     pub const MISSING_REQUIRED_FIELD: &str = "missing_required_field";
+    /// The pipeline stops duplicates but the message has no idempotency key.
+    pub const MISSING_IDEMPOTENCY_KEY: &str = "missing_idempotency_key";
     pub const INVALID_VALUE: &str = "invalid_value";
     pub const UNMAPPED_VALUE: &str = "unmapped_value";
     pub const LOOKUP_MISS: &str = "lookup_miss";
@@ -161,6 +163,7 @@ pub mod reason {
         INVALID_CSV,
         SCHEMA_VIOLATION,
         MISSING_REQUIRED_FIELD,
+        MISSING_IDEMPOTENCY_KEY,
         INVALID_VALUE,
         UNMAPPED_VALUE,
         LOOKUP_MISS,

@@ -150,8 +150,10 @@ pub fn output_properties(meta: &Metadata, persistent: bool) -> BasicProperties {
         let versions: Vec<String> = meta.mapping_versions.iter().map(|(n, v)| format!("{n}@{v}")).collect();
         text(headers::MAPPING_VERSIONS, &versions.join(","));
     }
+    // The idempotency key is the message id when there is one: receivers that deduplicate by
+    // message id (an inbox table, MassTransit, NServiceBus) then stop the same order twice.
     BasicProperties::default()
-        .with_message_id(super::short_id(&meta.message_id))
+        .with_message_id(super::short_id(meta.idempotency_key.as_ref().unwrap_or(&meta.message_id)))
         .with_correlation_id(super::short_id(&meta.correlation_id))
         .with_content_type("application/json".into())
         .with_delivery_mode(if persistent { 2 } else { 1 })

@@ -74,6 +74,9 @@ fn print_summary(s: &Summary, version: &str, file: &Path) {
     for (reason, n) in &s.exceptions {
         eprintln!("    {reason:<22} {n:>6}");
     }
+    if s.duplicates > 0 {
+        eprintln!("  duplicates  {:>6}  (already delivered: not delivered again)", s.duplicates);
+    }
     if s.retried > 0 {
         eprintln!("  retried     {:>6}  (delivered again later)", s.retried);
     }
@@ -82,7 +85,10 @@ fn print_summary(s: &Summary, version: &str, file: &Path) {
 fn progress_line(summaries: &[Summary]) -> String {
     summaries
         .iter()
-        .map(|s| format!("{}: {} in, {} routed, {} exceptions", s.pipeline, s.received, s.routed, s.exception_count()))
+        .map(|s| {
+            let duplicates = if s.duplicates > 0 { format!(", {} duplicates", s.duplicates) } else { String::new() };
+            format!("{}: {} in, {} routed, {} exceptions{duplicates}", s.pipeline, s.received, s.routed, s.exception_count())
+        })
         .collect::<Vec<_>>()
         .join(" | ")
 }
@@ -162,14 +168,19 @@ pub fn run(pipelines: Vec<switchyard::pipeline::Pipeline>, paths: Vec<PathBuf>, 
         }
     };
     // The summary goes to stderr: stdout belongs to pipelines that write there.
-    let (mut total_in, mut total_out, mut total_exc) = (0, 0, 0);
+    let (mut total_in, mut total_out, mut total_exc, mut total_dup) = (0, 0, 0, 0);
     for (s, (v, f)) in summaries.iter().zip(&versions) {
         total_in += s.received;
         total_out += s.routed;
         total_exc += s.exception_count();
+        total_dup += s.duplicates;
         print_summary(s, v, f);
     }
-    eprintln!("total: {total_in} in = {total_out} routed + {total_exc} exceptions");
+    if total_dup > 0 {
+        eprintln!("total: {total_in} in = {total_out} routed + {total_exc} exceptions + {total_dup} duplicates");
+    } else {
+        eprintln!("total: {total_in} in = {total_out} routed + {total_exc} exceptions");
+    }
     eprintln!("store: {} (`switchyard queues`, `switchyard exceptions list`)", store::db_path(&data_dir).display());
     if once && interrupted.load(std::sync::atomic::Ordering::SeqCst) && left > 0 {
         eprintln!("stopped before the end: {left} message(s) wait in the queues for the next run");

@@ -61,6 +61,119 @@ pub struct ExceptionPolicy {
     pub default_hint: Option<String>,
 }
 
+/// Duplicate stopping: a message whose idempotency key (`envelope.idempotency_key`, or the key
+/// an upstream pipeline gave it) was already delivered is not delivered again.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    /// What becomes of a duplicate: `drop` (counted, the default) or the name of a sink that
+    /// gets it instead of the route's sinks (an audit file, say).
+    #[serde(default)]
+    pub duplicates: Option<Spanned<String>>,
+    /// How long a delivered key is remembered (default `30d`). A duplicate arriving later is
+    /// delivered again.
+    #[serde(default)]
+    pub retention: Option<Spanned<String>>,
+    /// The key space: pipelines with the same scope stop each other's duplicates (a webhook and a
+    /// poller of the same orders). Default: the pipeline's name.
+    #[serde(default)]
+    pub scope: Option<Spanned<String>>,
+}
+
+/// What becomes of a duplicate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Duplicates {
+    Drop,
+    /// To this sink (an index into `Pipeline::sinks`) instead of the route's.
+    Sink(usize),
+}
+
+/// Duplicate stopping, checked and with defaults applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Idempotency {
+    pub scope: Arc<str>,
+    pub retention: std::time::Duration,
+    pub duplicates: Duplicates,
+}
+
+impl Idempotency {
+    const DEFAULT_RETENTION: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+    fn build(
+        c: &Spanned<IdempotencyConfig>,
+        config: &PipelineConfig,
+        source: Option<&SourceConfig>,
+        sink_names: &[String],
+        cx: &BuildContext,
+        diags: &mut Diags,
+    ) -> Option<Idempotency> {
+        // Messages from a queue may carry the key an upstream pipeline gave them.
+        let keyed_upstream = matches!(source, Some(SourceConfig::Queue(_) | SourceConfig::Amqp(_)));
+        let before = diags.0.len();
+        if config.envelope.idempotency_key.is_none() && !keyed_upstream {
+            diags.push(
+                cx.diag(DiagCode::MissingKey, c.span, "idempotency", "duplicate stopping needs an idempotency key")
+                    .hint("add the key under `envelope:`, e.g.\nenvelope:\n  idempotency_key: \"{channel}:{$.id}\""),
+            );
+        }
+        let duplicates = match &c.value.duplicates {
+            None => Duplicates::Drop,
+            Some(d) if d.value == "drop" => Duplicates::Drop,
+            Some(d) => match sink_names.iter().position(|s| *s == d.value) {
+                Some(i) => Duplicates::Sink(i),
+                None => {
+                    let mut known: Vec<&str> = vec!["drop"];
+                    known.extend(sink_names.iter().map(String::as_str));
+                    diags.push(
+                        cx.diag(
+                            DiagCode::UndeclaredSink,
+                            d.span,
+                            "idempotency.duplicates",
+                            format!("`{}` is neither `drop` nor a sink declared under `sinks:`", d.shown()),
+                        )
+                        .expected(format!("`drop` or a declared sink: {}", crate::config::diag::one_of(&known[1..])))
+                        .hint_opt(crate::config::diag::suggestion(&d.value, known.iter().copied())),
+                    );
+                    Duplicates::Drop
+                }
+            },
+        };
+        let retention = match &c.value.retention {
+            None => Self::DEFAULT_RETENTION,
+            Some(r) => match humantime::parse_duration(r.value.trim()) {
+                Ok(d) if d >= std::time::Duration::from_secs(1) => d,
+                _ => {
+                    diags.push(
+                        cx.diag(
+                            DiagCode::InvalidValue,
+                            r.span,
+                            "idempotency.retention",
+                            format!("`{}` is not a retention period", r.shown()),
+                        )
+                        .expected("a duration such as `7d`, `30d` or `12h`"),
+                    );
+                    Self::DEFAULT_RETENTION
+                }
+            },
+        };
+        let scope = match &c.value.scope {
+            None => config.name.value.clone(),
+            Some(s) if !s.value.trim().is_empty() => s.value.trim().to_string(),
+            Some(s) => {
+                diags.push(
+                    cx.diag(DiagCode::InvalidValue, s.span, "idempotency.scope", "the scope is empty")
+                        .expected("a name, e.g. `shopify-orders`"),
+                );
+                String::new()
+            }
+        };
+        if diags.0.len() > before {
+            return None;
+        }
+        Some(Idempotency { scope: Arc::from(scope), retention, duplicates })
+    }
+}
+
 /// How the runtime runs a pipeline. Every setting has a default.
 #[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -186,6 +299,9 @@ pub struct PipelineConfig {
     pub broker: Option<crate::amqp::config::BrokerConfig>,
     #[serde(default)]
     pub envelope: EnvelopeConfig,
+    /// Stops duplicates by their idempotency key.
+    #[serde(default)]
+    pub idempotency: Option<Spanned<IdempotencyConfig>>,
     /// Checks of the message as received.
     #[serde(default)]
     pub validate: Vec<Component<ValidateStepConfig>>,
@@ -266,6 +382,8 @@ pub struct Pipeline {
     pub broker: Option<BrokerPlan>,
     correlation: Correlation,
     idempotency_key: Option<Template>,
+    /// Duplicate stopping, when declared.
+    pub idempotency: Option<Idempotency>,
     validate: Vec<SchemaCheck>,
     steps: Vec<Box<dyn MapStep>>,
     router: Router,
@@ -589,6 +707,8 @@ impl Pipeline {
                 None
             }
         };
+        let idempotency =
+            config.idempotency.as_ref().and_then(|c| Idempotency::build(c, config, source.as_ref(), &sink_names, cx, &mut diags));
         let mut versions = IndexMap::new();
         for s in &steps {
             for (n, v) in s.versions() {
@@ -617,6 +737,7 @@ impl Pipeline {
             broker,
             correlation,
             idempotency_key,
+            idempotency,
             validate,
             steps,
             router,

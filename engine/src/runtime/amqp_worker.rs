@@ -5,12 +5,12 @@
 //! batch. A lost connection or a consumer cancelled by the broker leads to a new connection and
 //! a new consumer; what was not acknowledged comes back from the broker.
 
-use super::{Counted, PipelineRun, RunError, Shared, process_guarded};
+use super::{Counted, PipelineRun, RunError, Shared, Verdict, process_guarded};
 use crate::amqp::publish::{Confirm, Publisher, confirmed, headers};
 use crate::amqp::topology::SourcePlan;
 use crate::amqp::{AmqpError, Broker, Session, lapin_message};
 use crate::message::{ErrorDetail, ExceptionRecord, Failure, RawMessage, Stage, reason};
-use crate::pipeline::{Outcome, Pipeline};
+use crate::pipeline::{Duplicates, Outcome, Pipeline};
 use crate::runtime::RuntimeSink;
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
@@ -38,6 +38,8 @@ struct InBatch {
     failed: Option<String>,
     counted: Counted,
     attempt: u32,
+    /// Its idempotency key, recorded once its outputs are confirmed, before the ack.
+    key: Option<crate::store::KeyRecord>,
 }
 
 pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<(), RunError> {
@@ -98,6 +100,7 @@ async fn consume(
     tracing::info!(pipeline = %run.pipeline.name, queue = %plan.queue, broker = %broker.shown_url(), "consuming");
     let batch_size = run.pipeline.runtime.batch_size;
     let mut in_flight: VecDeque<tokio::task::JoinHandle<Result<(), AmqpError>>> = VecDeque::new();
+
     let mut previous: Option<tokio::sync::oneshot::Receiver<bool>> = None;
     let outcome = loop {
         if *stop.borrow() {
@@ -134,13 +137,16 @@ async fn consume(
         // Counted as in hand until settled, so that `--once` consumers downstream wait for it.
         let taken = deliveries.len() as i64;
         shared.in_flight.fetch_add(taken, Ordering::SeqCst);
-        let (batch, marks) = process_batch(run, plan, session, deliveries).await;
+        let (batch, marks) = process_batch(run, plan, session, &shared.store, deliveries).await;
+        let keys: Vec<String> = batch.iter().filter_map(|i| i.key.as_ref().map(|k| k.key.clone())).collect();
         let (run2, plan2, publish, shared2) = (run.clone(), plan.clone(), session.publish.clone(), shared.clone());
         // Acks go in delivery order: a `multiple` ack of this batch must not cover the one before.
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let before = previous.replace(done_rx);
         in_flight.push_back(tokio::spawn(async move {
             let r = settle(&run2, &plan2, &publish, &shared2.store, batch, marks, before).await;
+            // Recorded, retried or to be delivered again by the broker: either way no longer in hand.
+            run2.release_keys(&keys);
             shared2.in_flight.fetch_sub(taken, Ordering::SeqCst);
             let _ = done_tx.send(r.is_ok());
             r
@@ -303,18 +309,74 @@ async fn process_batch(
     run: &PipelineRun,
     plan: &SourcePlan,
     session: &Session,
+    store: &crate::store::Store,
     deliveries: Vec<Delivery>,
 ) -> (Vec<InBatch>, Vec<(String, u64)>) {
     let current = run.current();
     let p: &Pipeline = &current;
     let mut batch = Vec::with_capacity(deliveries.len());
     let mut outside_used = std::collections::BTreeSet::new();
-    for delivery in deliveries {
-        let attempt = attempt_of(&delivery, plan);
-        let raw = to_raw(&delivery, attempt);
-        let mut item =
-            InBatch { delivery, confirms: Vec::new(), outside: Vec::new(), failed: None, counted: Counted::Routed(vec![]), attempt };
-        match process_guarded(p, raw, &item.delivery.data) {
+    // Every message through the pipeline first: duplicates are looked up once for the batch.
+    let processed: Vec<(Delivery, u32, Outcome)> = deliveries
+        .into_iter()
+        .map(|delivery| {
+            let attempt = attempt_of(&delivery, plan);
+            let outcome = process_guarded(p, to_raw(&delivery, attempt), &delivery.data);
+            (delivery, attempt, outcome)
+        })
+        .collect();
+    let routed: Vec<Option<&crate::message::Metadata>> = processed
+        .iter()
+        .map(|(_, _, o)| match o {
+            Outcome::Routed { output, .. } => Some(&output.metadata),
+            Outcome::Failed(_) => None,
+        })
+        .collect();
+    // A store that cannot be read is a passing failure: the batch is retried.
+    let verdicts = super::verdicts(run, p, store, &routed).await.map_err(|e| format!("the idempotency store cannot be read: {e}"));
+    for (k, (delivery, attempt, outcome)) in processed.into_iter().enumerate() {
+        let mut item = InBatch {
+            delivery,
+            confirms: Vec::new(),
+            outside: Vec::new(),
+            failed: None,
+            counted: Counted::Routed(vec![]),
+            attempt,
+            key: None,
+        };
+        let outcome = match (&verdicts, outcome) {
+            (_, Outcome::Failed(r)) => Outcome::Failed(r),
+            (Err(e), Outcome::Routed { .. }) => {
+                item.failed = Some(e.clone());
+                batch.push(item);
+                continue;
+            }
+            (Ok(v), Outcome::Routed { output, sinks }) => match &v[k] {
+                Verdict::Deliver(key) => {
+                    item.key = key.clone();
+                    Outcome::Routed { output, sinks }
+                }
+                Verdict::Duplicate => match p.idempotency.as_ref().map(|i| i.duplicates) {
+                    Some(Duplicates::Sink(i)) => {
+                        item.counted = Counted::Duplicate(Some(i));
+                        Outcome::Routed { output, sinks: vec![i] }
+                    }
+                    _ => {
+                        item.counted = Counted::Duplicate(None);
+                        batch.push(item);
+                        continue;
+                    }
+                },
+                Verdict::NoKey => Outcome::Failed(Box::new(p.exception(
+                    output.metadata,
+                    &item.delivery.data,
+                    Stage::Source,
+                    Some("idempotency".into()),
+                    super::no_key_failure(),
+                ))),
+            },
+        };
+        match outcome {
             Outcome::Failed(record) => {
                 tracing::info!(pipeline = %p.name, correlation_id = %record.correlation_id, reason = %record.reason, stage = record.stage.as_str(), "message sent to the dead-letter queue");
                 item.counted = Counted::Exception(record.reason.clone());
@@ -324,7 +386,9 @@ async fn process_batch(
                 }
             }
             Outcome::Routed { output, sinks } => {
-                item.counted = Counted::Routed(sinks.clone());
+                if !matches!(item.counted, Counted::Duplicate(_)) {
+                    item.counted = Counted::Routed(sinks.clone());
+                }
                 for &i in &sinks {
                     let RuntimeSink::External(sink) = &run.sinks[i] else {
                         item.failed =
@@ -421,11 +485,24 @@ async fn settle(
     }
     // A file written for these messages keeps what they added across a crash: its length is
     // committed before the broker forgets them (else the restart would cut acknowledged output).
-    if !marks.is_empty() {
-        store
-            .submit(move |c| crate::store::record_marks(c, &marks))
+    // The keys of the delivered messages are recorded in the same commit, before the ack: a
+    // crash in between delivers them again, and the redelivery is then a duplicate.
+    let keys: Vec<crate::store::KeyRecord> = batch.iter().filter(|i| i.failed.is_none()).filter_map(|i| i.key.clone()).collect();
+    if !marks.is_empty() || !keys.is_empty() {
+        let twice = store
+            .submit(move |c| {
+                crate::store::record_marks(c, &marks)?;
+                let mut twice = 0;
+                for k in &keys {
+                    twice += usize::from(!crate::store::record_key(c, k)?);
+                }
+                Ok(twice)
+            })
             .await
-            .map_err(|e| AmqpError::Lost(format!("cannot record the file sinks' lengths: {e}")))?;
+            .map_err(|e| AmqpError::Lost(format!("cannot record the file sinks' lengths and the idempotency keys: {e}")))?;
+        if twice > 0 {
+            tracing::warn!(pipeline = %p.name, messages = twice, "another consumer delivered the same keys at the same time: receivers got them twice (they carry the same idempotency key)");
+        }
     }
     // `false`: the channel is gone, the broker delivers the batch again.
     if !last_acker.ack(BasicAckOptions { multiple: true }).await.map_err(|e| AmqpError::Lost(lapin_message(&e)))? {

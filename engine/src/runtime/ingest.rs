@@ -444,7 +444,7 @@ impl Ingester {
         tracing::warn!(pipeline = %record.pipeline, reason = %record.reason, origin = ?record.origin, "input sent to exceptions");
         let reason = record.reason.clone();
         let row = ExceptionRow { record, headers: "{}".into(), replayable: false };
-        let items = vec![Settlement { input: None, outcome: Settle::Done { outputs: vec![], exceptions: vec![row] } }];
+        let items = vec![Settlement { input: None, outcome: Settle::Done { outputs: vec![], exceptions: vec![row], key: None } }];
         self.shared.store.submit(move |c| store::settle(c, &items, None, &[])).await?;
         *self.run.stats.exceptions.lock().expect("stats lock").entry(reason).or_default() += 1;
         self.run.stats.received.fetch_add(1, Ordering::Relaxed);
@@ -485,7 +485,7 @@ fn to_inbox(run: &PipelineRun, messages: Vec<RawMessage>) -> Settlement {
             (Target::Stream(run.stream), NewMessage { message_id, headers, body: m.body })
         })
         .collect();
-    Settlement { input: None, outcome: Settle::Done { outputs, exceptions: vec![] } }
+    Settlement { input: None, outcome: Settle::Done { outputs, exceptions: vec![], key: None } }
 }
 
 #[cfg(test)]

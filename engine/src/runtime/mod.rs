@@ -54,8 +54,8 @@ pub struct RunOptions {
     pub durability: Durability,
 }
 
-/// What one pipeline did in this run. `received = routed + exceptions`; a message that is
-/// retried is received again later.
+/// What one pipeline did in this run. `received = routed + exceptions + duplicates`; a message
+/// that is retried is received again later.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Summary {
     pub pipeline: String,
@@ -68,6 +68,9 @@ pub struct Summary {
     pub exceptions: BTreeMap<String, u64>,
     /// Deliveries that failed for a passing reason (a sink could not write) and come back later.
     pub retried: u64,
+    /// Messages whose idempotency key was already delivered: dropped, or sent to the
+    /// `idempotency.duplicates` sink (counted in its outputs too).
+    pub duplicates: u64,
     /// Sink name -> where it writes.
     pub targets: IndexMap<String, String>,
     /// Where the pipeline reads: a queue, or its inbox and the files behind it.
@@ -89,6 +92,7 @@ struct Stats {
     received: AtomicU64,
     routed: AtomicU64,
     retried: AtomicU64,
+    duplicates: AtomicU64,
     outputs: Vec<AtomicU64>,
     exceptions: Mutex<BTreeMap<String, u64>>,
 }
@@ -101,6 +105,8 @@ pub(crate) enum Counted {
     Exception(String),
     /// Given back for a later attempt.
     Retried,
+    /// A duplicate: dropped, or written to this sink.
+    Duplicate(Option<usize>),
 }
 
 impl Stats {
@@ -119,6 +125,13 @@ impl Stats {
             }
             Counted::Retried => {
                 self.retried.fetch_add(1, Ordering::Relaxed);
+            }
+            Counted::Duplicate(sink) => {
+                self.received.fetch_add(1, Ordering::Relaxed);
+                self.duplicates.fetch_add(1, Ordering::Relaxed);
+                if let Some(i) = sink {
+                    self.outputs[i].fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -156,9 +169,23 @@ pub(crate) struct PipelineRun {
     /// RabbitMQ, for pipelines with an `amqp` source or sink: one connection per pipeline.
     pub broker: Option<Arc<crate::amqp::Broker>>,
     stats: Stats,
+    /// Idempotency keys of messages this engine is delivering and has not settled yet: the store
+    /// does not know them, and a copy in another batch must not go out meanwhile.
+    keys_in_hand: Mutex<std::collections::HashSet<String>>,
 }
 
 impl PipelineRun {
+    /// Lets go of keys once their messages are settled (delivered, retried or given back).
+    pub(crate) fn release_keys(&self, keys: &[String]) {
+        if keys.is_empty() {
+            return;
+        }
+        let mut held = self.keys_in_hand.lock().expect("keys in hand");
+        for k in keys {
+            held.remove(k);
+        }
+    }
+
     pub fn current(&self) -> Arc<Pipeline> {
         self.current.read().expect("pipeline lock").clone()
     }
@@ -175,6 +202,7 @@ impl PipelineRun {
             received: self.stats.received.load(Ordering::Relaxed),
             routed: self.stats.routed.load(Ordering::Relaxed),
             retried: self.stats.retried.load(Ordering::Relaxed),
+            duplicates: self.stats.duplicates.load(Ordering::Relaxed),
             exceptions: self.stats.exceptions.lock().expect("stats lock").clone(),
             dead_letter_queue: p.broker.as_ref().and_then(|b| b.source.as_ref()).map(|s| s.dead_letter_queue.clone()),
             input: match &p.source {
@@ -203,6 +231,89 @@ impl PipelineRun {
         }
         s
     }
+}
+
+/// Forgets idempotency keys past their retention: at start, then every minute, a bounded
+/// delete at a time so that the store's writer is never held up for long.
+async fn purge_expired_keys(shared: Arc<Shared>) -> Result<(), RunError> {
+    const AT_A_TIME: usize = 5_000;
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        loop {
+            let purged = shared.store.submit(|c| store::purge_keys(c, AT_A_TIME)).await?;
+            if purged > 0 {
+                tracing::debug!(keys = purged, "expired idempotency keys forgotten");
+            }
+            if purged < AT_A_TIME || *shutdown.borrow() {
+                break;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+            _ = shutdown.changed() => return Ok(()),
+        }
+    }
+}
+
+/// What duplicate stopping decided for one message of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Verdict {
+    /// Deliver it; record this key with it (when the pipeline stops duplicates).
+    Deliver(Option<store::KeyRecord>),
+    /// Its key was delivered before, or earlier in this batch.
+    Duplicate,
+    /// The pipeline stops duplicates but the message has no key.
+    NoKey,
+}
+
+/// Duplicate stopping over a batch: the verdict for each message, given its envelope when it
+/// was routed (`None`: it failed, nothing to deliver). One store look-up per batch. The keys to
+/// deliver are held in hand until the caller releases them ([`PipelineRun::release_keys`]).
+pub(crate) async fn verdicts(
+    run: &PipelineRun,
+    p: &Pipeline,
+    store: &Store,
+    routed: &[Option<&crate::message::Metadata>],
+) -> Result<Vec<Verdict>, StoreError> {
+    let Some(idem) = &p.idempotency else { return Ok(vec![Verdict::Deliver(None); routed.len()]) };
+    let keys: Vec<String> = routed.iter().flatten().filter_map(|m| m.idempotency_key.clone()).collect();
+    let seen = if keys.is_empty() {
+        Default::default()
+    } else {
+        let scope = idem.scope.clone();
+        store.submit(move |c| store::seen_keys(c, &scope, &keys)).await?
+    };
+    let expires_at = store::now_micros().saturating_add(idem.retention.as_micros().min(i64::MAX as u128) as i64);
+    let mut held = run.keys_in_hand.lock().expect("keys in hand");
+    Ok(routed
+        .iter()
+        .map(|m| match m {
+            None => Verdict::Deliver(None),
+            Some(m) => match &m.idempotency_key {
+                None => Verdict::NoKey,
+                // Held: delivered earlier in this batch, or by a batch not settled yet.
+                Some(k) if seen.contains(k) || !held.insert(k.clone()) => Verdict::Duplicate,
+                Some(k) => Verdict::Deliver(Some(store::KeyRecord {
+                    scope: idem.scope.clone(),
+                    key: k.clone(),
+                    message_id: m.message_id.clone(),
+                    expires_at,
+                })),
+            },
+        })
+        .collect())
+}
+
+/// The exception of a message without the key its pipeline needs to stop duplicates.
+pub(crate) fn no_key_failure() -> Failure {
+    Failure::one(
+        reason::MISSING_IDEMPOTENCY_KEY,
+        ErrorDetail::input(
+            "",
+            "the pipeline stops duplicates (`idempotency:`) but this message has no idempotency key: set `envelope.idempotency_key`, \
+             or have the upstream pipeline set one",
+        ),
+    )
 }
 
 /// What every task of a run shares.
@@ -345,6 +456,7 @@ impl Runtime {
                     sinks,
                     broker,
                     stats,
+                    keys_in_hand: Mutex::default(),
                 })
             })
             .collect::<Vec<Arc<PipelineRun>>>();
@@ -446,6 +558,9 @@ impl Runtime {
                     }
                 }
             });
+        }
+        if self.runs.iter().any(|r| r.pipeline.idempotency.is_some()) {
+            tasks.spawn(purge_expired_keys(shared.clone()));
         }
         if self.opts.once {
             let streams: Vec<StreamId> = self.runs.iter().flat_map(|r| [r.stream, r.replay_stream]).collect();

@@ -3,9 +3,9 @@
 //! commits are in the writer's hands; they commit in order, so a worker keeps its queue's order.
 
 use super::envelope::{StoredHeaders, to_raw};
-use super::{Counted, PipelineRun, RunError, RuntimeSink, Shared, process_guarded};
+use super::{Counted, PipelineRun, RunError, RuntimeSink, Shared, Verdict, process_guarded};
 use crate::message::{ErrorDetail, ExceptionRecord, Failure, Stage, reason};
-use crate::pipeline::{Outcome, Pipeline};
+use crate::pipeline::{Duplicates, Outcome, Pipeline};
 use crate::store::{self, ExceptionRow, Leased, NewMessage, Pending, Settle, SettleReport, Settlement, Target, now_micros};
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 struct InCommit {
     commit: Pending<SettleReport>,
     counted: Vec<Counted>,
+    /// Idempotency keys held in hand until the commit is done.
+    keys: Vec<String>,
 }
 
 /// A lease on its way: where it started, and the batch with how many replays lead it.
@@ -149,8 +151,12 @@ pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<()
             if !*shutdown.borrow() && back_pressure.last.is_none() {
                 next = Some(lease(cursor.next_from()));
             }
-            let (settlements, counted, marks) = process_batch(&run, batch).await;
-            pending.push_back(InCommit { commit: shared.store.submit(move |c| store::settle(c, &settlements, None, &marks)), counted });
+            let (settlements, counted, marks, keys) = process_batch(&run, &shared.store, batch).await?;
+            pending.push_back(InCommit {
+                commit: shared.store.submit(move |c| store::settle(c, &settlements, None, &marks)),
+                counted,
+                keys,
+            });
             finish(&run, &shared, &mut pending, MAX_PENDING_COMMITS).await?;
         }
     }
@@ -203,8 +209,9 @@ impl BackPressure {
 /// Waits for commits until at most `keep` are pending, and counts what they did.
 async fn finish(run: &PipelineRun, shared: &Shared, pending: &mut VecDeque<InCommit>, keep: usize) -> Result<(), RunError> {
     while pending.len() > keep {
-        let InCommit { commit, counted } = pending.pop_front().expect("non-empty");
+        let InCommit { commit, counted, keys } = pending.pop_front().expect("non-empty");
         let result = commit.await;
+        run.release_keys(&keys);
         shared.in_flight.fetch_sub(counted.len() as i64, Ordering::SeqCst);
         let report = result?;
         for q in &report.queues {
@@ -215,10 +222,16 @@ async fn finish(run: &PipelineRun, shared: &Shared, pending: &mut VecDeque<InCom
                 "messages took longer than the visibility timeout and went to another consumer; raise `runtime.visibility_timeout`");
         }
         let lost: BTreeSet<usize> = report.lost_leases.into_iter().collect();
+        if !report.duplicates.is_empty() {
+            // Another worker delivered the same key between our look-up and this commit: the
+            // queue outputs were not stored; a file or RabbitMQ sink did get it twice.
+            tracing::info!(pipeline = %run.pipeline.name, messages = report.duplicates.len(), "duplicates found at commit: their queue outputs were not stored");
+        }
         for (i, c) in counted.into_iter().enumerate() {
-            if !lost.contains(&i) {
-                run.stats.count(c);
+            if lost.contains(&i) {
+                continue;
             }
+            run.stats.count(if report.duplicates.contains(&i) { Counted::Duplicate(None) } else { c });
         }
     }
     Ok(())
@@ -235,7 +248,7 @@ fn exception_row(record: ExceptionRecord, leased: &Leased) -> ExceptionRow {
 
 fn done_with_exception(input: Option<(i64, u32)>, row: ExceptionRow) -> (Settlement, Counted) {
     let counted = Counted::Exception(row.record.reason.clone());
-    (Settlement { input, outcome: Settle::Done { outputs: vec![], exceptions: vec![row] } }, counted)
+    (Settlement { input, outcome: Settle::Done { outputs: vec![], exceptions: vec![row], key: None } }, counted)
 }
 
 /// A sink that could not take the message: it is retried later, or after its last attempt it
@@ -252,19 +265,19 @@ fn sink_failure(p: &Pipeline, leased: &Leased, metadata: crate::message::Metadat
     done_with_exception(input, exception_row(record, leased))
 }
 
-/// Processes a batch: what to settle, what to count, and the file sinks' lengths once flushed.
-async fn process_batch(run: &PipelineRun, batch: Vec<Leased>) -> (Vec<Settlement>, Vec<Counted>, Vec<(String, u64)>) {
+/// A processed batch: what to settle, what to count, the file sinks' lengths once flushed, and
+/// the idempotency keys it holds in hand.
+type Processed = (Vec<Settlement>, Vec<Counted>, Vec<(String, u64)>, Vec<String>);
+
+/// Processes a batch.
+async fn process_batch(run: &PipelineRun, store: &store::Store, batch: Vec<Leased>) -> Result<Processed, RunError> {
     // The version in force when the batch starts: a reload applies from the next batch.
     let current = run.current();
     let p: &Pipeline = &current;
     let max_attempts = p.runtime.max_attempts;
-    let mut settlements = Vec::with_capacity(batch.len());
-    let mut counted = Vec::with_capacity(batch.len());
-    // Per settlement: the message's envelope and the outside sinks it wrote, which must hold the
-    // output before the commit.
-    let mut wrote_outside: Vec<Option<(crate::message::Metadata, Vec<usize>)>> = Vec::with_capacity(batch.len());
-    // RabbitMQ sinks: each publish's confirm, with its message (index) and sink, awaited below.
-    let mut confirms: Vec<(usize, usize, crate::amqp::publish::Confirm)> = Vec::new();
+    // First every message through the pipeline (Err: it is settled already), so that duplicates
+    // are looked up once for the batch, before anything is written.
+    let mut outcomes: Vec<Result<Outcome, (Settlement, Counted)>> = Vec::with_capacity(batch.len());
     for leased in &batch {
         let input = Some((leased.id, leased.attempts));
         let raw = to_raw(leased);
@@ -279,19 +292,60 @@ async fn process_batch(run: &PipelineRun, batch: Vec<Leased>) -> (Vec<Settlement
                     ),
                 ),
             );
-            let (s, c) = done_with_exception(input, exception_row(p.failure_record(&raw, Stage::Source, f), leased));
-            settlements.push(s);
-            counted.push(c);
-            wrote_outside.push(None);
+            outcomes.push(Err(done_with_exception(input, exception_row(p.failure_record(&raw, Stage::Source, f), leased))));
             continue;
         }
-        let (settlement, count, outside) = match process_guarded(p, raw, &leased.body) {
-            Outcome::Failed(record) => {
+        outcomes.push(Ok(process_guarded(p, raw, &leased.body)));
+    }
+    let routed: Vec<Option<&crate::message::Metadata>> = outcomes
+        .iter()
+        .map(|o| match o {
+            Ok(Outcome::Routed { output, .. }) => Some(&output.metadata),
+            _ => None,
+        })
+        .collect();
+    let verdicts = super::verdicts(run, p, store, &routed).await?;
+    let held: Vec<String> = verdicts
+        .iter()
+        .filter_map(|v| match v {
+            Verdict::Deliver(Some(k)) => Some(k.key.clone()),
+            _ => None,
+        })
+        .collect();
+    let mut counted = Vec::with_capacity(batch.len());
+    let mut done = Vec::with_capacity(batch.len());
+    // Per settlement: the message's envelope and the outside sinks it wrote, which must hold the
+    // output before the commit.
+    let mut wrote_outside: Vec<Option<(crate::message::Metadata, Vec<usize>)>> = Vec::with_capacity(batch.len());
+    // RabbitMQ sinks: each publish's confirm, with its message (index) and sink, awaited below.
+    let mut confirms: Vec<(usize, usize, crate::amqp::publish::Confirm)> = Vec::new();
+    for ((leased, outcome), verdict) in batch.iter().zip(outcomes).zip(verdicts) {
+        let input = Some((leased.id, leased.attempts));
+        let (settlement, count, outside) = match outcome {
+            Err((s, c)) => (s, c, None),
+            Ok(Outcome::Failed(record)) => {
                 tracing::info!(pipeline = %p.name, correlation_id = %record.correlation_id, reason = %record.reason, stage = record.stage.as_str(), "message sent to exceptions");
                 let (s, c) = done_with_exception(input, exception_row(*record, leased));
                 (s, c, None)
             }
-            Outcome::Routed { output, sinks } => {
+            Ok(Outcome::Routed { output, sinks }) => {
+                let (sinks, key, count) = match verdict {
+                    Verdict::Deliver(key) => (sinks.clone(), key, Counted::Routed(sinks)),
+                    Verdict::Duplicate => {
+                        tracing::debug!(pipeline = %p.name, correlation_id = %output.metadata.correlation_id, "duplicate: already delivered");
+                        match p.idempotency.as_ref().map(|i| i.duplicates) {
+                            Some(Duplicates::Sink(i)) => (vec![i], None, Counted::Duplicate(Some(i))),
+                            _ => (vec![], None, Counted::Duplicate(None)),
+                        }
+                    }
+                    Verdict::NoKey => {
+                        let record =
+                            p.exception(output.metadata, &leased.body, Stage::Source, Some("idempotency".into()), super::no_key_failure());
+                        let (s, c) = done_with_exception(input, exception_row(record, leased));
+                        settlements_push(&mut done, &mut counted, &mut wrote_outside, s, c, None);
+                        continue;
+                    }
+                };
                 let mut outputs = Vec::new();
                 let mut outside = Vec::new();
                 let mut failed = None;
@@ -308,7 +362,7 @@ async fn process_batch(run: &PipelineRun, batch: Vec<Leased>) -> (Vec<Settlement
                         RuntimeSink::External(sink) => match sink.as_amqp() {
                             // Confirms are this batch's own: never another worker's flush.
                             Some(amqp) => match amqp.send(&output).await {
-                                Ok(c) => confirms.push((settlements.len(), i, c)),
+                                Ok(c) => confirms.push((done.len(), i, c)),
                                 Err(e) => {
                                     failed = Some(format!("sink `{}`: {e}", p.sink_name(i)));
                                     break;
@@ -326,8 +380,8 @@ async fn process_batch(run: &PipelineRun, batch: Vec<Leased>) -> (Vec<Settlement
                 }
                 match failed {
                     None => (
-                        Settlement { input, outcome: Settle::Done { outputs, exceptions: vec![] } },
-                        Counted::Routed(sinks),
+                        Settlement { input, outcome: Settle::Done { outputs, exceptions: vec![], key } },
+                        count,
                         Some((output.metadata, outside)),
                     ),
                     Some(message) => {
@@ -337,10 +391,9 @@ async fn process_batch(run: &PipelineRun, batch: Vec<Leased>) -> (Vec<Settlement
                 }
             }
         };
-        settlements.push(settlement);
-        counted.push(count);
-        wrote_outside.push(outside);
+        settlements_push(&mut done, &mut counted, &mut wrote_outside, settlement, count, outside);
     }
+    let mut settlements = done;
     // Outside sinks must hold what they were given before the inputs leave their queue.
     let used: BTreeSet<usize> = wrote_outside.iter().flatten().flat_map(|(_, sinks)| sinks.iter().copied()).collect();
     let mut flush_failed: Vec<(usize, String)> = Vec::new();
@@ -378,7 +431,20 @@ async fn process_batch(run: &PipelineRun, batch: Vec<Leased>) -> (Vec<Settlement
             }
         }
     }
-    (settlements, counted, marks)
+    Ok((settlements, counted, marks, held))
+}
+
+fn settlements_push(
+    done: &mut Vec<Settlement>,
+    counted: &mut Vec<Counted>,
+    wrote_outside: &mut Vec<Option<(crate::message::Metadata, Vec<usize>)>>,
+    s: Settlement,
+    c: Counted,
+    outside: Option<(crate::message::Metadata, Vec<usize>)>,
+) {
+    done.push(s);
+    counted.push(c);
+    wrote_outside.push(outside);
 }
 
 #[cfg(test)]

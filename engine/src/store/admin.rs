@@ -237,7 +237,12 @@ mod tests {
             .submit_blocking(|c| {
                 let rows = [record("e1", "unknown_sku"), record("e2", "unknown_sku"), record("e3", "schema_violation")]
                     .map(|record| ExceptionRow { record, headers: "{\"correlation_id\":\"c\"}".into(), replayable: true });
-                settle(c, &[Settlement { input: None, outcome: Settle::Done { outputs: vec![], exceptions: rows.to_vec() } }], None, &[])?;
+                settle(
+                    c,
+                    &[Settlement { input: None, outcome: Settle::Done { outputs: vec![], exceptions: rows.to_vec(), key: None } }],
+                    None,
+                    &[],
+                )?;
                 let by_reason = ExceptionFilter { reason: Some("unknown_sku".into()), ..Default::default() };
                 let first = replay(c, &by_reason)?;
                 assert_eq!(first.iter().filter(|d| d.done).count(), 2);

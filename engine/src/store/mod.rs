@@ -10,9 +10,11 @@
 //! the stream `(X, "")` and go to the first subscribers.
 
 mod admin;
+mod keys;
 mod queue;
 
 pub use admin::*;
+pub use keys::*;
 pub use queue::*;
 
 use rusqlite::Connection;
@@ -116,6 +118,17 @@ CREATE TABLE IF NOT EXISTS file_checkpoints (
     content_hash INTEGER NOT NULL,
     PRIMARY KEY (pipeline, path)
 );
+-- Idempotency keys of delivered messages, per key space (scope), until they expire. A key is
+-- written in the commit that settles its message, never before its outputs are delivered.
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    scope TEXT NOT NULL,
+    key TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    recorded_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (scope, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idempotency_keys_by_expiry ON idempotency_keys (expires_at);
 -- How long each file sink's file was when messages written to it were settled.
 CREATE TABLE IF NOT EXISTS sink_offsets (
     path TEXT PRIMARY KEY,

@@ -66,8 +66,10 @@ pub struct Settlement {
 
 #[derive(Debug, Clone)]
 pub enum Settle {
-    /// Done: the input leaves its queue, the outputs and exception records are stored.
-    Done { outputs: Vec<(Target, NewMessage)>, exceptions: Vec<ExceptionRow> },
+    /// Done: the input leaves its queue, the outputs and exception records are stored. With a
+    /// key, the key is recorded with them; if another consumer recorded it first, the message is
+    /// a duplicate: its queue outputs are not stored.
+    Done { outputs: Vec<(Target, NewMessage)>, exceptions: Vec<ExceptionRow>, key: Option<super::KeyRecord> },
     /// Try again later: the input becomes visible again at the time given (µs).
     Retry { visible_at: i64 },
 }
@@ -103,6 +105,8 @@ pub struct SettleReport {
     pub lost_leases: Vec<usize>,
     /// Queues that received messages, to wake their consumers.
     pub queues: Vec<Arc<str>>,
+    /// Inputs (indexes) found to be duplicates at the commit: their key was recorded meanwhile.
+    pub duplicates: Vec<usize>,
 }
 
 pub fn ensure_stream(conn: &Connection, queue: &str, consumer: &str) -> StoreResult<StreamId> {
@@ -313,7 +317,7 @@ pub fn settle(
                         .execute(params![visible_at, id, attempts])?;
                 }
             }
-            Settle::Done { outputs, exceptions } => {
+            Settle::Done { outputs, exceptions, key } => {
                 if let Some((id, attempts)) = item.input {
                     let stream: Option<StreamId> = conn
                         .prepare_cached("DELETE FROM messages WHERE id = ?1 AND attempts = ?2 RETURNING stream")?
@@ -325,6 +329,12 @@ pub fn settle(
                     };
                     conn.prepare_cached("DELETE FROM bodies WHERE id = ?1")?.execute([id])?;
                     depths.add(stream, -1);
+                }
+                if let Some(k) = key
+                    && !super::record_key(conn, k)?
+                {
+                    report.duplicates.push(index);
+                    continue;
                 }
                 for (target, m) in outputs {
                     match target {
@@ -505,7 +515,7 @@ mod tests {
                 // The first holder settles late: its lease is gone, so its output is not written.
                 let done = |l: &Leased| Settlement {
                     input: Some((l.id, l.attempts)),
-                    outcome: Settle::Done { outputs: vec![(Target::Queue("out".into()), msg("o"))], exceptions: vec![] },
+                    outcome: Settle::Done { outputs: vec![(Target::Queue("out".into()), msg("o"))], exceptions: vec![], key: None },
                 };
                 let r = settle(c, &[done(&first[0])], None, &[])?;
                 assert_eq!(r.lost_leases, [0]);
@@ -539,6 +549,39 @@ mod tests {
                 assert!(lease(c, s, 0, 10, 60_000_000, 8)?.is_empty());
                 assert_eq!(reclaim(c, 7)?, 1);
                 assert_eq!(lease(c, s, 0, 10, 60_000_000, 8)?[0].message_id, "m2");
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn a_key_recorded_by_another_consumer_first_makes_the_commit_a_duplicate_that_stores_no_output() {
+        let (_d, store) = temp_store();
+        store
+            .submit_blocking(|c| {
+                let s = subscribe(c, &[("in".into(), "p".into())])?[0];
+                let out = subscribe(c, &[("out".into(), "q".into())])?[0];
+                enqueue(c, "in", &[msg("first"), msg("second")])?;
+                let leased = lease(c, s, 0, 10, 60_000_000, 1)?;
+                let key = super::super::KeyRecord {
+                    scope: Arc::from("p"),
+                    key: "shop:1".into(),
+                    message_id: "m".into(),
+                    expires_at: now_micros() + 60_000_000,
+                };
+                // Both looked the key up before either committed; both come to settle.
+                let done = |l: &Leased| Settlement {
+                    input: Some((l.id, l.attempts)),
+                    outcome: Settle::Done {
+                        outputs: vec![(Target::Queue("out".into()), msg("o"))],
+                        exceptions: vec![],
+                        key: Some(key.clone()),
+                    },
+                };
+                let r = settle(c, &[done(&leased[0]), done(&leased[1])], None, &[])?;
+                assert_eq!(r.duplicates, [1], "the second commit finds the key recorded");
+                assert_eq!(pending(c, &[out])?, 1, "only the first delivery's output is stored");
+                assert_eq!(pending(c, &[s])?, 0, "the duplicate input is settled too");
                 Ok(())
             })
             .unwrap();
