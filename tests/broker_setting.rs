@@ -117,7 +117,8 @@ async fn clean_up(conn: &lapin::Connection, prefix: &str, readers: &[(&str, &str
 
 /// Duplicate stopping over RabbitMQ: the relay's key travels in the message (as its message id
 /// and a header), the downstream pipeline drops the duplicate and acknowledges it, and a second
-/// run remembers the keys delivered in the first.
+/// run remembers the keys delivered in the first. With PostgreSQL, the second run is another
+/// engine with a data directory of its own (another machine): the keys are shared.
 #[test]
 fn duplicates_are_stopped_by_the_upstream_key_over_rabbitmq() {
     let Some(url) = broker_url() else { return };
@@ -128,40 +129,54 @@ fn duplicates_are_stopped_by_the_upstream_key_over_rabbitmq() {
         let text = std::fs::read_to_string(repo().join("tests/runtime/idempotency").join(f)).unwrap();
         std::fs::write(dir.path().join(f), text.replace("queue: idem.", &format!("queue: {prefix}."))).unwrap();
     }
-    let ok = |args: &[&str]| {
-        let out = switchyard(dir.path(), &url, args);
+    let postgres = switchyard::store::test_postgres_url().map(|u| format!("{u}?schema=sy_{prefix}"));
+    let engine = |machine: &str, args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        c.args(args).current_dir(dir.path()).env("SWITCHYARD_BROKER", &url).env("SWITCHYARD_DATA_DIR", dir.path().join(machine));
+        if let Some(store) = &postgres {
+            c.env("SWITCHYARD_STORE", store);
+        }
+        let out = c.env("RUST_LOG", "warn").output().expect("switchyard runs");
         assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stderr).to_string()
     };
-    let posted = || -> Vec<serde_json::Value> {
-        std::fs::read_to_string(dir.path().join("data/out/idem/posted.ndjson"))
+    let posted = |machine: &str| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(dir.path().join(machine).join("out/idem/posted.ndjson"))
             .unwrap_or_default()
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
     };
-    ok(&["run", ".", "--once"]);
+    engine("a", &["run", ".", "--once"]);
     std::fs::write(dir.path().join("in.ndjson"), "{\"id\":\"x1\"}\n{\"id\":\"x1\"}\n{\"id\":\"x2\"}\n").unwrap();
-    ok(&["send", &format!("{prefix}.relay.in"), "in.ndjson"]);
-    let said = ok(&["run", ".", "--once"]);
+    engine("a", &["send", &format!("{prefix}.relay.in"), "in.ndjson"]);
+    let said = engine("a", &["run", ".", "--once"]);
     assert!(said.contains("duplicates       1"), "{said}");
-    let first: Vec<(String, String)> = posted()
+    let first: Vec<(String, String)> = posted("a")
         .iter()
         .map(|m| (m["payload"]["id"].as_str().unwrap().to_string(), m["metadata"]["message_id"].as_str().unwrap().to_string()))
         .collect();
     assert_eq!(first, [("x1".to_string(), "erp:x1".to_string()), ("x2".to_string(), "erp:x2".to_string())], "the key is the message id");
 
+    let second = if postgres.is_some() { "b" } else { "a" };
     std::fs::write(dir.path().join("again.ndjson"), "{\"id\":\"x2\"}\n{\"id\":\"x3\"}\n").unwrap();
-    ok(&["send", &format!("{prefix}.relay.in"), "again.ndjson"]);
-    let said = ok(&["run", ".", "--once"]);
+    engine(second, &["send", &format!("{prefix}.relay.in"), "again.ndjson"]);
+    let said = engine(second, &["run", ".", "--once"]);
     assert!(said.contains("duplicates       1"), "x2 was delivered in the first run: {said}");
-    let ids: Vec<String> = posted().iter().map(|m| m["payload"]["id"].as_str().unwrap().to_string()).collect();
-    assert_eq!(ids, ["x1", "x2", "x3"]);
+    let ids: Vec<String> = [posted("a"), if second == "b" { posted("b") } else { vec![] }]
+        .concat()
+        .iter()
+        .map(|m| m["payload"]["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, ["x1", "x2", "x3"], "each order delivered once over both engines");
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await.unwrap();
         clean_up(&conn, &prefix, &[("relay.in", "idem-relay"), ("keyed", "idem-downstream")]).await;
+        if let Some(store) = &postgres {
+            switchyard::store::PostgresStore::connect(store).await.unwrap().drop_schema().await.unwrap();
+        }
     });
 }
 

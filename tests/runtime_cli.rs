@@ -815,6 +815,16 @@ fn duplicates_are_dropped_and_counted_and_only_delivered_keys_are_remembered() {
     assert_eq!(totals(&summary), [2, 1, 0], "{summary}");
     assert_eq!(summary_count(&summary, "idem-orders", "duplicates"), 1, "{summary}");
     assert_eq!(ids(&orders), ["a1", "a2", "a3"]);
+
+    // An operator re-posts a1 on purpose: look it up, forget it, send it again.
+    assert_eq!(run(&data, &["keys", "show", "idem-orders", "shop:a1"]).code, Some(0));
+    assert_eq!(run(&data, &["keys", "show", "idem-orders", "shop:zz"]).code, Some(1));
+    let forgot = run(&data, &["keys", "forget", "idem-orders", "shop:a1"]).ok("keys forget");
+    assert!(forgot.stdout.contains("the next copy of its message is delivered"), "{}", forgot.stdout);
+    assert_eq!(run(&data, &["keys", "show", "idem-orders", "shop:a1"]).code, Some(1));
+    send_stdin(&data, "idem.in", &[], "{\"id\":\"a1\",\"total\":\"10.00\"}\n").ok("send a1 again");
+    assert_eq!(totals(&run_once(&data, &[pipeline])), [1, 1, 0]);
+    assert_eq!(ids(&orders), ["a1", "a2", "a3", "a1"]);
 }
 
 #[test]
@@ -866,4 +876,46 @@ fn a_downstream_pipeline_stops_duplicates_by_the_key_its_upstream_gave() {
     assert_eq!(totals(&summary), [1, 0, 1], "{summary}");
     let record = with_reason(&listed(&data, &["--pipeline", "idem-downstream"]), "missing_idempotency_key").clone();
     assert!(record["errors"][0]["message"].as_str().unwrap().contains("envelope.idempotency_key"), "{record}");
+}
+
+#[test]
+fn engines_with_their_own_data_directories_share_keys_through_postgresql() {
+    let Some(url) = switchyard::store::test_postgres_url() else { return };
+    let schema = format!(
+        "sy_cli_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() % 1_000_000
+    );
+    let shared = format!("{url}?schema={schema}");
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b, alone) = (tmp.path().join("a"), tmp.path().join("b"), tmp.path().join("alone"));
+    let pipeline = &format!("{IDEM}/idem-orders.yaml");
+    let once = |data: &Path, store: Option<&str>| {
+        let mut c = sy(data);
+        c.args(["run", pipeline, "--once"]);
+        if let Some(s) = store {
+            c.env("SWITCHYARD_STORE", s);
+        }
+        Out::of(c.output().unwrap()).ok("run --once").stderr
+    };
+    // The same order reached two machines (a webhook retried onto another node).
+    send_stdin(&a, "idem.in", &[], "{\"id\":\"c1\",\"total\":\"1\"}\n{\"id\":\"c2\",\"total\":\"2\"}\n").ok("send to a");
+    send_stdin(&b, "idem.in", &[], "{\"id\":\"c2\",\"total\":\"2\"}\n{\"id\":\"c3\",\"total\":\"3\"}\n").ok("send to b");
+    send_stdin(&alone, "idem.in", &[], "{\"id\":\"c2\",\"total\":\"2\"}\n").ok("send to alone");
+    assert_eq!(totals(&once(&a, Some(&shared))), [2, 2, 0]);
+    let on_b = once(&b, Some(&shared));
+    assert_eq!((totals(&on_b), summary_count(&on_b, "idem-orders", "duplicates")), ([2, 1, 0], 1), "{on_b}");
+    assert_eq!(ids(&a.join("out/idem/orders.ndjson")), ["c1", "c2"]);
+    assert_eq!(ids(&b.join("out/idem/orders.ndjson")), ["c3"], "c2 was delivered by the other engine");
+    // An engine on its own store does not know what the others delivered.
+    assert_eq!(totals(&once(&alone, None)), [1, 1, 0]);
+
+    // A wrong password or host is said at start, without the password.
+    let refused =
+        Out::of(sy(&a).env("SWITCHYARD_STORE", "postgres://app:s3cret@127.0.0.1:1/db").args(["run", pipeline, "--once"]).output().unwrap());
+    assert_eq!(refused.code, Some(1), "{}", refused.stderr);
+    assert!(refused.stderr.contains("app:***@127.0.0.1:1") && !refused.stderr.contains("s3cret"), "{}", refused.stderr);
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async { switchyard::store::PostgresStore::connect(&shared).await.unwrap().drop_schema().await.unwrap() });
 }

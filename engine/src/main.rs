@@ -63,6 +63,11 @@ enum Command {
         /// The data directory: the store (queues, exceptions, checkpoints) and file sink outputs.
         #[arg(long, env = "SWITCHYARD_DATA_DIR", default_value = ".switchyard")]
         data_dir: PathBuf,
+        /// Where shared state (idempotency keys) lives when several engines share it:
+        /// `postgres://user@host/db` (`?schema=NAME` picks the schema, default `switchyard`).
+        /// Default: the embedded store in the data directory.
+        #[arg(long, env = "SWITCHYARD_STORE", hide_env_values = true)]
+        store: Option<String>,
     },
     /// Send messages to a queue: each file (JSON: one message; NDJSON: one per line; CSV: one per
     /// row), or standard input as NDJSON.
@@ -90,6 +95,16 @@ enum Command {
         command: cli::ops::ExceptionsCommand,
         #[arg(long, env = "SWITCHYARD_DATA_DIR", default_value = ".switchyard", global = true)]
         data_dir: PathBuf,
+    },
+    /// Look up or forget an idempotency key (to deliver an order again on purpose).
+    Keys {
+        #[command(subcommand)]
+        command: cli::ops::KeysCommand,
+        #[arg(long, env = "SWITCHYARD_DATA_DIR", default_value = ".switchyard", global = true)]
+        data_dir: PathBuf,
+        /// The shared state store, as for `run` (default: the embedded store).
+        #[arg(long, env = "SWITCHYARD_STORE", hide_env_values = true, global = true)]
+        store: Option<String>,
     },
     /// Print the JSON Schema of the pipeline format (or of field maps, or of test files).
     Schema {
@@ -344,7 +359,7 @@ fn write_junit(results: &[testing::FileResult], path: &PathBuf) -> Result<(), Bo
     Ok(())
 }
 
-fn cmd_run(paths: Vec<PathBuf>, once: bool, data_dir: PathBuf) -> ExitCode {
+fn cmd_run(paths: Vec<PathBuf>, once: bool, data_dir: PathBuf, state: Option<String>) -> ExitCode {
     let paths = default_paths(paths);
     let loaded = match load_paths(&paths) {
         Ok(l) => l,
@@ -356,7 +371,7 @@ fn cmd_run(paths: Vec<PathBuf>, once: bool, data_dir: PathBuf) -> ExitCode {
         return ExitCode::from(1);
     }
     eprint!("{}", render(&loaded.warnings));
-    cli::ops::run(loaded.pipelines, paths, once, data_dir)
+    cli::ops::run(loaded.pipelines, paths, once, data_dir, state.filter(|s| !s.trim().is_empty()))
 }
 
 fn main() -> ExitCode {
@@ -373,7 +388,8 @@ fn main() -> ExitCode {
         Command::Validate { paths, format } => cmd_validate(paths, format),
         Command::Test { paths, junit } => cmd_test(paths, junit),
         Command::Topology { paths } => cmd_topology(paths),
-        Command::Run { paths, once, data_dir } => cmd_run(paths, once, data_dir),
+        Command::Run { paths, once, data_dir, store } => cmd_run(paths, once, data_dir, store),
+        Command::Keys { command, data_dir, store } => cli::ops::keys(command, data_dir, store.filter(|s| !s.trim().is_empty())),
         Command::Send { queue, files, format, data_dir } => cli::ops::send(queue, files, format, data_dir),
         Command::Queues { command: None, format, data_dir } => cli::ops::queues(format, data_dir),
         Command::Queues { command: Some(cli::ops::QueuesCommand::Unsubscribe { queue, pipeline, drop_messages }), data_dir, .. } => {

@@ -93,7 +93,13 @@ fn progress_line(summaries: &[Summary]) -> String {
         .join(" | ")
 }
 
-pub fn run(pipelines: Vec<switchyard::pipeline::Pipeline>, paths: Vec<PathBuf>, once: bool, data_dir: PathBuf) -> ExitCode {
+pub fn run(
+    pipelines: Vec<switchyard::pipeline::Pipeline>,
+    paths: Vec<PathBuf>,
+    once: bool,
+    data_dir: PathBuf,
+    state_store: Option<String>,
+) -> ExitCode {
     let durability = match durability() {
         Ok(d) => d,
         Err(c) => return c,
@@ -119,7 +125,7 @@ pub fn run(pipelines: Vec<switchyard::pipeline::Pipeline>, paths: Vec<PathBuf>, 
             std::process::exit(130);
         });
     }
-    let runtime = match Runtime::open(pipelines, RunOptions { data_dir: data_dir.clone(), once, durability }) {
+    let runtime = match Runtime::open(pipelines, RunOptions { data_dir: data_dir.clone(), once, durability, state_store }) {
         Ok(r) => std::sync::Arc::new(r.with_reloader(Reloader::new(paths, |said| eprintln!("switchyard: {said}")))),
         Err(e) => {
             eprintln!("error: {e}");
@@ -445,6 +451,65 @@ fn age(micros: Option<i64>) -> String {
             }
         }
     }
+}
+
+#[derive(Subcommand)]
+pub enum KeysCommand {
+    /// Whether a key was delivered (and is still remembered). Exit 0 if so, 1 if not.
+    Show {
+        /// The key space: the pipeline's name, or its `idempotency.scope`.
+        scope: String,
+        key: String,
+    },
+    /// Forget a delivered key, so that the next copy of its message is delivered again.
+    Forget { scope: String, key: String },
+}
+
+pub fn keys(command: KeysCommand, data_dir: PathBuf, state_store: Option<String>) -> ExitCode {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    rt.block_on(async {
+        let state: Box<dyn store::StateStore> = match &state_store {
+            Some(url) => match store::PostgresStore::connect(url).await {
+                Ok(pg) => Box::new(pg),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            },
+            None => match open_existing(&data_dir) {
+                Ok(s) => Box::new(s),
+                Err(c) => return c,
+            },
+        };
+        let result = match &command {
+            KeysCommand::Show { scope, key } => {
+                state.seen_keys(std::sync::Arc::from(scope.as_str()), vec![key.clone()]).await.map(|s| !s.is_empty())
+            }
+            KeysCommand::Forget { scope, key } => state.forget_key(scope.clone(), key.clone()).await,
+        };
+        match (command, result) {
+            (_, Err(e)) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+            (KeysCommand::Show { scope, key }, Ok(true)) => {
+                println!("`{key}` was delivered (scope {scope}, {}): a copy is a duplicate", state.describe());
+                ExitCode::SUCCESS
+            }
+            (KeysCommand::Show { scope, key }, Ok(false)) => {
+                println!("`{key}` is not recorded (scope {scope}, {}): a copy would be delivered", state.describe());
+                ExitCode::from(1)
+            }
+            (KeysCommand::Forget { scope, key }, Ok(true)) => {
+                println!("forgot `{key}` (scope {scope}): the next copy of its message is delivered");
+                ExitCode::SUCCESS
+            }
+            (KeysCommand::Forget { scope, key }, Ok(false)) => {
+                eprintln!("error: `{key}` is not recorded in scope {scope} ({})", state.describe());
+                ExitCode::from(1)
+            }
+        }
+    })
 }
 
 #[derive(Subcommand)]

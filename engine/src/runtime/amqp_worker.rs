@@ -137,14 +137,20 @@ async fn consume(
         // Counted as in hand until settled, so that `--once` consumers downstream wait for it.
         let taken = deliveries.len() as i64;
         shared.in_flight.fetch_add(taken, Ordering::SeqCst);
-        let (batch, marks) = process_batch(run, plan, session, &shared.store, deliveries).await;
+        let (batch, marks) = match process_batch(run, plan, session, &*shared.state, deliveries).await {
+            Ok(b) => b,
+            Err(e) => {
+                shared.in_flight.fetch_sub(taken, Ordering::SeqCst);
+                break Err(e);
+            }
+        };
         let keys: Vec<String> = batch.iter().filter_map(|i| i.key.as_ref().map(|k| k.key.clone())).collect();
         let (run2, plan2, publish, shared2) = (run.clone(), plan.clone(), session.publish.clone(), shared.clone());
         // Acks go in delivery order: a `multiple` ack of this batch must not cover the one before.
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let before = previous.replace(done_rx);
         in_flight.push_back(tokio::spawn(async move {
-            let r = settle(&run2, &plan2, &publish, &shared2.store, batch, marks, before).await;
+            let r = settle(&run2, &plan2, &publish, &shared2, batch, marks, before).await;
             // Recorded, retried or to be delivered again by the broker: either way no longer in hand.
             run2.release_keys(&keys);
             shared2.in_flight.fetch_sub(taken, Ordering::SeqCst);
@@ -309,9 +315,9 @@ async fn process_batch(
     run: &PipelineRun,
     plan: &SourcePlan,
     session: &Session,
-    store: &crate::store::Store,
+    state: &dyn crate::store::StateStore,
     deliveries: Vec<Delivery>,
-) -> (Vec<InBatch>, Vec<(String, u64)>) {
+) -> Result<(Vec<InBatch>, Vec<(String, u64)>), AmqpError> {
     let current = run.current();
     let p: &Pipeline = &current;
     let mut batch = Vec::with_capacity(deliveries.len());
@@ -332,8 +338,12 @@ async fn process_batch(
             Outcome::Failed(_) => None,
         })
         .collect();
-    // A store that cannot be read is a passing failure: the batch is retried.
-    let verdicts = super::verdicts(run, p, store, &routed).await.map_err(|e| format!("the idempotency store cannot be read: {e}"));
+    // A state store that cannot be read: nothing goes out unchecked, and no attempt is spent.
+    // The batch is not acknowledged; the consumer starts again after a pause and the broker
+    // delivers it again.
+    let verdicts = super::verdicts(run, p, state, &routed)
+        .await
+        .map_err(|e| AmqpError::Lost(format!("the idempotency keys cannot be checked in {}: {e}", state.describe())))?;
     for (k, (delivery, attempt, outcome)) in processed.into_iter().enumerate() {
         let mut item = InBatch {
             delivery,
@@ -344,14 +354,9 @@ async fn process_batch(
             attempt,
             key: None,
         };
-        let outcome = match (&verdicts, outcome) {
-            (_, Outcome::Failed(r)) => Outcome::Failed(r),
-            (Err(e), Outcome::Routed { .. }) => {
-                item.failed = Some(e.clone());
-                batch.push(item);
-                continue;
-            }
-            (Ok(v), Outcome::Routed { output, sinks }) => match &v[k] {
+        let outcome = match outcome {
+            Outcome::Failed(r) => Outcome::Failed(r),
+            Outcome::Routed { output, sinks } => match &verdicts[k] {
                 Verdict::Deliver(key) => {
                     item.key = key.clone();
                     Outcome::Routed { output, sinks }
@@ -423,7 +428,7 @@ async fn process_batch(
             }
         }
     }
-    (batch, marks)
+    Ok((batch, marks))
 }
 
 /// Waits for the batch's confirms; sends what failed to a retry queue or, after the last
@@ -432,11 +437,12 @@ async fn settle(
     run: &PipelineRun,
     plan: &SourcePlan,
     publisher: &Publisher,
-    store: &crate::store::Store,
+    shared: &Shared,
     mut batch: Vec<InBatch>,
     marks: Vec<(String, u64)>,
     before: Option<tokio::sync::oneshot::Receiver<bool>>,
 ) -> Result<(), AmqpError> {
+    let (store, state) = (&shared.store, &*shared.state);
     let Some(last) = batch.last() else { return Ok(()) };
     let last_acker = last.delivery.acker.clone();
     for item in &mut batch {
@@ -487,7 +493,18 @@ async fn settle(
     // committed before the broker forgets them (else the restart would cut acknowledged output).
     // The keys of the delivered messages are recorded in the same commit, before the ack: a
     // crash in between delivers them again, and the redelivery is then a duplicate.
-    let keys: Vec<crate::store::KeyRecord> = batch.iter().filter(|i| i.failed.is_none()).filter_map(|i| i.key.clone()).collect();
+    let mut keys: Vec<crate::store::KeyRecord> = batch.iter().filter(|i| i.failed.is_none()).filter_map(|i| i.key.clone()).collect();
+    // Keys shared in PostgreSQL: recorded there before the ack. If that fails, the batch is not
+    // acknowledged: the broker delivers it again (its outputs go out again, with the same keys).
+    if state.embedded().is_none() && !keys.is_empty() {
+        let there = state
+            .record_keys(std::mem::take(&mut keys))
+            .await
+            .map_err(|e| AmqpError::Lost(format!("the idempotency keys cannot be recorded in {}: {e}", state.describe())))?;
+        if !there.is_empty() {
+            tracing::warn!(pipeline = %p.name, messages = there.len(), "another engine delivered the same keys at the same time: receivers got them twice (they carry the same idempotency key)");
+        }
+    }
     if !marks.is_empty() || !keys.is_empty() {
         let twice = store
             .submit(move |c| {

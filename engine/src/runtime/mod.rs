@@ -40,6 +40,8 @@ pub enum RunError {
     Store(#[from] StoreError),
     #[error("pipeline {pipeline}: {source}")]
     Broker { pipeline: String, source: crate::amqp::AmqpError },
+    #[error("the shared state store cannot be used: {0}")]
+    State(StoreError),
     #[error("cannot use the data directory {}: {source}", path.display())]
     DataDir { path: PathBuf, source: std::io::Error },
 }
@@ -52,6 +54,8 @@ pub struct RunOptions {
     /// Stop once every source is read and every queue of the pipelines is empty.
     pub once: bool,
     pub durability: Durability,
+    /// Where shared state lives: a `postgres://` URL, or `None` for the embedded store.
+    pub state_store: Option<String>,
 }
 
 /// What one pipeline did in this run. `received = routed + exceptions + duplicates`; a message
@@ -240,7 +244,14 @@ async fn purge_expired_keys(shared: Arc<Shared>) -> Result<(), RunError> {
     let mut shutdown = shared.shutdown.clone();
     loop {
         loop {
-            let purged = shared.store.submit(|c| store::purge_keys(c, AT_A_TIME)).await?;
+            let purged = match shared.state.purge_keys(AT_A_TIME).await {
+                Ok(n) => n,
+                // PostgreSQL away for a while: the keys are purged next time.
+                Err(e) => {
+                    tracing::warn!(error = %e, "expired idempotency keys could not be purged; trying again in a minute");
+                    0
+                }
+            };
             if purged > 0 {
                 tracing::debug!(keys = purged, "expired idempotency keys forgotten");
             }
@@ -272,17 +283,12 @@ pub(crate) enum Verdict {
 pub(crate) async fn verdicts(
     run: &PipelineRun,
     p: &Pipeline,
-    store: &Store,
+    state: &dyn store::StateStore,
     routed: &[Option<&crate::message::Metadata>],
 ) -> Result<Vec<Verdict>, StoreError> {
     let Some(idem) = &p.idempotency else { return Ok(vec![Verdict::Deliver(None); routed.len()]) };
     let keys: Vec<String> = routed.iter().flatten().filter_map(|m| m.idempotency_key.clone()).collect();
-    let seen = if keys.is_empty() {
-        Default::default()
-    } else {
-        let scope = idem.scope.clone();
-        store.submit(move |c| store::seen_keys(c, &scope, &keys)).await?
-    };
+    let seen = if keys.is_empty() { Default::default() } else { state.seen_keys(idem.scope.clone(), keys).await? };
     let expires_at = store::now_micros().saturating_add(idem.retention.as_micros().min(i64::MAX as u128) as i64);
     let mut held = run.keys_in_hand.lock().expect("keys in hand");
     Ok(routed
@@ -319,6 +325,8 @@ pub(crate) fn no_key_failure() -> Failure {
 /// What every task of a run shares.
 pub(crate) struct Shared {
     pub store: Store,
+    /// Idempotency keys: the embedded store, or PostgreSQL.
+    pub state: Arc<dyn store::StateStore>,
     pub owner: i64,
     pub once: bool,
     pub shutdown: watch::Receiver<bool>,
@@ -506,6 +514,15 @@ impl Runtime {
                 b.session().await.map_err(|source| RunError::Broker { pipeline: run.pipeline.name.clone(), source })?;
             }
         }
+        // Shared state must be reachable at start too; later losses make batches retry.
+        let state: Arc<dyn store::StateStore> = match &self.opts.state_store {
+            None => Arc::new(self.store.clone()),
+            Some(url) => {
+                let pg = store::PostgresStore::connect(url).await.map_err(RunError::State)?;
+                tracing::info!(store = %store::StateStore::describe(&pg), "idempotency keys are shared");
+                Arc::new(pg)
+            }
+        };
         let (id, lock) = OwnerLock::acquire(&self.opts.data_dir, &self.store)?;
         // With `once`, the run stops itself through this second signal.
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -521,6 +538,7 @@ impl Runtime {
         });
         let shared = Arc::new(Shared {
             store: self.store.clone(),
+            state,
             owner: id,
             once: self.opts.once,
             shutdown: stop_rx,

@@ -18,6 +18,9 @@ struct InCommit {
     counted: Vec<Counted>,
     /// Idempotency keys held in hand until the commit is done.
     keys: Vec<String>,
+    /// Keys to record in a shared state store outside the embedded one, once the commit is
+    /// done (by settlement index).
+    to_record: Vec<(usize, store::KeyRecord)>,
 }
 
 /// A lease on its way: where it started, and the batch with how many replays lead it.
@@ -151,11 +154,13 @@ pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<()
             if !*shutdown.borrow() && back_pressure.last.is_none() {
                 next = Some(lease(cursor.next_from()));
             }
-            let (settlements, counted, marks, keys) = process_batch(&run, &shared.store, batch).await?;
+            let (mut settlements, counted, marks, keys) = process_batch(&run, &*shared.state, batch).await?;
+            let to_record = if shared.state.embedded().is_some() { Vec::new() } else { take_keys(&mut settlements) };
             pending.push_back(InCommit {
                 commit: shared.store.submit(move |c| store::settle(c, &settlements, None, &marks)),
                 counted,
                 keys,
+                to_record,
             });
             finish(&run, &shared, &mut pending, MAX_PENDING_COMMITS).await?;
         }
@@ -209,8 +214,25 @@ impl BackPressure {
 /// Waits for commits until at most `keep` are pending, and counts what they did.
 async fn finish(run: &PipelineRun, shared: &Shared, pending: &mut VecDeque<InCommit>, keep: usize) -> Result<(), RunError> {
     while pending.len() > keep {
-        let InCommit { commit, counted, keys } = pending.pop_front().expect("non-empty");
+        let InCommit { commit, counted, keys, to_record } = pending.pop_front().expect("non-empty");
         let result = commit.await;
+        if let Ok(report) = &result
+            && !to_record.is_empty()
+        {
+            // After the commit: the outputs are delivered and the inputs gone. A key that cannot be
+            // recorded now only lets a later copy through again.
+            let records: Vec<store::KeyRecord> =
+                to_record.into_iter().filter(|(i, _)| !report.lost_leases.contains(i)).map(|(_, k)| k).collect();
+            match shared.state.record_keys(records).await {
+                Ok(there) if !there.is_empty() => {
+                    tracing::warn!(pipeline = %run.pipeline.name, messages = there.len(), "another engine delivered the same keys at the same time: receivers got them twice (they carry the same idempotency key)")
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(pipeline = %run.pipeline.name, error = %e, "delivered, but the idempotency keys could not be recorded: a copy sent again would be delivered again")
+                }
+            }
+        }
         run.release_keys(&keys);
         shared.in_flight.fetch_sub(counted.len() as i64, Ordering::SeqCst);
         let report = result?;
@@ -269,8 +291,24 @@ fn sink_failure(p: &Pipeline, leased: &Leased, metadata: crate::message::Metadat
 /// the idempotency keys it holds in hand.
 type Processed = (Vec<Settlement>, Vec<Counted>, Vec<(String, u64)>, Vec<String>);
 
+/// Takes the idempotency keys out of the settlements, with their indexes.
+fn take_keys(settlements: &mut [Settlement]) -> Vec<(usize, store::KeyRecord)> {
+    let mut keys = Vec::new();
+    for (i, s) in settlements.iter_mut().enumerate() {
+        if let Settle::Done { key, .. } = &mut s.outcome
+            && let Some(k) = key.take()
+        {
+            keys.push((i, k));
+        }
+    }
+    keys
+}
+
+/// How long a batch waits when the shared state store cannot be reached.
+const STATE_AWAY_PAUSE: Duration = Duration::from_secs(2);
+
 /// Processes a batch.
-async fn process_batch(run: &PipelineRun, store: &store::Store, batch: Vec<Leased>) -> Result<Processed, RunError> {
+async fn process_batch(run: &PipelineRun, state: &dyn store::StateStore, batch: Vec<Leased>) -> Result<Processed, RunError> {
     // The version in force when the batch starts: a reload applies from the next batch.
     let current = run.current();
     let p: &Pipeline = &current;
@@ -304,7 +342,21 @@ async fn process_batch(run: &PipelineRun, store: &store::Store, batch: Vec<Lease
             _ => None,
         })
         .collect();
-    let verdicts = super::verdicts(run, p, store, &routed).await?;
+    let verdicts = match super::verdicts(run, p, state, &routed).await {
+        Ok(v) => v,
+        Err(e) if state.embedded().is_some() => return Err(e.into()),
+        // PostgreSQL away: nothing is delivered unchecked; the batch goes back without spending
+        // an attempt, and the worker pauses.
+        Err(e) => {
+            tracing::warn!(pipeline = %p.name, error = %e, store = %state.describe(), "the shared state store cannot be reached; the batch waits");
+            tokio::time::sleep(STATE_AWAY_PAUSE).await;
+            let visible_at = now_micros();
+            let settlements: Vec<Settlement> =
+                batch.iter().map(|l| Settlement { input: Some((l.id, l.attempts)), outcome: Settle::GiveBack { visible_at } }).collect();
+            let counted = vec![Counted::Retried; settlements.len()];
+            return Ok((settlements, counted, Vec::new(), Vec::new()));
+        }
+    };
     let held: Vec<String> = verdicts
         .iter()
         .filter_map(|v| match v {

@@ -12,10 +12,12 @@
 mod admin;
 mod keys;
 mod queue;
+mod state;
 
 pub use admin::*;
 pub use keys::*;
 pub use queue::*;
+pub use state::*;
 
 use rusqlite::Connection;
 use std::path::{Path, PathBuf};

@@ -72,6 +72,9 @@ pub enum Settle {
     Done { outputs: Vec<(Target, NewMessage)>, exceptions: Vec<ExceptionRow>, key: Option<super::KeyRecord> },
     /// Try again later: the input becomes visible again at the time given (µs).
     Retry { visible_at: i64 },
+    /// Not processed at all (something it needs is away): visible again at the time given,
+    /// and this delivery does not count as an attempt.
+    GiveBack { visible_at: i64 },
 }
 
 /// How far a pipeline has read a file.
@@ -315,6 +318,14 @@ pub fn settle(
                 if let Some((id, attempts)) = item.input {
                     conn.prepare_cached("UPDATE messages SET visible_at = ?1, owner = NULL WHERE id = ?2 AND attempts = ?3")?
                         .execute(params![visible_at, id, attempts])?;
+                }
+            }
+            Settle::GiveBack { visible_at } => {
+                if let Some((id, attempts)) = item.input {
+                    conn.prepare_cached(
+                        "UPDATE messages SET visible_at = ?1, owner = NULL, attempts = attempts - 1 WHERE id = ?2 AND attempts = ?3",
+                    )?
+                    .execute(params![visible_at, id, attempts])?;
                 }
             }
             Settle::Done { outputs, exceptions, key } => {

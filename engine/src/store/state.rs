@@ -1,0 +1,339 @@
+//! Shared state: what several engine processes must agree on (idempotency keys now; inventory
+//! positions later), behind one trait with two implementations: the embedded store (SQLite,
+//! the default, one data directory) and PostgreSQL (`SWITCHYARD_STORE=postgres://...`), for
+//! engines on several machines.
+
+use super::{KeyRecord, Store, StoreError, StoreResult, now_micros};
+use async_trait::async_trait;
+use std::collections::HashSet;
+use std::sync::Arc;
+
+/// Where idempotency keys live.
+#[async_trait]
+pub trait StateStore: Send + Sync {
+    /// Where it is, for logs and summaries (never a password).
+    fn describe(&self) -> String;
+    /// The embedded store, when the state lives in it: keys are then recorded in the same
+    /// transaction that settles their messages (see [`super::Settle::Done`]).
+    fn embedded(&self) -> Option<&Store>;
+    /// The keys of `keys` already delivered in `scope` and not expired.
+    async fn seen_keys(&self, scope: Arc<str>, keys: Vec<String>) -> StoreResult<HashSet<String>>;
+    /// Records delivered keys; returns the keys that were already there (delivered by someone
+    /// else meanwhile).
+    async fn record_keys(&self, keys: Vec<KeyRecord>) -> StoreResult<Vec<String>>;
+    /// Deletes up to `limit` expired keys; how many.
+    async fn purge_keys(&self, limit: usize) -> StoreResult<usize>;
+    /// Forgets one key; false if it was not there.
+    async fn forget_key(&self, scope: String, key: String) -> StoreResult<bool>;
+}
+
+#[async_trait]
+impl StateStore for Store {
+    fn describe(&self) -> String {
+        "the embedded store".into()
+    }
+    fn embedded(&self) -> Option<&Store> {
+        Some(self)
+    }
+    async fn seen_keys(&self, scope: Arc<str>, keys: Vec<String>) -> StoreResult<HashSet<String>> {
+        self.submit(move |c| super::seen_keys(c, &scope, &keys)).await
+    }
+    async fn record_keys(&self, keys: Vec<KeyRecord>) -> StoreResult<Vec<String>> {
+        self.submit(move |c| {
+            let mut there = Vec::new();
+            for k in &keys {
+                if !super::record_key(c, k)? {
+                    there.push(k.key.clone());
+                }
+            }
+            Ok(there)
+        })
+        .await
+    }
+    async fn purge_keys(&self, limit: usize) -> StoreResult<usize> {
+        self.submit(move |c| super::purge_keys(c, limit)).await
+    }
+    async fn forget_key(&self, scope: String, key: String) -> StoreResult<bool> {
+        self.submit(move |c| super::forget_key(c, &scope, &key)).await
+    }
+}
+
+/// The setting that puts shared state in PostgreSQL.
+pub const STORE_SETTING: &str = "SWITCHYARD_STORE";
+
+/// PostgreSQL: tables in one schema (default `switchyard`; `?schema=NAME` in the URL picks
+/// another), created at connect if missing. A small pool of connections, re-made when lost.
+pub struct PostgresStore {
+    pool: deadpool_postgres::Pool,
+    schema: String,
+    shown: String,
+}
+
+fn pg_error(e: impl std::error::Error) -> StoreError {
+    StoreError::Sql(format!("PostgreSQL: {}", with_causes(&e)))
+}
+
+/// An error with what caused it (the driver's top-level messages say little on their own).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut said = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let c_said = c.to_string();
+        if !said.contains(&c_said) {
+            said = format!("{said}: {c_said}");
+        }
+        cause = c.source();
+    }
+    said
+}
+
+/// A URL as it may be shown: without its password.
+pub fn redact_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((user, host)) => {
+                let user = user.split_once(':').map(|(u, _)| format!("{u}:***")).unwrap_or_else(|| user.to_string());
+                format!("{scheme}://{user}@{host}")
+            }
+            None => url.to_string(),
+        },
+        None => "(not a URL)".into(),
+    }
+}
+
+/// Splits `schema=NAME` off a URL's query: it is ours, not the driver's.
+fn take_schema(url: &str) -> (String, Option<String>) {
+    let Some((base, query)) = url.split_once('?') else { return (url.to_string(), None) };
+    let mut schema = None;
+    let rest: Vec<&str> = query
+        .split('&')
+        .filter(|p| match p.strip_prefix("schema=") {
+            Some(s) => {
+                schema = Some(s.to_string());
+                false
+            }
+            None => true,
+        })
+        .collect();
+    let url = if rest.is_empty() { base.to_string() } else { format!("{base}?{}", rest.join("&")) };
+    (url, schema)
+}
+
+fn valid_schema(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 63 && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+impl PostgresStore {
+    /// Connects and creates the tables if missing. The URL is never shown with its password.
+    pub async fn connect(url: &str) -> StoreResult<PostgresStore> {
+        let shown = redact_url(url);
+        let refused = |e: String| StoreError::Open { path: shown.clone(), message: e };
+        let (driver_url, schema) = take_schema(url);
+        let schema = schema.unwrap_or_else(|| "switchyard".into());
+        if !valid_schema(&schema) {
+            return Err(refused(format!("`{schema}` is not a schema name (lowercase letters, digits and `_`)")));
+        }
+        let config: tokio_postgres::Config = driver_url.parse().map_err(|e| refused(format!("not a PostgreSQL URL: {e}")))?;
+        let manager = deadpool_postgres::Manager::from_config(
+            config,
+            tokio_postgres::NoTls,
+            deadpool_postgres::ManagerConfig { recycling_method: deadpool_postgres::RecyclingMethod::Fast },
+        );
+        let pool = deadpool_postgres::Pool::builder(manager)
+            .max_size(4)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(std::time::Duration::from_secs(30)))
+            .create_timeout(Some(std::time::Duration::from_secs(10)))
+            .build()
+            .map_err(|e| refused(e.to_string()))?;
+        let store = PostgresStore { pool, schema, shown: shown.clone() };
+        store.create_tables().await.map_err(|e| match e {
+            StoreError::Sql(m) => refused(m),
+            other => other,
+        })?;
+        Ok(store)
+    }
+
+    async fn client(&self) -> StoreResult<deadpool_postgres::Object> {
+        self.pool.get().await.map_err(|e| StoreError::Sql(format!("PostgreSQL: no connection to {}: {}", self.shown, with_causes(&e))))
+    }
+
+    async fn create_tables(&self) -> StoreResult<()> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg_error)?;
+        // Engines starting together would race on CREATE ... IF NOT EXISTS: one at a time.
+        tx.execute("SELECT pg_advisory_xact_lock(7239105512)", &[]).await.map_err(pg_error)?;
+        let s = &self.schema;
+        tx.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {s};
+             CREATE TABLE IF NOT EXISTS {s}.idempotency_keys (
+                 scope TEXT NOT NULL,
+                 key TEXT NOT NULL,
+                 message_id TEXT NOT NULL,
+                 recorded_at BIGINT NOT NULL,
+                 expires_at BIGINT NOT NULL,
+                 PRIMARY KEY (scope, key)
+             );
+             CREATE INDEX IF NOT EXISTS idempotency_keys_by_expiry ON {s}.idempotency_keys (expires_at);"
+        ))
+        .await
+        .map_err(pg_error)?;
+        tx.commit().await.map_err(pg_error)
+    }
+}
+
+#[async_trait]
+impl StateStore for PostgresStore {
+    fn describe(&self) -> String {
+        format!("PostgreSQL {} (schema {})", self.shown, self.schema)
+    }
+    fn embedded(&self) -> Option<&Store> {
+        None
+    }
+    async fn seen_keys(&self, scope: Arc<str>, keys: Vec<String>) -> StoreResult<HashSet<String>> {
+        let c = self.client().await?;
+        let q = format!("SELECT key FROM {}.idempotency_keys WHERE scope = $1 AND key = ANY($2) AND expires_at > $3", self.schema);
+        let stmt = c.prepare_cached(&q).await.map_err(pg_error)?;
+        let rows = c.query(&stmt, &[&scope.as_ref(), &keys, &now_micros()]).await.map_err(pg_error)?;
+        Ok(rows.into_iter().map(|r| r.get(0)).collect())
+    }
+    async fn record_keys(&self, keys: Vec<KeyRecord>) -> StoreResult<Vec<String>> {
+        let c = self.client().await?;
+        // One statement per scope and batch; a live key is left alone (not returned), an expired
+        // one taken over.
+        let q = format!(
+            "INSERT INTO {s}.idempotency_keys AS k (scope, key, message_id, recorded_at, expires_at)
+             SELECT $1, u.key, u.message_id, $2, u.expires_at FROM UNNEST($3::text[], $4::text[], $5::bigint[]) AS u(key, message_id, expires_at)
+             ON CONFLICT (scope, key) DO UPDATE SET message_id = excluded.message_id, recorded_at = excluded.recorded_at,
+                 expires_at = excluded.expires_at
+             WHERE k.expires_at <= excluded.recorded_at
+             RETURNING key",
+            s = self.schema
+        );
+        let stmt = c.prepare_cached(&q).await.map_err(pg_error)?;
+        let mut by_scope: indexmap::IndexMap<Arc<str>, indexmap::IndexMap<String, &KeyRecord>> = indexmap::IndexMap::new();
+        for k in &keys {
+            by_scope.entry(k.scope.clone()).or_default().entry(k.key.clone()).or_insert(k);
+        }
+        let mut there = Vec::new();
+        for (scope, ks) in by_scope {
+            let names: Vec<&str> = ks.keys().map(String::as_str).collect();
+            let ids: Vec<&str> = ks.values().map(|k| k.message_id.as_str()).collect();
+            let expiries: Vec<i64> = ks.values().map(|k| k.expires_at).collect();
+            let rows = c.query(&stmt, &[&scope.as_ref(), &now_micros(), &names, &ids, &expiries]).await.map_err(pg_error)?;
+            let recorded: HashSet<String> = rows.into_iter().map(|r| r.get(0)).collect();
+            there.extend(names.iter().filter(|n| !recorded.contains(**n)).map(|n| n.to_string()));
+        }
+        Ok(there)
+    }
+    async fn purge_keys(&self, limit: usize) -> StoreResult<usize> {
+        let c = self.client().await?;
+        let q = format!(
+            "DELETE FROM {s}.idempotency_keys WHERE ctid IN (SELECT ctid FROM {s}.idempotency_keys WHERE expires_at <= $1 LIMIT $2)",
+            s = self.schema
+        );
+        let n = c.execute(&q, &[&now_micros(), &(limit as i64)]).await.map_err(pg_error)?;
+        Ok(n as usize)
+    }
+    async fn forget_key(&self, scope: String, key: String) -> StoreResult<bool> {
+        let c = self.client().await?;
+        let q = format!("DELETE FROM {}.idempotency_keys WHERE scope = $1 AND key = $2", self.schema);
+        Ok(c.execute(&q, &[&scope, &key]).await.map_err(pg_error)? == 1)
+    }
+}
+
+/// For tests: the PostgreSQL of this machine (`SWITCHYARD_TEST_POSTGRES`, default
+/// `postgres://postgres@127.0.0.1:5432/test`), or `None` with a `skipped:` line when there is none,
+/// unless `SWITCHYARD_REQUIRE_BROKER=1`, which makes its absence a failure.
+pub fn test_postgres_url() -> Option<String> {
+    let url = std::env::var("SWITCHYARD_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    if std::net::TcpStream::connect_timeout(&"127.0.0.1:5432".parse().expect("address"), std::time::Duration::from_secs(2)).is_ok()
+        || std::env::var("SWITCHYARD_TEST_POSTGRES").is_ok()
+    {
+        return Some(url);
+    }
+    assert!(
+        std::env::var("SWITCHYARD_REQUIRE_BROKER").as_deref() != Ok("1"),
+        "no PostgreSQL at 127.0.0.1:5432 and SWITCHYARD_REQUIRE_BROKER=1"
+    );
+    println!("skipped: no PostgreSQL at 127.0.0.1:5432");
+    None
+}
+
+impl PostgresStore {
+    /// Drops the store's schema and everything in it (tests clean up with it).
+    pub async fn drop_schema(&self) -> StoreResult<()> {
+        self.client().await?.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema)).await.map_err(pg_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(scope: &str, k: &str, expires_at: i64) -> KeyRecord {
+        KeyRecord { scope: Arc::from(scope), key: k.into(), message_id: format!("m-{k}"), expires_at }
+    }
+
+    /// What every implementation must do.
+    async fn conformance(s: &dyn StateStore) {
+        let later = now_micros() + 60_000_000;
+        let keys = |ks: &[&str]| ks.iter().map(|k| k.to_string()).collect::<Vec<_>>();
+        assert!(s.seen_keys(Arc::from("orders"), keys(&["a"])).await.unwrap().is_empty());
+        let there = s.record_keys(vec![key("orders", "a", later), key("orders", "b", later), key("other", "a", later)]).await.unwrap();
+        assert!(there.is_empty(), "{there:?}");
+        let seen = s.seen_keys(Arc::from("orders"), keys(&["a", "b", "c"])).await.unwrap();
+        assert_eq!(seen, HashSet::from(["a".to_string(), "b".to_string()]));
+        // Recorded by someone else meanwhile: reported, not overwritten.
+        let there = s.record_keys(vec![key("orders", "b", later), key("orders", "c", later)]).await.unwrap();
+        assert_eq!(there, ["b"]);
+        // Expired keys are not seen, are taken over, and are purged.
+        s.record_keys(vec![key("orders", "old", now_micros() - 1)]).await.unwrap();
+        assert!(s.seen_keys(Arc::from("orders"), keys(&["old"])).await.unwrap().is_empty());
+        assert!(s.record_keys(vec![key("orders", "old", now_micros() - 1)]).await.unwrap().is_empty(), "an expired key is taken over");
+        assert_eq!(s.purge_keys(100).await.unwrap(), 1);
+        assert!(s.forget_key("orders".into(), "a".into()).await.unwrap());
+        assert!(!s.forget_key("orders".into(), "a".into()).await.unwrap());
+        assert_eq!(s.seen_keys(Arc::from("other"), keys(&["a"])).await.unwrap().len(), 1, "scopes are apart");
+    }
+
+    #[tokio::test]
+    async fn the_embedded_store_keeps_keys() {
+        let (_dir, store) = super::super::tests::temp_store();
+        conformance(&store).await;
+    }
+
+    #[tokio::test]
+    async fn postgresql_keeps_keys_and_says_where_it_is_without_the_password() {
+        let Some(url) = test_postgres_url() else { return };
+        let schema = format!("sy_state_{}_{}", std::process::id(), now_micros() % 1_000_000);
+        let url = format!("{url}?schema={schema}");
+        // Two engines starting together both create the tables.
+        let (a, b) = tokio::join!(PostgresStore::connect(&url), PostgresStore::connect(&url));
+        let pg = PostgresStore::connect(&url).await.unwrap();
+        a.unwrap();
+        b.unwrap();
+        conformance(&pg).await;
+        assert!(pg.describe().contains(&schema));
+        pg.drop_schema().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_postgresql_is_said_without_its_password() {
+        let err = PostgresStore::connect("postgres://app:s3cret@127.0.0.1:1/db").await.err().expect("nothing listens on port 1");
+        let said = err.to_string();
+        assert!(said.contains("app:***@127.0.0.1:1") && !said.contains("s3cret"), "{said}");
+    }
+
+    #[test]
+    fn the_schema_is_taken_off_the_url_and_passwords_are_never_shown() {
+        assert_eq!(
+            take_schema("postgres://u:pw@h/db?schema=sy_1&sslmode=disable"),
+            ("postgres://u:pw@h/db?sslmode=disable".to_string(), Some("sy_1".to_string()))
+        );
+        assert_eq!(take_schema("postgres://h/db"), ("postgres://h/db".to_string(), None));
+        assert_eq!(redact_url("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(redact_url("postgres://h/db"), "postgres://h/db");
+        assert!(!valid_schema("x; DROP TABLE y"));
+    }
+}
