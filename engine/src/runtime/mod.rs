@@ -8,6 +8,7 @@
 //! be reclaimed at once when its process is gone), so nothing is lost: at least once.
 
 mod amqp_worker;
+pub mod delivery;
 pub mod envelope;
 mod ingest;
 mod reload;

@@ -13,11 +13,13 @@ mod admin;
 mod keys;
 mod queue;
 mod state;
+mod status;
 
 pub use admin::*;
 pub use keys::*;
 pub use queue::*;
 pub use state::*;
+pub use status::*;
 
 use rusqlite::Connection;
 use std::path::{Path, PathBuf};
@@ -131,6 +133,20 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     PRIMARY KEY (scope, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS idempotency_keys_by_expiry ON idempotency_keys (expires_at);
+-- What each running engine says about its sinks (`switchyard status`).
+CREATE TABLE IF NOT EXISTS sink_status (
+    pipeline TEXT NOT NULL,
+    sink TEXT NOT NULL,
+    owner INTEGER NOT NULL,
+    breaker TEXT NOT NULL,
+    open_until INTEGER,
+    failures INTEGER NOT NULL,
+    rate_limit TEXT,
+    paused_until INTEGER,
+    last_failure TEXT,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (pipeline, sink, owner)
+);
 -- How long each file sink's file was when messages written to it were settled.
 CREATE TABLE IF NOT EXISTS sink_offsets (
     path TEXT PRIMARY KEY,

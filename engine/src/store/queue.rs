@@ -429,6 +429,7 @@ fn write_checkpoint(conn: &Connection, w: &CheckpointWrite) -> StoreResult<()> {
 
 /// Makes the messages leased by a dead process visible again at once.
 pub fn reclaim(conn: &Connection, owner: i64) -> StoreResult<usize> {
+    super::forget_owner_status(conn, owner)?;
     Ok(conn.execute("UPDATE messages SET visible_at = 0, owner = NULL WHERE owner = ?1", [owner])?)
 }
 
