@@ -7,7 +7,7 @@ use crate::config::diag::{one_of, suggestion};
 use crate::config::yaml::{Node, NodeValue};
 use crate::config::{DiagCode, Diagnostic, PathPart, SourceFile, parse_node};
 use crate::map::MapStepConfig;
-use crate::sink::{file::FileSinkConfig, queue::QueueSinkConfig, stdout::StdoutSinkConfig};
+use crate::sink::{file::FileSinkConfig, http::HttpSinkConfig, queue::QueueSinkConfig, stdout::StdoutSinkConfig};
 use crate::source::{file::FileSourceConfig, queue::QueueSourceConfig, stdin::StdinSourceConfig};
 use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
@@ -39,6 +39,9 @@ pub enum SinkConfig {
     Queue(QueueSinkConfig),
     /// A RabbitMQ exchange (needs `broker:`): persistent, confirmed, unroutable is a failure.
     Amqp(AmqpSinkConfig),
+    /// An HTTP endpoint: one request per message, with its idempotency key. 2xx delivers;
+    /// timeouts, connection failures, 5xx, 408 and 429 may pass; other answers refuse it.
+    Http(HttpSinkConfig),
 }
 
 /// A validate step, picked by `type:`.
@@ -78,13 +81,14 @@ impl Tagged for SourceConfig {
 
 impl Tagged for SinkConfig {
     const WHAT: &'static str = "sink";
-    const TYPES: &'static [&'static str] = &["file", "stdout", "queue", "amqp"];
+    const TYPES: &'static [&'static str] = &["file", "stdout", "queue", "amqp", "http"];
     fn parse_type(ty: &str, node: &Node, file: &SourceFile, prefix: &[PathPart]) -> Result<Self, Vec<Diagnostic>> {
         Ok(match ty {
             "file" => SinkConfig::File(p(node, file, prefix)?),
             "stdout" => SinkConfig::Stdout(p(node, file, prefix)?),
             "queue" => SinkConfig::Queue(p(node, file, prefix)?),
             "amqp" => SinkConfig::Amqp(p(node, file, prefix)?),
+            "http" => SinkConfig::Http(p(node, file, prefix)?),
             _ => unreachable!("checked against TYPES"),
         })
     }

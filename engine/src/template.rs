@@ -98,20 +98,39 @@ impl Template {
 
     /// Renders the template; `None` when a placeholder has no value (so `required`/`default` apply).
     pub fn render(&self, scope: Scope<'_>, vars: &dyn Vars) -> Option<String> {
+        self.render_with(scope, vars, |value, out| out.push_str(value))
+    }
+
+    /// Renders the template, each placeholder's value written by `put` (literal text as is): for
+    /// values that need escaping where they land, such as a URL path.
+    pub fn render_with(&self, scope: Scope<'_>, vars: &dyn Vars, mut put: impl FnMut(&str, &mut String)) -> Option<String> {
         let mut out = String::new();
         for p in &self.parts {
             match p {
                 Part::Text(t) => out.push_str(t),
                 Part::Path(path) => match path.first(scope)? {
-                    Doc::String(s) => out.push_str(s),
-                    Doc::Number(n) => out.push_str(&n.to_string()),
-                    Doc::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-                    other => out.push_str(&other.to_string()),
+                    Doc::String(s) => put(s, &mut out),
+                    Doc::Number(n) => put(&n.to_string(), &mut out),
+                    Doc::Bool(b) => put(if *b { "true" } else { "false" }, &mut out),
+                    other => put(&other.to_string(), &mut out),
                 },
-                Part::Var(v) => out.push_str(vars.var(v)?),
+                Part::Var(v) => put(vars.var(v)?, &mut out),
             }
         }
         Some(out)
+    }
+
+    /// The literal text before the first placeholder (all of it when there is none).
+    pub fn literal_prefix(&self) -> &str {
+        match self.parts.first() {
+            Some(Part::Text(t)) => t,
+            _ => "",
+        }
+    }
+
+    /// Whether the template has placeholders (else it renders to the same text every time).
+    pub fn has_placeholders(&self) -> bool {
+        self.parts.iter().any(|p| !matches!(p, Part::Text(_)))
     }
 
     /// The first JSONPath in the template, for pointing at the input when a value is missing.

@@ -12,6 +12,7 @@ use crate::map::{MapStep, MapStepConfig, StepInput, build_schema_check};
 use crate::message::{Document, ErrorDetail, ExceptionRecord, Failure, Metadata, OriginalPayload, Output, RawMessage, Stage, reason};
 use crate::registry::{Component, SinkConfig, SourceConfig, ValidateStepConfig};
 use crate::route::{RouteConfig, Router};
+use crate::sink::http::HttpTarget;
 use crate::template::Template;
 use crate::validate::SchemaCheck;
 use chrono::Utc;
@@ -380,6 +381,8 @@ pub struct Pipeline {
     pub sinks: Vec<(String, SinkConfig)>,
     /// RabbitMQ, when the source or a sink is `amqp`.
     pub broker: Option<BrokerPlan>,
+    /// The `http` sinks by name, compiled.
+    pub http_targets: IndexMap<String, Arc<HttpTarget>>,
     correlation: Correlation,
     idempotency_key: Option<Template>,
     /// Duplicate stopping, when declared.
@@ -584,6 +587,7 @@ impl Pipeline {
             diags.push(no_broker(cx, s.queue.span, "source"));
         }
         let mut sinks = Vec::new();
+        let mut http_targets = IndexMap::new();
         for (name, c) in config.sinks.iter() {
             if !valid_name(name) {
                 diags.push(
@@ -612,6 +616,11 @@ impl Pipeline {
                             }
                         }
                     }
+                }
+                if let SinkConfig::Http(h) = &s
+                    && let Some(t) = diags.take_all(HttpTarget::build(h, &format!("sinks.{name}"), cx))
+                {
+                    http_targets.insert(name.clone(), Arc::new(t));
                 }
                 if let SinkConfig::Queue(q) = &s {
                     check_queue_name(&q.queue, &format!("sinks.{name}.queue"), cx, &mut diags);
@@ -735,6 +744,7 @@ impl Pipeline {
             source,
             sinks,
             broker,
+            http_targets,
             correlation,
             idempotency_key,
             idempotency,

@@ -20,6 +20,7 @@ use crate::message::{ErrorDetail, Failure, Stage, reason};
 use crate::pipeline::{Outcome, Pipeline};
 use crate::registry::{SinkConfig, SourceConfig};
 use crate::sink::file::FileSink;
+use crate::sink::http::HttpSink;
 use crate::sink::stdout::StdoutSink;
 use crate::sink::{OutputFormat, Sink, SinkContext, SinkError};
 use crate::source::SourceError;
@@ -150,12 +151,13 @@ pub(crate) enum RuntimeSink {
     External(Box<dyn Sink>),
 }
 
-/// Builds the runtime sink of an outside sink config.
+/// Builds the runtime sink of an outside sink config. `amqp` and `http` sinks start from what
+/// their pipeline compiled at load (see `Runtime::open`); `queue` sinks are the store's.
 pub fn build_sink(config: &SinkConfig, cx: &SinkContext) -> Option<Box<dyn Sink>> {
     match config {
         SinkConfig::File(c) => Some(Box::new(FileSink::new(c, cx))),
         SinkConfig::Stdout(c) => Some(Box::new(StdoutSink { format: c.format })),
-        SinkConfig::Queue(_) | SinkConfig::Amqp(_) => None,
+        SinkConfig::Queue(_) | SinkConfig::Amqp(_) | SinkConfig::Http(_) => None,
     }
 }
 
@@ -439,24 +441,31 @@ impl Runtime {
                 let sinks = p
                     .sinks
                     .iter()
-                    .map(|(name, c)| match c {
-                        SinkConfig::Amqp(_) => {
-                            let (Some(broker), Some(plan)) = (&broker, &p.broker) else {
-                                unreachable!("checked at load: amqp sinks need a broker")
-                            };
-                            RuntimeSink::External(Box::new(crate::amqp::publish::AmqpSink::new(broker.clone(), plan.targets[name].clone())))
-                        }
-                        SinkConfig::Queue(q) => RuntimeSink::Queue {
-                            queue: Arc::from(q.queue.value.as_str()),
-                            format: q.format.unwrap_or(OutputFormat::Payload),
-                            max_depth: q.max_depth.unwrap_or(crate::sink::queue::DEFAULT_MAX_DEPTH),
-                        },
-                        other => RuntimeSink::External(build_sink(other, &cx).expect("not a queue sink")),
+                    .map(|(name, c)| {
+                        Ok(match c {
+                            SinkConfig::Amqp(_) => {
+                                let (Some(broker), Some(plan)) = (&broker, &p.broker) else {
+                                    unreachable!("checked at load: amqp sinks need a broker")
+                                };
+                                RuntimeSink::External(Box::new(crate::amqp::publish::AmqpSink::new(
+                                    broker.clone(),
+                                    plan.targets[name].clone(),
+                                )))
+                            }
+                            SinkConfig::Http(_) => RuntimeSink::External(Box::new(HttpSink::start(p.http_targets[name].clone())?)),
+                            SinkConfig::Queue(q) => RuntimeSink::Queue {
+                                queue: Arc::from(q.queue.value.as_str()),
+                                format: q.format.unwrap_or(OutputFormat::Payload),
+                                max_depth: q.max_depth.unwrap_or(crate::sink::queue::DEFAULT_MAX_DEPTH),
+                            },
+                            other => RuntimeSink::External(build_sink(other, &cx).expect("not a queue sink")),
+                        })
                     })
-                    .collect();
+                    .collect::<Result<Vec<_>, SinkError>>()
+                    .map_err(|source| RunError::Sink { pipeline: p.name.clone(), source })?;
                 let stats = Stats { outputs: p.sinks.iter().map(|_| AtomicU64::new(0)).collect(), ..Default::default() };
                 let p = Arc::new(p);
-                Arc::new(PipelineRun {
+                Ok(Arc::new(PipelineRun {
                     input_queue: pairs[2 * i].0.clone(),
                     stream: ids[2 * i],
                     replay_stream: ids[2 * i + 1],
@@ -466,9 +475,9 @@ impl Runtime {
                     broker,
                     stats,
                     keys_in_hand: Mutex::default(),
-                })
+                }))
             })
-            .collect::<Vec<Arc<PipelineRun>>>();
+            .collect::<Result<Vec<Arc<PipelineRun>>, RunError>>()?;
         // A file sink used for the first time here gets its committed length before anything
         // is written to it: a crash before its first settle then leaves no duplicate either.
         let mut baselines = Vec::new();

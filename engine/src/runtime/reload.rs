@@ -122,6 +122,7 @@ fn wiring(p: &Pipeline) -> String {
             SinkConfig::File(f) => format!("{name}=file {} {:?}", f.path.value, f.format),
             SinkConfig::Stdout(o) => format!("{name}=stdout {:?}", o.format),
             SinkConfig::Amqp(_) => format!("{name}=amqp"),
+            SinkConfig::Http(h) => format!("{name}=http {}", h.wiring()),
         })
         .collect();
     // Compared only, never shown: the URL may hold a password.

@@ -1,7 +1,8 @@
 //! Sinks: named outputs that routes refer to. Kinds (see `registry.rs`): `file` (NDJSON under the
-//! data directory), `stdout`.
+//! data directory), `stdout`, `queue`, `amqp`, `http` (one request per message).
 
 pub mod file;
+pub mod http;
 pub mod queue;
 pub mod stdout;
 
@@ -10,6 +11,7 @@ use async_trait::async_trait;
 use schemars::JsonSchema;
 use serde::Deserialize;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// What a sink writes for each message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, JsonSchema)]
@@ -45,6 +47,42 @@ pub enum SinkError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Broker(String),
+    /// A delivery the other side did not take. `message` says what was sent where and what came
+    /// back (never header values, query strings or credentials); `transient` says whether the
+    /// same message may go through later (a timeout, a 503) or never will as it is (a 422).
+    #[error("{message}")]
+    Delivery {
+        message: String,
+        transient: bool,
+        /// How long the other side asked to wait (`Retry-After`), capped.
+        retry_after: Option<Duration>,
+        /// The HTTP status, when there was an answer.
+        status: Option<u16>,
+    },
+    /// The sink could not be set up at start.
+    #[error("{0}")]
+    Start(String),
+}
+
+impl SinkError {
+    /// Whether the failure may pass: the same message may be delivered by a later attempt.
+    /// Files and the broker fail for passing reasons (a full disk, a lost connection); a
+    /// delivery says for itself.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SinkError::Io { .. } | SinkError::Broker(_) => true,
+            SinkError::Delivery { transient, .. } => *transient,
+            SinkError::Start(_) => false,
+        }
+    }
+
+    /// How long the other side asked to wait before the next attempt, when it said.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            SinkError::Delivery { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
 }
 
 /// A running sink. Contract: `write` returns only when the message is accepted by the sink's
