@@ -87,3 +87,190 @@ async fn run_once_delivers_every_order_to_a_real_receiver() {
         assert_eq!(payload["order_id"], id.as_str(), "the payload alone");
     }
 }
+
+/// A receiver that answers each order as its `answers` field asks, one answer per request for
+/// that order (the last one repeats): `"200"`, `"503"`, `"422"`, `"429:1"` (with `Retry-After:
+/// 1`). While `down` is set it answers 503 to everything. It records every request it gets.
+#[derive(Clone, Default)]
+struct Scripted {
+    requests: Arc<Mutex<Vec<(String, std::time::Instant, u16)>>>,
+    down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Scripted {
+    async fn start(&self) -> String {
+        async fn answer(State(s): State<Scripted>, uri: Uri, body: Bytes) -> axum::response::Response {
+            use axum::response::IntoResponse;
+            let id = uri.path().trim_start_matches("/orders/").to_string();
+            let order: Value = serde_json::from_slice(&body).unwrap_or_default();
+            let mut log = s.requests.lock().unwrap();
+            let nth = log.iter().filter(|(i, ..)| *i == id).count();
+            let script: Vec<String> =
+                order["answers"].as_array().map(|a| a.iter().map(|v| v.as_str().unwrap().to_string()).collect()).unwrap_or_default();
+            let wanted = if s.down.load(std::sync::atomic::Ordering::SeqCst) {
+                "503".to_string()
+            } else {
+                script.get(nth).or(script.last()).cloned().unwrap_or_else(|| "200".into())
+            };
+            let (code, retry_after) = match wanted.split_once(':') {
+                Some((c, r)) => (c.parse::<u16>().unwrap(), Some(r.to_string())),
+                None => (wanted.parse::<u16>().unwrap(), None),
+            };
+            log.push((id, std::time::Instant::now(), code));
+            let mut response = (StatusCode::from_u16(code).unwrap(), format!("answer {code}")).into_response();
+            if let Some(r) = retry_after {
+                response.headers_mut().insert("retry-after", r.parse().unwrap());
+            }
+            response
+        }
+        let app = Router::new().fallback(any(answer)).with_state(self.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        base
+    }
+
+    /// The answers given to one order, in order.
+    fn answers(&self, id: &str) -> Vec<u16> {
+        self.requests.lock().unwrap().iter().filter(|(i, ..)| i == id).map(|(.., c)| *c).collect()
+    }
+
+    fn times(&self, id: &str) -> Vec<std::time::Instant> {
+        self.requests.lock().unwrap().iter().filter(|(i, ..)| i == id).map(|(_, t, _)| *t).collect()
+    }
+}
+
+/// Runs a `switchyard` command in a blocking task, with the receiver's URL.
+async fn sy(data: &Path, base: &str, args: &[&str], input: Option<String>) -> std::process::Output {
+    let (data, base) = (data.to_path_buf(), base.to_string());
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(&args)
+            .current_dir(repo())
+            .env("SWITCHYARD_DATA_DIR", &data)
+            .env("ERP_URL", &base)
+            .env("NO_COLOR", "1")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        if let Some(i) = input {
+            child.stdin.take().unwrap().write_all(i.as_bytes()).unwrap();
+        }
+        drop(child.stdin.take());
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+fn exceptions(data: &Path) -> Vec<Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["exceptions", "list", "--format", "json", "--data-dir"])
+        .arg(data)
+        .output()
+        .unwrap();
+    serde_json::from_slice::<Value>(&out.stdout).unwrap().as_array().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_answer_is_retried_refused_or_waited_for_as_the_sink_policy_says() {
+    let receiver = Scripted::default();
+    let base = receiver.start().await;
+    let data = tempfile::tempdir().unwrap();
+    let orders = [
+        r#"{"order_id": "fine", "answers": ["200"]}"#,
+        r#"{"order_id": "flaky", "answers": ["503", "503", "200"]}"#,
+        r#"{"order_id": "refused", "answers": ["422"]}"#,
+        r#"{"order_id": "doomed", "answers": ["500"]}"#,
+        r#"{"order_id": "polite", "answers": ["429:1", "200"]}"#,
+    ];
+    let sent = sy(data.path(), &base, &["send", "http.retry.in"], Some(orders.join("\n") + "\n")).await;
+    assert!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
+    let run = sy(data.path(), &base, &["run", "tests/http/erp-retry.yaml", "--once"], None).await;
+    let summary = String::from_utf8_lossy(&run.stderr).to_string();
+    assert!(run.status.success(), "{summary}");
+    assert!(summary.contains("total: 5 in = 3 routed + 2 exceptions"), "{summary}");
+
+    assert_eq!(receiver.answers("fine"), [200]);
+    assert_eq!(receiver.answers("flaky"), [503, 503, 200], "retried until it went through");
+    assert_eq!(receiver.answers("refused"), [422], "a refusal is not retried");
+    assert_eq!(receiver.answers("doomed"), [500, 500, 500, 500], "retry.max_attempts is 4");
+    assert_eq!(receiver.answers("polite"), [429, 200]);
+    let t = receiver.times("polite");
+    assert!(t[1] - t[0] >= std::time::Duration::from_secs(1), "Retry-After: 1 is honoured: {:?}", t[1] - t[0]);
+
+    let records = exceptions(data.path());
+    let by = |reason: &str| records.iter().filter(|r| r["reason"] == reason).cloned().collect::<Vec<_>>();
+    let (rejected, failed) = (by("sink_rejected"), by("sink_failed"));
+    assert_eq!((rejected.len(), failed.len()), (1, 1), "{records:#?}");
+    assert_eq!((rejected[0]["idempotency_key"].as_str(), rejected[0]["attempt"].as_u64()), (Some("web:refused"), Some(1)));
+    assert!(rejected[0]["errors"][0]["message"].as_str().unwrap().contains("422"), "{rejected:?}");
+    assert_eq!(
+        (failed[0]["idempotency_key"].as_str(), failed[0]["attempt"].as_u64()),
+        (Some("web:doomed"), Some(4)),
+        "the attempt count is on the record"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_circuit_keeps_work_in_the_queue_until_the_sink_is_back_and_a_rate_limit_spaces_requests() {
+    let receiver = Scripted::default();
+    let base = receiver.start().await;
+    let data = tempfile::tempdir().unwrap();
+    receiver.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let orders: String = (0..20).map(|i| format!("{{\"order_id\": \"o{i}\"}}\n")).collect();
+    assert!(sy(data.path(), &base, &["send", "http.breaker.in"], Some(orders)).await.status.success());
+
+    // The engine runs while the ERP is down.
+    let engine = {
+        let (data, base) = (data.path().to_path_buf(), base.clone());
+        std::thread::spawn(move || {
+            Command::new(env!("CARGO_BIN_EXE_switchyard"))
+                .args(["run", "tests/http/erp-breaker.yaml"])
+                .current_dir(repo())
+                .env("SWITCHYARD_DATA_DIR", &data)
+                .env("ERP_URL", &base)
+                .env_remove("RUST_LOG")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .join()
+        .unwrap()
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+    let status = sy(data.path(), &base, &["status"], None).await;
+    let status = String::from_utf8_lossy(&status.stdout).to_string();
+    let while_down = receiver.requests.lock().unwrap().len();
+    // Three failures open it; then one probe a second (each failing opens it again).
+    assert!((3..=8).contains(&while_down), "an open circuit stops the requests: {while_down}");
+    assert!(status.contains("http-erp-breaker") && status.contains("open") && status.contains("10/s (burst 1)"), "{status}");
+
+    receiver.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let delivered = || receiver.requests.lock().unwrap().iter().filter(|(.., c)| *c == 200).count();
+    while delivered() < 20 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Stop the engine cleanly and read its summary.
+    let pid = engine.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let out = tokio::task::spawn_blocking(move || engine.wait_with_output().unwrap()).await.unwrap();
+    let summary = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(delivered(), 20, "every order delivered once the ERP is back: {summary}");
+    for i in 0..20 {
+        assert_eq!(receiver.answers(&format!("o{i}")).iter().filter(|c| **c == 200).count(), 1, "o{i} delivered once");
+    }
+    assert!(summary.contains("routed          20") && summary.contains("held back"), "{summary}");
+    // 10 a second, one at a time: the 20 deliveries after the recovery take 1.9 s or more.
+    let mut ok_times: Vec<std::time::Instant> =
+        receiver.requests.lock().unwrap().iter().filter(|(.., c)| *c == 200).map(|(_, t, _)| *t).collect();
+    ok_times.sort();
+    assert!(ok_times[19] - ok_times[0] >= std::time::Duration::from_millis(1800), "rate limited: {:?}", ok_times[19] - ok_times[0]);
+}

@@ -96,6 +96,14 @@ enum Command {
         #[arg(long, env = "SWITCHYARD_DATA_DIR", default_value = ".switchyard", global = true)]
         data_dir: PathBuf,
     },
+    /// The sinks of the running engines: circuit breakers, rate limits, pauses the receivers
+    /// asked for, and their last failures.
+    Status {
+        #[arg(long, value_enum, default_value = "human")]
+        format: cli::ops::Listing,
+        #[arg(long, env = "SWITCHYARD_DATA_DIR", default_value = ".switchyard")]
+        data_dir: PathBuf,
+    },
     /// Look up or forget an idempotency key (to deliver an order again on purpose).
     Keys {
         #[command(subcommand)]
@@ -389,6 +397,7 @@ fn main() -> ExitCode {
         Command::Test { paths, junit } => cmd_test(paths, junit),
         Command::Topology { paths } => cmd_topology(paths),
         Command::Run { paths, once, data_dir, store } => cmd_run(paths, once, data_dir, store),
+        Command::Status { format, data_dir } => cli::ops::status(format, data_dir),
         Command::Keys { command, data_dir, store } => cli::ops::keys(command, data_dir, store.filter(|s| !s.trim().is_empty())),
         Command::Send { queue, files, format, data_dir } => cli::ops::send(queue, files, format, data_dir),
         Command::Queues { command: None, format, data_dir } => cli::ops::queues(format, data_dir),

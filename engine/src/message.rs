@@ -152,6 +152,8 @@ pub mod reason {
     pub const CURRENCY_MISMATCH: &str = "currency_mismatch";
     pub const UNROUTED: &str = "unrouted";
     pub const SINK_FAILED: &str = "sink_failed";
+    /// A sink refused the message for good (an HTTP 4xx other than 408 and 429).
+    pub const SINK_REJECTED: &str = "sink_rejected";
     pub const UNREADABLE_INPUT: &str = "unreadable_input";
     pub const INTERNAL_ERROR: &str = "internal_error";
     /// Delivered `runtime.max_attempts` times without being settled.
@@ -172,6 +174,7 @@ pub mod reason {
         CURRENCY_MISMATCH,
         UNROUTED,
         SINK_FAILED,
+        SINK_REJECTED,
         UNREADABLE_INPUT,
         INTERNAL_ERROR,
         TOO_MANY_ATTEMPTS,

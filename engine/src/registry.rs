@@ -41,7 +41,7 @@ pub enum SinkConfig {
     Amqp(AmqpSinkConfig),
     /// An HTTP endpoint: one request per message, with its idempotency key. 2xx delivers;
     /// timeouts, connection failures, 5xx, 408 and 429 may pass; other answers refuse it.
-    Http(HttpSinkConfig),
+    Http(Box<HttpSinkConfig>),
 }
 
 /// A validate step, picked by `type:`.
@@ -88,7 +88,7 @@ impl Tagged for SinkConfig {
             "stdout" => SinkConfig::Stdout(p(node, file, prefix)?),
             "queue" => SinkConfig::Queue(p(node, file, prefix)?),
             "amqp" => SinkConfig::Amqp(p(node, file, prefix)?),
-            "http" => SinkConfig::Http(p(node, file, prefix)?),
+            "http" => SinkConfig::Http(Box::new(p(node, file, prefix)?)),
             _ => unreachable!("checked against TYPES"),
         })
     }

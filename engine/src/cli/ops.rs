@@ -80,6 +80,9 @@ fn print_summary(s: &Summary, version: &str, file: &Path) {
     if s.retried > 0 {
         eprintln!("  retried     {:>6}  (delivered again later)", s.retried);
     }
+    if s.held > 0 {
+        eprintln!("  held back   {:>6}  (a sink's circuit was open or its rate limit reached: they waited in the queue)", s.held);
+    }
 }
 
 fn progress_line(summaries: &[Summary]) -> String {
@@ -451,6 +454,62 @@ fn age(micros: Option<i64>) -> String {
             }
         }
     }
+}
+
+pub fn status(format: Listing, data_dir: PathBuf) -> ExitCode {
+    let conn = match look(&data_dir) {
+        Ok(c) => c,
+        Err(c) => return c,
+    };
+    let engines = switchyard::runtime::running_engines(&data_dir);
+    let rows = match store::sink_statuses(&conn, &engines) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if format == Listing::Json {
+        let out = serde_json::json!({"engines_running": engines.len(), "sinks": rows});
+        println!("{}", serde_json::to_string_pretty(&out).expect("JSON"));
+        return ExitCode::SUCCESS;
+    }
+    println!("engines running on {}: {}", data_dir.display(), engines.len());
+    if rows.is_empty() {
+        println!("no sink with a circuit breaker or a rate limit is running");
+        return ExitCode::SUCCESS;
+    }
+    let time = |us: i64| {
+        chrono::DateTime::from_timestamp_micros(us)
+            .map(|t| t.with_timezone(&chrono::Local).format("%H:%M:%S").to_string())
+            .unwrap_or_default()
+    };
+    let now = store::now_micros();
+    let pw = rows.iter().map(|r| r.pipeline.len()).max().unwrap_or(0).max(8);
+    let sw = rows.iter().map(|r| r.sink.len()).max().unwrap_or(0).max(4);
+    println!(
+        "{:<pw$}  {:<sw$}  {:<22}  {:>8}  {:<18}  {:<14}  LAST FAILURE",
+        "PIPELINE", "SINK", "CIRCUIT", "FAILURES", "RATE LIMIT", "PAUSED UNTIL"
+    );
+    for r in &rows {
+        let circuit = match (r.breaker.as_str(), r.open_until) {
+            ("open", Some(u)) if u > now => format!("open until {}", time(u)),
+            ("open", _) => "open (probe due)".to_string(),
+            (b, _) => b.to_string(),
+        };
+        let paused = r.paused_until.filter(|u| *u > now).map(time).unwrap_or_else(|| "-".into());
+        println!(
+            "{:<pw$}  {:<sw$}  {:<22}  {:>8}  {:<18}  {:<14}  {}",
+            r.pipeline,
+            r.sink,
+            circuit,
+            r.failures,
+            r.rate_limit.as_deref().unwrap_or("-"),
+            paused,
+            r.last_failure.as_deref().unwrap_or("-")
+        );
+    }
+    ExitCode::SUCCESS
 }
 
 #[derive(Subcommand)]

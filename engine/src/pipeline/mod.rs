@@ -383,6 +383,9 @@ pub struct Pipeline {
     pub broker: Option<BrokerPlan>,
     /// The `http` sinks by name, compiled.
     pub http_targets: IndexMap<String, Arc<HttpTarget>>,
+    /// Per sink (as `sinks`): retry policy, circuit breaker and rate limit. The runtime keeps
+    /// the ones of the version it started (their state lives across reloads).
+    pub deliveries: Vec<Arc<crate::runtime::delivery::Delivery>>,
     correlation: Correlation,
     idempotency_key: Option<Template>,
     /// Duplicate stopping, when declared.
@@ -587,6 +590,7 @@ impl Pipeline {
             diags.push(no_broker(cx, s.queue.span, "source"));
         }
         let mut sinks = Vec::new();
+        let mut deliveries = Vec::new();
         let mut http_targets = IndexMap::new();
         for (name, c) in config.sinks.iter() {
             if !valid_name(name) {
@@ -622,6 +626,21 @@ impl Pipeline {
                 {
                     http_targets.insert(name.clone(), Arc::new(t));
                 }
+                use crate::runtime::delivery::{Delivery, DeliveryConfig};
+                deliveries.push(Arc::new(match &s {
+                    SinkConfig::Http(h) => Delivery::build(
+                        &DeliveryConfig {
+                            retry: h.retry.as_ref(),
+                            circuit_breaker: h.circuit_breaker.as_ref(),
+                            rate_limit: h.rate_limit.as_ref(),
+                        },
+                        &format!("sinks.{name}"),
+                        runtime.max_attempts,
+                        cx,
+                        &mut diags,
+                    ),
+                    _ => Delivery::plain(runtime.max_attempts),
+                }));
                 if let SinkConfig::Queue(q) = &s {
                     check_queue_name(&q.queue, &format!("sinks.{name}.queue"), cx, &mut diags);
                     // Outputs of a RabbitMQ-fed pipeline are acknowledged through the broker; the
@@ -745,6 +764,7 @@ impl Pipeline {
             sinks,
             broker,
             http_targets,
+            deliveries,
             correlation,
             idempotency_key,
             idempotency,

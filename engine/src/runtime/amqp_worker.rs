@@ -5,7 +5,7 @@
 //! batch. A lost connection or a consumer cancelled by the broker leads to a new connection and
 //! a new consumer; what was not acknowledged comes back from the broker.
 
-use super::{Counted, PipelineRun, RunError, Shared, Verdict, process_guarded};
+use super::{Counted, PipelineRun, RunError, Shared, SinkFailure, Verdict, process_guarded};
 use crate::amqp::publish::{Confirm, Publisher, confirmed, headers};
 use crate::amqp::topology::SourcePlan;
 use crate::amqp::{AmqpError, Broker, Session, lapin_message};
@@ -14,13 +14,18 @@ use crate::pipeline::{Duplicates, Outcome, Pipeline};
 use crate::runtime::RuntimeSink;
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
+
+/// Longest wait for a sink's rate limit with a delivery in hand (the broker holds the rest).
+const RATE_WAIT: Duration = Duration::from_secs(3600);
+/// Longest pause at once for a sink that holds messages back.
+const MAX_HELD_PAUSE: Duration = Duration::from_secs(5);
 
 /// Batches whose confirms are awaited while the next one is processed.
 const BATCHES_IN_FLIGHT: usize = 2;
@@ -36,6 +41,11 @@ struct InBatch {
     outside: Vec<usize>,
     /// A sink refused it: retried later, or dead-lettered after the last retry.
     failed: Option<String>,
+    /// The failure was a refusal for good (no retry), by this sink (whose policy applies).
+    permanent: bool,
+    failed_sink: Option<usize>,
+    /// Held back by a sink (a circuit open) until then: given back to the queue, not attempted.
+    held: Option<std::time::Instant>,
     counted: Counted,
     attempt: u32,
     /// Its idempotency key, recorded once its outputs are confirmed, before the ack.
@@ -137,7 +147,7 @@ async fn consume(
         // Counted as in hand until settled, so that `--once` consumers downstream wait for it.
         let taken = deliveries.len() as i64;
         shared.in_flight.fetch_add(taken, Ordering::SeqCst);
-        let (batch, marks) = match process_batch(run, plan, session, &*shared.state, deliveries).await {
+        let (batch, marks) = match process_batch(run, plan, session, shared, deliveries).await {
             Ok(b) => b,
             Err(e) => {
                 shared.in_flight.fetch_sub(taken, Ordering::SeqCst);
@@ -145,6 +155,10 @@ async fn consume(
             }
         };
         let keys: Vec<String> = batch.iter().filter_map(|i| i.key.as_ref().map(|k| k.key.clone())).collect();
+        // A sink holds messages back (its circuit is open): they go back to the queue, and this
+        // consumer takes no more until the sink may take them (the rest wait in the broker).
+        let pause =
+            batch.iter().filter_map(|i| i.held).min().map(|t| t.saturating_duration_since(std::time::Instant::now()).min(MAX_HELD_PAUSE));
         let (run2, plan2, publish, shared2) = (run.clone(), plan.clone(), session.publish.clone(), shared.clone());
         // Acks go in delivery order: a `multiple` ack of this batch must not cover the one before.
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
@@ -166,6 +180,12 @@ async fn consume(
                     let _ = h.await;
                 }
                 return Err(e);
+            }
+        }
+        if let Some(pause) = pause {
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop.changed() => {}
             }
         }
     };
@@ -315,7 +335,7 @@ async fn process_batch(
     run: &PipelineRun,
     plan: &SourcePlan,
     session: &Session,
-    state: &dyn crate::store::StateStore,
+    shared: &Shared,
     deliveries: Vec<Delivery>,
 ) -> Result<(Vec<InBatch>, Vec<(String, u64)>), AmqpError> {
     let current = run.current();
@@ -341,6 +361,7 @@ async fn process_batch(
     // A state store that cannot be read: nothing goes out unchecked, and no attempt is spent.
     // The batch is not acknowledged; the consumer starts again after a pause and the broker
     // delivers it again.
+    let state = &*shared.state;
     let verdicts = super::verdicts(run, p, state, &routed)
         .await
         .map_err(|e| AmqpError::Lost(format!("the idempotency keys cannot be checked in {}: {e}", state.describe())))?;
@@ -350,6 +371,9 @@ async fn process_batch(
             confirms: Vec::new(),
             outside: Vec::new(),
             failed: None,
+            permanent: false,
+            failed_sink: None,
+            held: None,
             counted: Counted::Routed(vec![]),
             attempt,
             key: None,
@@ -400,12 +424,24 @@ async fn process_batch(
                             Some(format!("sink `{}`: an embedded queue cannot be written from a RabbitMQ pipeline", p.sink_name(i)));
                         break;
                     };
+                    // A rate limit is waited out here (the broker keeps the rest); an open
+                    // circuit gives the message back to the queue.
+                    if let Err(until) = run.admit(i, RATE_WAIT, shared).await {
+                        item.held = Some(until);
+                        break;
+                    }
                     let written = match sink.as_amqp() {
-                        Some(a) => a.send(&output).await.map(|c| item.confirms.push(c)).map_err(|e| e.to_string()),
-                        None => sink.write(&output).await.map(|()| item.outside.push(i)).map_err(|e| e.to_string()),
+                        Some(a) => a
+                            .send(&output)
+                            .await
+                            .map(|c| item.confirms.push(c))
+                            .map_err(|e| SinkFailure::passing(format!("sink `{}`: {e}", p.sink_name(i)))),
+                        None => run.judge(i, sink.write(&output).await, shared).map(|()| item.outside.push(i)),
                     };
-                    if let Err(e) = written {
-                        item.failed = Some(format!("sink `{}`: {e}", p.sink_name(i)));
+                    if let Err(f) = written {
+                        item.failed = Some(f.message);
+                        item.permanent = f.permanent;
+                        item.failed_sink = Some(i);
                         break;
                     }
                 }
@@ -443,8 +479,9 @@ async fn settle(
     before: Option<tokio::sync::oneshot::Receiver<bool>>,
 ) -> Result<(), AmqpError> {
     let (store, state) = (&shared.store, &*shared.state);
-    let Some(last) = batch.last() else { return Ok(()) };
-    let last_acker = last.delivery.acker.clone();
+    if batch.is_empty() {
+        return Ok(());
+    }
     for item in &mut batch {
         for c in std::mem::take(&mut item.confirms) {
             if let Err(e) = confirmed(c).await {
@@ -458,9 +495,12 @@ async fn settle(
     }
     let p = run.current();
     let mut second = Vec::new();
-    for item in &mut batch {
+    for item in batch.iter_mut().filter(|i| i.held.is_none()) {
         let Some(why) = item.failed.clone() else { continue };
-        let retry = plan.retries.get((item.attempt as usize).saturating_sub(1));
+        // The retry queues' delays apply; a sink's policy may allow fewer attempts, and a
+        // refusal for good gets none.
+        let allowed = item.failed_sink.map_or(u32::MAX, |i| run.delivery(i).retry.max_attempts);
+        let retry = plan.retries.get((item.attempt as usize).saturating_sub(1)).filter(|_| !item.permanent && item.attempt < allowed);
         let confirm = match retry {
             Some(tier) => {
                 tracing::warn!(pipeline = %p.name, attempt = item.attempt, retry_in = ?tier.delay, error = %why, "a sink failed; the message will be retried");
@@ -471,7 +511,8 @@ async fn settle(
             }
             None => {
                 let raw = to_raw(&item.delivery, item.attempt);
-                let failure = Failure::one(reason::SINK_FAILED, ErrorDetail::record("", why));
+                let failure =
+                    Failure::one(if item.permanent { reason::SINK_REJECTED } else { reason::SINK_FAILED }, ErrorDetail::record("", why));
                 let record = p.failure_record(&raw, Stage::Sink, failure);
                 item.counted = Counted::Exception(record.reason.clone());
                 dead_letter(publisher, plan, &item.delivery, &record).await?
@@ -521,12 +562,25 @@ async fn settle(
             tracing::warn!(pipeline = %p.name, messages = twice, "another consumer delivered the same keys at the same time: receivers got them twice (they carry the same idempotency key)");
         }
     }
+    // Held back: back to the queue, ahead of the ack that covers the rest of the batch.
+    let lost = |e: lapin::Error| AmqpError::Lost(lapin_message(&e));
+    for item in batch.iter().filter(|i| i.held.is_some()) {
+        if !item.delivery.acker.nack(BasicNackOptions { multiple: false, requeue: true }).await.map_err(lost)? {
+            return Err(AmqpError::Lost("the channel closed before a held-back message was given back".into()));
+        }
+    }
     // `false`: the channel is gone, the broker delivers the batch again.
-    if !last_acker.ack(BasicAckOptions { multiple: true }).await.map_err(|e| AmqpError::Lost(lapin_message(&e)))? {
+    if let Some(last) = batch.iter().rev().find(|i| i.held.is_none())
+        && !last.delivery.acker.ack(BasicAckOptions { multiple: true }).await.map_err(lost)?
+    {
         return Err(AmqpError::Lost("the channel closed before the batch was acknowledged".into()));
     }
     run.stats.retried.fetch_add(retried, Ordering::Relaxed);
     for item in batch {
+        if item.held.is_some() {
+            run.stats.count(Counted::Held);
+            continue;
+        }
         // One sent to a retry queue is counted when it comes back.
         if item.failed.is_none() || matches!(item.counted, Counted::Exception(_)) {
             run.stats.count(item.counted);

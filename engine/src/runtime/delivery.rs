@@ -155,6 +155,11 @@ impl CircuitBreaker {
         self.inner.lock().expect("breaker").0
     }
 
+    /// The state and the failures in a row.
+    pub fn snapshot(&self) -> (BreakerState, u32) {
+        *self.inner.lock().expect("breaker")
+    }
+
     /// Whether an attempt may go now. Past its open time, the first caller is the probe.
     pub fn gate(&self) -> Gate {
         let mut g = self.inner.lock().expect("breaker");
@@ -211,6 +216,11 @@ impl RateLimit {
             None => Ok(()),
             Some(l) => l.check().map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now())),
         }
+    }
+
+    /// Until when the receiver asked to wait, if that is still ahead.
+    pub fn paused_until(&self) -> Option<Instant> {
+        self.paused_until.lock().expect("pause").filter(|u| *u > Instant::now())
     }
 
     /// The receiver asked for a pause.

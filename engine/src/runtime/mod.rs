@@ -74,6 +74,9 @@ pub struct Summary {
     pub exceptions: BTreeMap<String, u64>,
     /// Deliveries that failed for a passing reason (a sink could not write) and come back later.
     pub retried: u64,
+    /// Deliveries held back by a sink's open circuit or rate limit: they wait in their queue
+    /// (spending no attempt) and are received again later.
+    pub held: u64,
     /// Messages whose idempotency key was already delivered: dropped, or sent to the
     /// `idempotency.duplicates` sink (counted in its outputs too).
     pub duplicates: u64,
@@ -98,6 +101,7 @@ struct Stats {
     received: AtomicU64,
     routed: AtomicU64,
     retried: AtomicU64,
+    held: AtomicU64,
     duplicates: AtomicU64,
     outputs: Vec<AtomicU64>,
     exceptions: Mutex<BTreeMap<String, u64>>,
@@ -113,6 +117,8 @@ pub(crate) enum Counted {
     Retried,
     /// A duplicate: dropped, or written to this sink.
     Duplicate(Option<usize>),
+    /// Held back (a circuit open, a rate limit): back in its queue, no attempt spent.
+    Held,
 }
 
 impl Stats {
@@ -131,6 +137,9 @@ impl Stats {
             }
             Counted::Retried => {
                 self.retried.fetch_add(1, Ordering::Relaxed);
+            }
+            Counted::Held => {
+                self.held.fetch_add(1, Ordering::Relaxed);
             }
             Counted::Duplicate(sink) => {
                 self.received.fetch_add(1, Ordering::Relaxed);
@@ -181,7 +190,147 @@ pub(crate) struct PipelineRun {
     keys_in_hand: Mutex<std::collections::HashSet<String>>,
 }
 
+/// A sink that did not take a message.
+#[derive(Debug, Clone)]
+pub(crate) struct SinkFailure {
+    pub message: String,
+    /// Never worth another attempt as it is (the receiver refused it).
+    pub permanent: bool,
+    /// How long the receiver asked to wait.
+    pub retry_after: Option<std::time::Duration>,
+}
+
+impl SinkFailure {
+    pub fn passing(message: String) -> SinkFailure {
+        SinkFailure { message, permanent: false, retry_after: None }
+    }
+}
+
 impl PipelineRun {
+    /// The delivery settings of sink `i` (those of the version started: breaker and limiter
+    /// state lives across reloads).
+    pub(crate) fn delivery(&self, i: usize) -> &delivery::Delivery {
+        &self.pipeline.deliveries[i]
+    }
+
+    /// Most attempts any sink of the pipeline allows, and at least the runtime's.
+    pub(crate) fn max_attempts(&self, p: &Pipeline) -> u32 {
+        self.pipeline.deliveries.iter().map(|d| d.retry.max_attempts).chain([p.runtime.max_attempts]).max().unwrap_or(1)
+    }
+
+    /// Whether a message may be written to sink `i` now: waits for the rate limit up to
+    /// `inline_wait`; otherwise says until when the message is held back (a circuit open, a
+    /// longer wait). Held-back work waits in its queue and spends no attempt.
+    pub(crate) async fn admit(&self, i: usize, inline_wait: std::time::Duration, shared: &Shared) -> Result<(), std::time::Instant> {
+        let d = self.delivery(i);
+        loop {
+            match d.rate.check() {
+                Ok(()) => break,
+                Err(w) if w <= inline_wait => tokio::time::sleep(w).await,
+                Err(w) => return Err(std::time::Instant::now() + w),
+            }
+        }
+        if let Some(b) = &d.breaker {
+            let before = b.state();
+            match b.gate() {
+                delivery::Gate::Wait(until) => return Err(until),
+                delivery::Gate::Open => {
+                    if before != b.state() {
+                        tracing::info!(pipeline = %self.pipeline.name, sink = %self.pipeline.sink_name(i), "circuit half-open: one probe goes to the sink");
+                        self.record_status(i, None, shared);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What a write to sink `i` says: the breaker and the receiver's pause learn from it, and a
+    /// failure is classified by the sink's retry policy.
+    pub(crate) fn judge(&self, i: usize, result: Result<(), crate::sink::SinkError>, shared: &Shared) -> Result<(), SinkFailure> {
+        let d = self.delivery(i);
+        let name = self.pipeline.sink_name(i);
+        let e = match result {
+            Ok(()) => {
+                if let Some(b) = &d.breaker
+                    && let Some(was) = b.success()
+                {
+                    tracing::info!(pipeline = %self.pipeline.name, sink = %name, was = was.name(), "circuit closed: the sink answers again");
+                    self.record_status(i, None, shared);
+                }
+                return Ok(());
+            }
+            Err(e) => e,
+        };
+        let transient = match &e {
+            crate::sink::SinkError::Delivery { status: Some(s), .. } => d.retry.transient_status(*s),
+            other => other.is_transient(),
+        };
+        let retry_after = e.retry_after().filter(|_| transient);
+        let message = format!("sink `{name}`: {e}");
+        if let Some(wait) = retry_after {
+            d.rate.pause_for(wait);
+            tracing::info!(pipeline = %self.pipeline.name, sink = %name, wait = ?wait, "the sink asked to wait (Retry-After): its messages are held back");
+            self.record_status(i, Some(&message), shared);
+        }
+        if let Some(b) = &d.breaker {
+            // A refusal is an answer: the receiver is up.
+            let changed = if transient { b.failure() } else { b.success() };
+            if changed.is_some() {
+                match b.state() {
+                    delivery::BreakerState::Open { until } => tracing::warn!(
+                        pipeline = %self.pipeline.name, sink = %name, retry_in = ?until.saturating_duration_since(std::time::Instant::now()), error = %e,
+                        "circuit open: the sink failed too often in a row; its messages wait in the queue"
+                    ),
+                    s => tracing::info!(pipeline = %self.pipeline.name, sink = %name, state = s.name(), "circuit state changed"),
+                }
+                self.record_status(i, Some(&message), shared);
+            }
+        }
+        Err(SinkFailure { message, permanent: !transient, retry_after })
+    }
+
+    /// Writes what `switchyard status` shows for sink `i` (in the background).
+    fn record_status(&self, i: usize, last_failure: Option<&str>, shared: &Shared) {
+        let d = self.delivery(i);
+        let now = std::time::Instant::now();
+        let at = |t: std::time::Instant| store::now_micros() + t.saturating_duration_since(now).as_micros() as i64;
+        let (breaker, open_until, failures) = match &d.breaker {
+            None => ("none".to_string(), None, 0),
+            Some(b) => {
+                let (state, failures) = b.snapshot();
+                let until = match state {
+                    delivery::BreakerState::Open { until } => Some(at(until)),
+                    _ => None,
+                };
+                (state.name().to_string(), until, i64::from(failures))
+            }
+        };
+        let status = store::SinkStatus {
+            pipeline: self.pipeline.name.clone(),
+            sink: self.pipeline.sink_name(i).to_string(),
+            breaker,
+            open_until,
+            failures,
+            rate_limit: (!d.rate.described.is_empty()).then(|| d.rate.described.clone()),
+            paused_until: d.rate.paused_until().map(at),
+            last_failure: last_failure.map(str::to_string),
+            updated_at: 0,
+            owner: shared.owner,
+        };
+        // Not awaited: the status is a view; the job runs with the next commit.
+        drop(shared.store.submit(move |c| store::record_sink_status(c, &status)));
+    }
+
+    /// Status rows for every sink with a breaker or a limit, at start.
+    fn record_initial_status(&self, shared: &Shared) {
+        for (i, d) in self.pipeline.deliveries.iter().enumerate() {
+            if d.breaker.is_some() || !d.rate.described.is_empty() {
+                self.record_status(i, None, shared);
+            }
+        }
+    }
+
     /// Lets go of keys once their messages are settled (delivered, retried or given back).
     pub(crate) fn release_keys(&self, keys: &[String]) {
         if keys.is_empty() {
@@ -210,6 +359,7 @@ impl PipelineRun {
             routed: self.stats.routed.load(Ordering::Relaxed),
             retried: self.stats.retried.load(Ordering::Relaxed),
             duplicates: self.stats.duplicates.load(Ordering::Relaxed),
+            held: self.stats.held.load(Ordering::Relaxed),
             exceptions: self.stats.exceptions.lock().expect("stats lock").clone(),
             dead_letter_queue: p.broker.as_ref().and_then(|b| b.source.as_ref()).map(|s| s.dead_letter_queue.clone()),
             input: match &p.source {
@@ -401,6 +551,21 @@ impl OwnerLock {
     }
 }
 
+/// The engines running on a data directory: those whose lock is held.
+pub fn running_engines(data_dir: &std::path::Path) -> Vec<i64> {
+    let Ok(entries) = std::fs::read_dir(data_dir.join("owners")) else { return Vec::new() };
+    entries
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "lock"))
+        .filter_map(|e| {
+            let id = e.path().file_stem()?.to_str()?.parse::<i64>().ok()?;
+            let f = std::fs::File::open(e.path()).ok()?;
+            // Held by a running engine: it cannot be taken (shared or not).
+            matches!(f.try_lock_shared(), Err(std::fs::TryLockError::WouldBlock)).then_some(id)
+        })
+        .collect()
+}
+
 impl Drop for OwnerLock {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
@@ -559,6 +724,9 @@ impl Runtime {
             reloader: self.reloader.clone(),
             runs: self.runs.clone(),
         });
+        for run in &self.runs {
+            run.record_initial_status(&shared);
+        }
         let mut tasks = tokio::task::JoinSet::new();
         for run in &self.runs {
             if let Some(ingester) = ingest::Ingester::for_pipeline(run.clone(), shared.clone()) {
@@ -625,6 +793,7 @@ impl Runtime {
                 }
             }
         }
+        let _ = self.store.submit(move |c| store::forget_owner_status(c, id)).await;
         drop(lock);
         match first_error {
             Some(e) => Err(e),

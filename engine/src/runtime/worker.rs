@@ -3,7 +3,7 @@
 //! commits are in the writer's hands; they commit in order, so a worker keeps its queue's order.
 
 use super::envelope::{StoredHeaders, to_raw};
-use super::{Counted, PipelineRun, RunError, RuntimeSink, Shared, Verdict, process_guarded};
+use super::{Counted, PipelineRun, RunError, RuntimeSink, Shared, SinkFailure, Verdict, process_guarded};
 use crate::message::{ErrorDetail, ExceptionRecord, Failure, Stage, reason};
 use crate::pipeline::{Duplicates, Outcome, Pipeline};
 use crate::store::{self, ExceptionRow, Leased, NewMessage, Pending, Settle, SettleReport, Settlement, Target, now_micros};
@@ -154,8 +154,18 @@ pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<()
             if !*shutdown.borrow() && back_pressure.last.is_none() {
                 next = Some(lease(cursor.next_from()));
             }
-            let (mut settlements, counted, marks, keys) = process_batch(&run, &*shared.state, batch).await?;
+            let (mut settlements, counted, marks, keys) = process_batch(&run, &shared, batch).await?;
             let to_record = if shared.state.embedded().is_some() { Vec::new() } else { take_keys(&mut settlements) };
+            // Held back by a sink: pause until it may take messages again, rather than lease
+            // and give back the rest of the queue meanwhile.
+            let pause = settlements
+                .iter()
+                .filter_map(|s| match s.outcome {
+                    Settle::GiveBack { visible_at } => Some(visible_at),
+                    _ => None,
+                })
+                .min()
+                .map(|at| Duration::from_micros((at - now_micros()).max(0) as u64).min(MAX_HELD_PAUSE));
             pending.push_back(InCommit {
                 commit: shared.store.submit(move |c| store::settle(c, &settlements, None, &marks)),
                 counted,
@@ -163,6 +173,12 @@ pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<()
                 to_record,
             });
             finish(&run, &shared, &mut pending, MAX_PENDING_COMMITS).await?;
+            if let Some(pause) = pause {
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
         }
     }
     .await;
@@ -259,11 +275,6 @@ async fn finish(run: &PipelineRun, shared: &Shared, pending: &mut VecDeque<InCom
     Ok(())
 }
 
-/// Delay before retry `attempt` (1-based): 1 s, 2 s, 4 s ... up to a minute.
-fn backoff(attempt: u32) -> Duration {
-    Duration::from_secs(1u64 << attempt.saturating_sub(1).min(6)).min(Duration::from_secs(60))
-}
-
 fn exception_row(record: ExceptionRecord, leased: &Leased) -> ExceptionRow {
     ExceptionRow { record, headers: leased.headers.clone(), replayable: true }
 }
@@ -275,17 +286,44 @@ fn done_with_exception(input: Option<(i64, u32)>, row: ExceptionRow) -> (Settlem
 
 /// A sink that could not take the message: it is retried later, or after its last attempt it
 /// becomes a `sink_failed` exception.
-fn sink_failure(p: &Pipeline, leased: &Leased, metadata: crate::message::Metadata, message: String) -> (Settlement, Counted) {
+/// A sink that did not take the message: retried later by the sink's retry policy, or an
+/// exception: `sink_rejected` at once when the receiver refused it for good, `sink_failed`
+/// after the last attempt.
+fn sink_failure(
+    run: &PipelineRun,
+    p: &Pipeline,
+    sink: usize,
+    leased: &Leased,
+    mut metadata: crate::message::Metadata,
+    f: SinkFailure,
+) -> (Settlement, Counted) {
     let input = Some((leased.id, leased.attempts));
-    if leased.attempts < p.runtime.max_attempts {
-        tracing::warn!(pipeline = %p.name, attempt = leased.attempts, error = %message, "a sink failed; the message will be retried");
-        let visible_at = now_micros() + backoff(leased.attempts).as_micros() as i64;
+    let policy = &run.delivery(sink).retry;
+    if !f.permanent && leased.attempts < policy.max_attempts {
+        let wait = policy.delay(leased.attempts).max(f.retry_after.unwrap_or_default());
+        tracing::warn!(pipeline = %p.name, attempt = leased.attempts, retry_in = ?wait, error = %f.message, "a sink failed; the message will be retried");
+        let visible_at = now_micros() + wait.as_micros() as i64;
         return (Settlement { input, outcome: Settle::Retry { visible_at } }, Counted::Retried);
     }
-    let record =
-        p.exception(metadata, &leased.body, Stage::Sink, None, Failure::one(reason::SINK_FAILED, ErrorDetail::record("", message)));
+    let why = if f.permanent { reason::SINK_REJECTED } else { reason::SINK_FAILED };
+    metadata.attempt = leased.attempts;
+    let record = p.exception(metadata, &leased.body, Stage::Sink, None, Failure::one(why, ErrorDetail::record("", f.message)));
     done_with_exception(input, exception_row(record, leased))
 }
+
+/// A message held back (a circuit open, a rate limit): back in its queue until then, no
+/// attempt spent.
+fn held_back(leased: &Leased, until: Instant) -> (Settlement, Counted) {
+    let visible_at = now_micros() + until.saturating_duration_since(Instant::now()).as_micros() as i64;
+    (Settlement { input: Some((leased.id, leased.attempts)), outcome: Settle::GiveBack { visible_at } }, Counted::Held)
+}
+
+/// Longest a worker pauses at once for a sink that holds messages back.
+const MAX_HELD_PAUSE: Duration = Duration::from_secs(5);
+
+/// Longest a worker waits for a rate limit with the batch in hand; past it, the message goes
+/// back to its queue (its lease must not run out meanwhile).
+const INLINE_RATE_WAIT: Duration = Duration::from_secs(1);
 
 /// A processed batch: what to settle, what to count, the file sinks' lengths once flushed, and
 /// the idempotency keys it holds in hand.
@@ -308,11 +346,12 @@ fn take_keys(settlements: &mut [Settlement]) -> Vec<(usize, store::KeyRecord)> {
 const STATE_AWAY_PAUSE: Duration = Duration::from_secs(2);
 
 /// Processes a batch.
-async fn process_batch(run: &PipelineRun, state: &dyn store::StateStore, batch: Vec<Leased>) -> Result<Processed, RunError> {
+async fn process_batch(run: &PipelineRun, shared: &Shared, batch: Vec<Leased>) -> Result<Processed, RunError> {
+    let state = &*shared.state;
     // The version in force when the batch starts: a reload applies from the next batch.
     let current = run.current();
     let p: &Pipeline = &current;
-    let max_attempts = p.runtime.max_attempts;
+    let max_attempts = run.max_attempts(p);
     // First every message through the pipeline (Err: it is settled already), so that duplicates
     // are looked up once for the batch, before anything is written.
     let mut outcomes: Vec<Result<Outcome, (Settlement, Counted)>> = Vec::with_capacity(batch.len());
@@ -400,8 +439,15 @@ async fn process_batch(run: &PipelineRun, state: &dyn store::StateStore, batch: 
                 };
                 let mut outputs = Vec::new();
                 let mut outside = Vec::new();
-                let mut failed = None;
+                let mut failed: Option<(usize, SinkFailure)> = None;
+                let mut held = None;
                 for &i in &sinks {
+                    if matches!(run.sinks[i], RuntimeSink::External(_))
+                        && let Err(until) = run.admit(i, INLINE_RATE_WAIT, shared).await
+                    {
+                        held = Some(until);
+                        break;
+                    }
                     match &run.sinks[i] {
                         RuntimeSink::Queue { queue, format, .. } => outputs.push((
                             Target::Queue(queue.clone()),
@@ -416,28 +462,32 @@ async fn process_batch(run: &PipelineRun, state: &dyn store::StateStore, batch: 
                             Some(amqp) => match amqp.send(&output).await {
                                 Ok(c) => confirms.push((done.len(), i, c)),
                                 Err(e) => {
-                                    failed = Some(format!("sink `{}`: {e}", p.sink_name(i)));
+                                    failed = Some((i, SinkFailure::passing(format!("sink `{}`: {e}", p.sink_name(i)))));
                                     break;
                                 }
                             },
-                            None => match sink.write(&output).await {
+                            None => match run.judge(i, sink.write(&output).await, shared) {
                                 Ok(()) => outside.push(i),
-                                Err(e) => {
-                                    failed = Some(format!("sink `{}`: {e}", p.sink_name(i)));
+                                Err(f) => {
+                                    failed = Some((i, f));
                                     break;
                                 }
                             },
                         },
                     }
                 }
-                match failed {
-                    None => (
+                match (held, failed) {
+                    (Some(until), _) => {
+                        let (s, c) = held_back(leased, until);
+                        (s, c, None)
+                    }
+                    (None, None) => (
                         Settlement { input, outcome: Settle::Done { outputs, exceptions: vec![], key } },
                         count,
                         Some((output.metadata, outside)),
                     ),
-                    Some(message) => {
-                        let (s, c) = sink_failure(p, leased, output.metadata, message);
+                    (None, Some((i, f))) => {
+                        let (s, c) = sink_failure(run, p, i, leased, output.metadata, f);
                         (s, c, None)
                     }
                 }
@@ -458,28 +508,28 @@ async fn process_batch(run: &PipelineRun, state: &dyn store::StateStore, batch: 
             }
         }
     }
-    let mut refused: Vec<(usize, String)> = Vec::new();
+    let mut refused: Vec<(usize, usize, String)> = Vec::new();
     for (k, i, c) in confirms {
         if let Err(e) = crate::amqp::publish::confirmed(c).await
-            && !refused.iter().any(|(r, _)| *r == k)
+            && !refused.iter().any(|(r, _, _)| *r == k)
         {
-            refused.push((k, format!("sink `{}`: {e}", p.sink_name(i))));
+            refused.push((k, i, format!("sink `{}`: {e}", p.sink_name(i))));
         }
     }
-    for (k, message) in refused {
+    for (k, i, message) in refused {
         // Still `Done` (not already a sink failure): the publish was refused after the fact.
         if matches!(settlements[k].outcome, Settle::Done { .. })
             && let Some((metadata, _)) = wrote_outside[k].clone()
         {
-            (settlements[k], counted[k]) = sink_failure(p, &batch[k], metadata, message);
+            (settlements[k], counted[k]) = sink_failure(run, p, i, &batch[k], metadata, SinkFailure::passing(message));
             wrote_outside[k] = None;
         }
     }
     if !flush_failed.is_empty() {
         for (k, outside) in wrote_outside.into_iter().enumerate() {
             let Some((metadata, sinks)) = outside else { continue };
-            if let Some((_, message)) = flush_failed.iter().find(|(i, _)| sinks.contains(i)) {
-                (settlements[k], counted[k]) = sink_failure(p, &batch[k], metadata, message.clone());
+            if let Some((i, message)) = flush_failed.iter().find(|(i, _)| sinks.contains(i)) {
+                (settlements[k], counted[k]) = sink_failure(run, p, *i, &batch[k], metadata, SinkFailure::passing(message.clone()));
             }
         }
     }
@@ -502,11 +552,6 @@ fn settlements_push(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_a_minute() {
-        assert_eq!([1, 2, 3, 7, 8, 30].map(|a| backoff(a).as_secs()), [1, 2, 4, 60, 60, 60]);
-    }
 
     #[test]
     fn a_rescan_walks_the_whole_queue_batch_by_batch_then_returns_to_the_cursor() {

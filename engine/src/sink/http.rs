@@ -101,6 +101,15 @@ pub struct HttpSinkConfig {
     /// `Idempotency-Key`): the receiver can then drop a delivery it already took.
     #[serde(default)]
     pub idempotency_header: Option<Spanned<String>>,
+    /// Attempts, backoff and which answers are worth another try.
+    #[serde(default)]
+    pub retry: Option<crate::runtime::delivery::RetryConfig>,
+    /// Stops sending after failures in a row, so that work waits in its queue; a probe later.
+    #[serde(default)]
+    pub circuit_breaker: Option<crate::runtime::delivery::CircuitBreakerConfig>,
+    /// At most this many requests per second, minute or hour (the receiver's quota).
+    #[serde(default)]
+    pub rate_limit: Option<crate::runtime::delivery::RateLimitConfig>,
 }
 
 impl HttpSinkConfig {
@@ -109,12 +118,15 @@ impl HttpSinkConfig {
     pub fn wiring(&self) -> String {
         let headers: Vec<(&str, &str)> = self.headers.iter().map(|(k, v)| (k.as_str(), v.value.as_str())).collect();
         format!(
-            "{:?} {} {headers:?} {:?} {:?} {:?}",
+            "{:?} {} {headers:?} {:?} {:?} {:?} {:?} {:?} {:?}",
             self.method,
             self.url.value,
             self.timeout.as_ref().map(|t| &t.value),
             self.format,
-            self.idempotency_header.as_ref().map(|h| &h.value)
+            self.idempotency_header.as_ref().map(|h| &h.value),
+            self.retry,
+            self.circuit_breaker,
+            self.rate_limit
         )
     }
 }
