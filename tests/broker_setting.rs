@@ -360,3 +360,41 @@ sinks:
         let _ = ch.exchange_delete(format!("{p}.real").as_str().into(), ExchangeDeleteOptions::default()).await;
     });
 }
+
+/// Ordering over RabbitMQ: a stale event is dropped, a cancellation that comes before its order
+/// waits in the retry queues and is delivered after it.
+#[test]
+fn events_are_ordered_per_entity_over_rabbitmq() {
+    let Some(url) = broker_url() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let prefix =
+        format!("bo{}x{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis());
+    let text = std::fs::read_to_string(repo().join("tests/runtime/ordering/ord-orders.yaml")).unwrap();
+    std::fs::write(dir.path().join("ord-orders.yaml"), text.replace("queue: ord.", &format!("queue: {prefix}."))).unwrap();
+    let ok = |args: &[&str]| {
+        let out = switchyard(dir.path(), &url, args);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    ok(&["run", ".", "--once"]);
+    let events = "{\"order_id\":\"o1\",\"seq\":1}\n{\"order_id\":\"o1\",\"seq\":3}\n{\"order_id\":\"o1\",\"seq\":2}\n\
+                  {\"order_id\":\"o4\",\"seq\":2,\"kind\":\"cancellation\"}\n{\"order_id\":\"o4\",\"seq\":1,\"kind\":\"created\"}\n";
+    std::fs::write(dir.path().join("events.ndjson"), events).unwrap();
+    ok(&["send", &format!("{prefix}.in"), "events.ndjson"]);
+    let said = ok(&["run", ".", "--once"]);
+    assert!(said.contains("stale            1"), "{said}");
+    let delivered: Vec<(String, i64)> = std::fs::read_to_string(dir.path().join("data/out/ord/events.ndjson"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|e| (e["order_id"].as_str().unwrap().to_string(), e["seq"].as_i64().unwrap()))
+        .collect();
+    let of = |id: &str| delivered.iter().filter(|(o, _)| o == id).map(|(_, s)| *s).collect::<Vec<_>>();
+    assert_eq!((of("o1"), of("o4")), (vec![1, 3], vec![1, 2]), "in version order, the stale one dropped: {delivered:?}");
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await.unwrap();
+        clean_up(&conn, &prefix, &[("in", "ord-orders")]).await;
+    });
+}

@@ -919,3 +919,64 @@ fn engines_with_their_own_data_directories_share_keys_through_postgresql() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async { switchyard::store::PostgresStore::connect(&shared).await.unwrap().drop_schema().await.unwrap() });
 }
+
+const ORD: &str = "tests/runtime/ordering/ord-orders.yaml";
+
+#[test]
+fn stale_events_are_dropped_and_an_event_without_its_predecessor_waits_then_fails() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let events = data.join("out/ord/events.ndjson");
+    let seqs =
+        || ndjson(&events).iter().map(|e| (e["order_id"].as_str().unwrap().to_string(), e["seq"].as_i64().unwrap())).collect::<Vec<_>>();
+    let once = || Out::of(sy(&data).env("ORD_WAIT", "2s").args(["run", ORD, "--once"]).output().unwrap()).ok("run").stderr;
+    // o1: 1, 3, then 2 (older than 3: stale); o2: a cancellation whose order never comes.
+    let sent = "{\"order_id\":\"o1\",\"seq\":1,\"kind\":\"created\"}\n{\"order_id\":\"o1\",\"seq\":3,\"kind\":\"updated\"}\n\
+                {\"order_id\":\"o1\",\"seq\":2,\"kind\":\"updated\"}\n{\"order_id\":\"o2\",\"seq\":2,\"kind\":\"cancellation\"}\n";
+    send_stdin(&data, "ord.in", &[], sent).ok("send");
+    let summary = once();
+    assert_eq!(totals(&summary), [4, 2, 1], "{summary}");
+    assert_eq!(summary_count(&summary, "ord-orders", "stale"), 1, "{summary}");
+    assert!(summary_count(&summary, "ord-orders", "waited") >= 1, "the cancellation waited for its order: {summary}");
+    assert_eq!(seqs(), [("o1".to_string(), 1), ("o1".to_string(), 3)]);
+    let record = with_reason(&listed(&data, &["--pipeline", "ord-orders"]), "missing_predecessor").clone();
+    assert!(record["errors"][0]["message"].as_str().unwrap().contains("`o2`"), "{record}");
+
+    // The last applied version is remembered across runs: o1 seq 2 is still stale, seq 4 is not.
+    send_stdin(&data, "ord.in", &[], "{\"order_id\":\"o1\",\"seq\":2}\n{\"order_id\":\"o1\",\"seq\":4}\n").ok("send again");
+    let summary = once();
+    assert_eq!((totals(&summary), summary_count(&summary, "ord-orders", "stale")), ([2, 1, 0], 1), "{summary}");
+    assert_eq!(seqs().last(), Some(&("o1".to_string(), 4)));
+}
+
+#[test]
+fn a_cancellation_that_arrives_before_its_order_is_delivered_after_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let events = data.join("out/ord/events.ndjson");
+    let mut engine = Engine::start(&data, &[ORD], &[("ORD_WAIT", Path::new("30s"))]);
+    send_stdin(&data, "ord.in", &[], "{\"order_id\":\"o3\",\"seq\":2,\"kind\":\"cancellation\"}\n").ok("send the cancellation");
+    std::thread::sleep(Duration::from_millis(1500));
+    engine.assert_running();
+    assert!(ndjson(&events).is_empty(), "the cancellation waits for its order");
+    send_stdin(&data, "ord.in", &[], "{\"order_id\":\"o3\",\"seq\":1,\"kind\":\"created\"}\n").ok("send the order");
+    wait_for("both events delivered", || ndjson(&events).len() == 2);
+    let kinds: Vec<String> = ndjson(&events).iter().map(|e| e["kind"].as_str().unwrap().to_string()).collect();
+    assert_eq!(kinds, ["created", "cancellation"], "the order first, then its cancellation");
+    let (code, summary) = engine.stop("-TERM");
+    assert_eq!(code, Some(0), "{summary}");
+}
+
+#[test]
+fn a_throttled_source_is_taken_no_faster_than_its_rate_and_nothing_is_dropped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let input: String = (0..30).map(|i| format!("{{\"id\":\"t{i}\"}}\n")).collect();
+    send_stdin(&data, "rt.throttle", &[], &input).ok("send");
+    let started = Instant::now();
+    let summary = run_once(&data, &["tests/runtime/throttle/rt-throttle.yaml"]);
+    // 30 at 20 a second, one at a time: at least 29 intervals of 50 ms.
+    assert!(started.elapsed() >= Duration::from_millis(1400), "throttled: {:?}", started.elapsed());
+    assert_eq!(totals(&summary), [30, 30, 0], "{summary}");
+    assert_eq!(ids(&data.join("out/throttle/out.ndjson")).len(), 30);
+}

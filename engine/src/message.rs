@@ -60,6 +60,18 @@ pub struct Metadata {
     /// not written to outputs.
     #[serde(skip)]
     pub headers: Arc<std::collections::BTreeMap<String, String>>,
+    /// The entity this event is about and its version, when the pipeline orders events.
+    #[serde(skip)]
+    pub entity: Option<Arc<Entity>>,
+}
+
+/// What ordering knows of an event: its entity, its version, whether it needs an earlier event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entity {
+    pub key: String,
+    pub version: String,
+    /// An event that needs an earlier one of its entity (a cancellation needs its order).
+    pub needs_previous: bool,
 }
 
 /// One message leaving through one sink.
@@ -154,6 +166,10 @@ pub mod reason {
     pub const SINK_FAILED: &str = "sink_failed";
     /// A sink refused the message for good (an HTTP 4xx other than 408 and 429).
     pub const SINK_REJECTED: &str = "sink_rejected";
+    /// An event older than the last one applied for its entity (`ordering.stale: exception`).
+    pub const STALE_EVENT: &str = "stale_event";
+    /// An event that needs an earlier one of its entity waited for it in vain.
+    pub const MISSING_PREDECESSOR: &str = "missing_predecessor";
     pub const UNREADABLE_INPUT: &str = "unreadable_input";
     pub const INTERNAL_ERROR: &str = "internal_error";
     /// Delivered `runtime.max_attempts` times without being settled.
@@ -175,6 +191,8 @@ pub mod reason {
         UNROUTED,
         SINK_FAILED,
         SINK_REJECTED,
+        STALE_EVENT,
+        MISSING_PREDECESSOR,
         UNREADABLE_INPUT,
         INTERNAL_ERROR,
         TOO_MANY_ATTEMPTS,

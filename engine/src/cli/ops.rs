@@ -80,6 +80,12 @@ fn print_summary(s: &Summary, version: &str, file: &Path) {
     if s.retried > 0 {
         eprintln!("  retried     {:>6}  (delivered again later)", s.retried);
     }
+    if s.stale > 0 {
+        eprintln!("  stale       {:>6}  (older than the last event applied for their entity: dropped)", s.stale);
+    }
+    if s.parked > 0 {
+        eprintln!("  waited      {:>6}  (deliveries put back to wait for an earlier event of their entity)", s.parked);
+    }
     if s.held > 0 {
         eprintln!("  held back   {:>6}  (a sink's circuit was open or its rate limit reached: they waited in the queue)", s.held);
     }

@@ -175,6 +175,106 @@ impl Idempotency {
     }
 }
 
+/// Event ordering per entity: an event older than the last one applied for its entity is stale;
+/// an event that needs an earlier one (a cancellation before its order) waits for it.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OrderingConfig {
+    /// Template of the entity key, e.g. `"{channel}:{$.order_id}"`.
+    pub key: Spanned<String>,
+    /// JSONPath to the event's version or time in the input: a number (a sequence, a version)
+    /// or a date-time (`updated_at`).
+    pub version: Spanned<String>,
+    /// What becomes of a stale event: `drop` (counted, the default) or `exception` (kept as a
+    /// `stale_event` record, which can be looked at and replayed).
+    #[serde(default)]
+    pub stale: Option<Spanned<String>>,
+    /// A JSONPath condition on the input for events that need an earlier event of their entity,
+    /// e.g. `$.kind == 'cancellation'`. They wait until one was applied.
+    #[serde(default)]
+    pub needs_previous: Option<Spanned<String>>,
+    /// How long such an event waits (default `10m`); then it is a `missing_predecessor` exception.
+    #[serde(default)]
+    pub wait_for_previous: Option<Spanned<String>>,
+    /// The key space (default: the pipeline's name): pipelines with the same scope order events
+    /// of the same entities together.
+    #[serde(default)]
+    pub scope: Option<Spanned<String>>,
+}
+
+/// Event ordering, built.
+pub struct Ordering {
+    pub scope: Arc<str>,
+    key: Template,
+    version: CompiledPath,
+    pub stale_to_exception: bool,
+    needs_previous: Option<crate::jsonpath::Condition>,
+    pub wait_for_previous: std::time::Duration,
+}
+
+impl Ordering {
+    fn build(c: &OrderingConfig, name: &str, cx: &BuildContext, diags: &mut Diags) -> Option<Ordering> {
+        let key = diags.take(cx.template(&c.key, "ordering.key"));
+        let version = diags.take(cx.jsonpath(&c.version, "ordering.version"));
+        let needs_previous = c.needs_previous.as_ref().map(|n| diags.take(cx.condition(n, "ordering.needs_previous")));
+        let stale_to_exception = match &c.stale {
+            None => false,
+            Some(s) if s.value == "drop" => false,
+            Some(s) if s.value == "exception" => true,
+            Some(s) => {
+                diags.push(
+                    cx.diag(
+                        DiagCode::InvalidValue,
+                        s.span,
+                        "ordering.stale",
+                        format!("`{}` is not what to do with a stale event", s.shown()),
+                    )
+                    .expected("`drop` or `exception`")
+                    .hint_opt(crate::config::diag::suggestion(&s.value, ["drop", "exception"])),
+                );
+                false
+            }
+        };
+        let wait_for_previous = match &c.wait_for_previous {
+            None => std::time::Duration::from_secs(600),
+            Some(w) => match humantime::parse_duration(w.value.trim()) {
+                Ok(d) if !d.is_zero() => d,
+                _ => {
+                    diags.push(
+                        cx.diag(DiagCode::InvalidValue, w.span, "ordering.wait_for_previous", format!("`{}` is not a duration", w.shown()))
+                            .expected("a duration such as `30s`, `10m`, `1h`"),
+                    );
+                    std::time::Duration::from_secs(600)
+                }
+            },
+        };
+        let scope = c.scope.as_ref().map(|s| s.value.trim().to_string()).filter(|s| !s.is_empty()).unwrap_or_else(|| name.to_string());
+        Some(Ordering {
+            scope: Arc::from(scope),
+            key: key?,
+            version: version?,
+            stale_to_exception,
+            needs_previous: match needs_previous {
+                None => None,
+                Some(n) => Some(n?),
+            },
+            wait_for_previous,
+        })
+    }
+}
+
+/// How two versions of an entity compare: as numbers when both are, as date-times when both
+/// are, else as text.
+pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
+    if let (Ok(x), Ok(y)) = (a.parse::<rust_decimal::Decimal>(), b.parse::<rust_decimal::Decimal>()) {
+        return x.cmp(&y);
+    }
+    if let (Ok(x), Ok(y)) = (chrono::DateTime::parse_from_rfc3339(a), chrono::DateTime::parse_from_rfc3339(b)) {
+        return x.cmp(&y);
+    }
+    a.cmp(b)
+}
+
 /// How the runtime runs a pipeline. Every setting has a default.
 #[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -196,6 +296,10 @@ pub struct RuntimeConfig {
     /// How often a `file` source looks for new files (default `1s`).
     #[serde(default)]
     pub poll_interval: Option<Spanned<String>>,
+    /// At most this many messages per second, minute or hour taken from the source (a partner's
+    /// share); the rest wait in the queue.
+    #[serde(default)]
+    pub rate_limit: Option<crate::runtime::delivery::RateLimitConfig>,
 }
 
 /// The runtime settings, checked and with defaults applied.
@@ -303,6 +407,9 @@ pub struct PipelineConfig {
     /// Stops duplicates by their idempotency key.
     #[serde(default)]
     pub idempotency: Option<Spanned<IdempotencyConfig>>,
+    /// Orders events per entity: stale ones are dropped, early ones wait for their predecessor.
+    #[serde(default)]
+    pub ordering: Option<OrderingConfig>,
     /// Checks of the message as received.
     #[serde(default)]
     pub validate: Vec<Component<ValidateStepConfig>>,
@@ -390,6 +497,11 @@ pub struct Pipeline {
     idempotency_key: Option<Template>,
     /// Duplicate stopping, when declared.
     pub idempotency: Option<Idempotency>,
+    /// Event ordering, when declared.
+    pub ordering: Option<Ordering>,
+    /// `runtime.rate_limit`: how fast messages are taken from the source. The runtime keeps the
+    /// one of the version it started.
+    pub source_rate: Option<Arc<crate::runtime::delivery::RateLimit>>,
     validate: Vec<SchemaCheck>,
     steps: Vec<Box<dyn MapStep>>,
     router: Router,
@@ -737,6 +849,13 @@ impl Pipeline {
         };
         let idempotency =
             config.idempotency.as_ref().and_then(|c| Idempotency::build(c, config, source.as_ref(), &sink_names, cx, &mut diags));
+        let ordering = config.ordering.as_ref().and_then(|c| Ordering::build(c, &config.name.value, cx, &mut diags));
+        let source_rate = config
+            .runtime
+            .rate_limit
+            .as_ref()
+            .and_then(|r| crate::runtime::delivery::RateLimit::build(r, "runtime.rate_limit", cx, &mut diags))
+            .map(Arc::new);
         let mut versions = IndexMap::new();
         for s in &steps {
             for (n, v) in s.versions() {
@@ -768,6 +887,8 @@ impl Pipeline {
             correlation,
             idempotency_key,
             idempotency,
+            ordering,
+            source_rate,
             validate,
             steps,
             router,
@@ -798,6 +919,7 @@ impl Pipeline {
             attempt: raw.attempt.max(1),
             origin: raw.origin.clone(),
             headers: if raw.headers.is_empty() { Arc::default() } else { Arc::new(raw.headers.clone()) },
+            entity: None,
         }
     }
 
@@ -842,6 +964,31 @@ impl Pipeline {
                         ErrorDetail::input(pointer, "the idempotency key cannot be built: a value it needs is missing"),
                     );
                     return self.failed(meta, &raw.body, Stage::Source, Some("envelope.idempotency_key".into()), f);
+                }
+            }
+        }
+        if let Some(o) = &self.ordering {
+            let version = o.version.first(scope).and_then(|v| match v {
+                Doc::String(s) => Some(s.to_string()),
+                Doc::Number(n) => Some(n.to_string()),
+                _ => None,
+            });
+            let key = o.key.render(scope, &StepInput::new(&meta, Document::Input));
+            match (key, version) {
+                (Some(key), Some(version)) => {
+                    let needs_previous = o.needs_previous.as_ref().is_some_and(|c| c.matches(scope));
+                    meta.entity = Some(Arc::new(crate::message::Entity { key, version, needs_previous }));
+                }
+                (key, _) => {
+                    let (what, pointer) = match key {
+                        None => ("key", o.key.first_path().map(|p| p.nominal_pointer()).unwrap_or_default()),
+                        Some(_) => ("version", o.version.nominal_pointer()),
+                    };
+                    let f = Failure::one(
+                        reason::MISSING_REQUIRED_FIELD,
+                        ErrorDetail::input(pointer, format!("the event's ordering {what} cannot be read: a value it needs is missing")),
+                    );
+                    return self.failed(meta, &raw.body, Stage::Source, Some(format!("ordering.{what}")), f);
                 }
             }
         }

@@ -5,7 +5,7 @@
 //! batch. A lost connection or a consumer cancelled by the broker leads to a new connection and
 //! a new consumer; what was not acknowledged comes back from the broker.
 
-use super::{Counted, PipelineRun, RunError, Shared, SinkFailure, Verdict, process_guarded};
+use super::{Counted, OrderAction, PipelineRun, RunError, Shared, SinkFailure, Verdict, process_guarded};
 use crate::amqp::publish::{Confirm, Publisher, confirmed, headers};
 use crate::amqp::topology::SourcePlan;
 use crate::amqp::{AmqpError, Broker, Session, lapin_message};
@@ -50,6 +50,10 @@ struct InBatch {
     attempt: u32,
     /// Its idempotency key, recorded once its outputs are confirmed, before the ack.
     key: Option<crate::store::KeyRecord>,
+    /// Its entity and version (ordering), applied once delivered.
+    applied: Option<(String, String)>,
+    /// Waiting for an earlier event of its entity: through the retry queues, not a failure.
+    parked: bool,
 }
 
 pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<(), RunError> {
@@ -155,6 +159,7 @@ async fn consume(
             }
         };
         let keys: Vec<String> = batch.iter().filter_map(|i| i.key.as_ref().map(|k| k.key.clone())).collect();
+        let versions_in_hand: Vec<(String, String)> = batch.iter().filter_map(|i| i.applied.clone()).collect();
         // A sink holds messages back (its circuit is open): they go back to the queue, and this
         // consumer takes no more until the sink may take them (the rest wait in the broker).
         let pause =
@@ -167,6 +172,7 @@ async fn consume(
             let r = settle(&run2, &plan2, &publish, &shared2, batch, marks, before).await;
             // Recorded, retried or to be delivered again by the broker: either way no longer in hand.
             run2.release_keys(&keys);
+            run2.settle_versions(&*shared2.state, Vec::new(), &versions_in_hand).await;
             shared2.in_flight.fetch_sub(taken, Ordering::SeqCst);
             let _ = done_tx.send(r.is_ok());
             r
@@ -343,14 +349,16 @@ async fn process_batch(
     let mut batch = Vec::with_capacity(deliveries.len());
     let mut outside_used = std::collections::BTreeSet::new();
     // Every message through the pipeline first: duplicates are looked up once for the batch.
-    let processed: Vec<(Delivery, u32, Outcome)> = deliveries
-        .into_iter()
-        .map(|delivery| {
-            let attempt = attempt_of(&delivery, plan);
-            let outcome = process_guarded(p, to_raw(&delivery, attempt), &delivery.data);
-            (delivery, attempt, outcome)
-        })
-        .collect();
+    let mut processed: Vec<(Delivery, u32, Outcome)> = Vec::with_capacity(deliveries.len());
+    for delivery in deliveries {
+        // `runtime.rate_limit`: the consumer takes no faster than that (the broker keeps the rest).
+        if let Some(limit) = &run.pipeline.source_rate {
+            let _ = limit.admit(RATE_WAIT).await;
+        }
+        let attempt = attempt_of(&delivery, plan);
+        let outcome = process_guarded(p, to_raw(&delivery, attempt), &delivery.data);
+        processed.push((delivery, attempt, outcome));
+    }
     let routed: Vec<Option<&crate::message::Metadata>> = processed
         .iter()
         .map(|(_, _, o)| match o {
@@ -365,6 +373,22 @@ async fn process_batch(
     let verdicts = super::verdicts(run, p, state, &routed)
         .await
         .map_err(|e| AmqpError::Lost(format!("the idempotency keys cannot be checked in {}: {e}", state.describe())))?;
+    let deliverable: Vec<Option<&crate::message::Metadata>> =
+        routed.iter().zip(&verdicts).map(|(m, v)| if matches!(v, Verdict::Deliver(_)) { *m } else { None }).collect();
+    let orders = match super::order_verdicts(run, p, state, &deliverable).await {
+        Ok(o) => o,
+        Err(e) => {
+            let held: Vec<String> = verdicts
+                .iter()
+                .filter_map(|v| match v {
+                    Verdict::Deliver(Some(k)) => Some(k.key.clone()),
+                    _ => None,
+                })
+                .collect();
+            run.release_keys(&held);
+            return Err(AmqpError::Lost(format!("the event versions cannot be checked in {}: {e}", state.describe())));
+        }
+    };
     for (k, (delivery, attempt, outcome)) in processed.into_iter().enumerate() {
         let mut item = InBatch {
             delivery,
@@ -377,13 +401,40 @@ async fn process_batch(
             counted: Counted::Routed(vec![]),
             attempt,
             key: None,
+            applied: None,
+            parked: false,
         };
         let outcome = match outcome {
             Outcome::Failed(r) => Outcome::Failed(r),
             Outcome::Routed { output, sinks } => match &verdicts[k] {
                 Verdict::Deliver(key) => {
                     item.key = key.clone();
-                    Outcome::Routed { output, sinks }
+                    match super::order_action(p, &output.metadata, &orders[k]) {
+                        OrderAction::Deliver => {
+                            item.applied = output.metadata.entity.as_ref().map(|e| (e.key.clone(), e.version.clone()));
+                            Outcome::Routed { output, sinks }
+                        }
+                        OrderAction::Drop => {
+                            item.counted = Counted::Stale;
+                            batch.push(item);
+                            continue;
+                        }
+                        OrderAction::Fail(f) => Outcome::Failed(Box::new(p.exception(
+                            output.metadata,
+                            &item.delivery.data,
+                            Stage::Source,
+                            Some("ordering".into()),
+                            f,
+                        ))),
+                        OrderAction::Park => {
+                            let entity = output.metadata.entity.as_ref().map(|e| e.key.as_str()).unwrap_or_default();
+                            item.failed = Some(format!("waiting for an earlier event of `{entity}`"));
+                            item.parked = true;
+                            item.counted = Counted::Parked;
+                            batch.push(item);
+                            continue;
+                        }
+                    }
                 }
                 Verdict::Duplicate => match p.idempotency.as_ref().map(|i| i.duplicates) {
                     Some(Duplicates::Sink(i)) => {
@@ -503,7 +554,11 @@ async fn settle(
         let retry = plan.retries.get((item.attempt as usize).saturating_sub(1)).filter(|_| !item.permanent && item.attempt < allowed);
         let confirm = match retry {
             Some(tier) => {
-                tracing::warn!(pipeline = %p.name, attempt = item.attempt, retry_in = ?tier.delay, error = %why, "a sink failed; the message will be retried");
+                if item.parked {
+                    tracing::debug!(pipeline = %p.name, attempt = item.attempt, retry_in = ?tier.delay, why = %why, "an event waits for its predecessor");
+                } else {
+                    tracing::warn!(pipeline = %p.name, attempt = item.attempt, retry_in = ?tier.delay, error = %why, "a sink failed; the message will be retried");
+                }
                 let mut h = item.delivery.properties.headers().clone().unwrap_or_default();
                 h.insert(headers::ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(item.attempt) + 1));
                 let props = item.delivery.properties.clone().with_headers(h);
@@ -511,14 +566,20 @@ async fn settle(
             }
             None => {
                 let raw = to_raw(&item.delivery, item.attempt);
-                let failure =
-                    Failure::one(if item.permanent { reason::SINK_REJECTED } else { reason::SINK_FAILED }, ErrorDetail::record("", why));
-                let record = p.failure_record(&raw, Stage::Sink, failure);
+                let why_code = if item.parked {
+                    reason::MISSING_PREDECESSOR
+                } else if item.permanent {
+                    reason::SINK_REJECTED
+                } else {
+                    reason::SINK_FAILED
+                };
+                let failure = Failure::one(why_code, ErrorDetail::record("", why));
+                let record = p.failure_record(&raw, if item.parked { Stage::Source } else { Stage::Sink }, failure);
                 item.counted = Counted::Exception(record.reason.clone());
                 dead_letter(publisher, plan, &item.delivery, &record).await?
             }
         };
-        second.push((retry.is_some(), confirm));
+        second.push((retry.is_some() && !item.parked, confirm));
     }
     let mut retried = 0;
     for (is_retry, c) in second {
@@ -545,6 +606,17 @@ async fn settle(
         if !there.is_empty() {
             tracing::warn!(pipeline = %p.name, messages = there.len(), "another engine delivered the same keys at the same time: receivers got them twice (they carry the same idempotency key)");
         }
+    }
+    // Versions of the events delivered (ordering): recorded before the ack, like the keys.
+    let applied: Vec<(String, String)> =
+        batch.iter().filter(|i| i.failed.is_none() && i.held.is_none()).filter_map(|i| i.applied.clone()).collect();
+    if let Some(o) = &p.ordering
+        && !applied.is_empty()
+    {
+        state
+            .record_versions(o.scope.clone(), applied)
+            .await
+            .map_err(|e| AmqpError::Lost(format!("the event versions cannot be recorded in {}: {e}", state.describe())))?;
     }
     if !marks.is_empty() || !keys.is_empty() {
         let twice = store
@@ -581,8 +653,8 @@ async fn settle(
             run.stats.count(Counted::Held);
             continue;
         }
-        // One sent to a retry queue is counted when it comes back.
-        if item.failed.is_none() || matches!(item.counted, Counted::Exception(_)) {
+        // One sent to a retry queue is counted when it comes back (a parked one as parked now).
+        if item.failed.is_none() || matches!(item.counted, Counted::Exception(_) | Counted::Parked) {
             run.stats.count(item.counted);
         }
     }

@@ -310,33 +310,53 @@ impl Delivery {
                 b.open_for.as_ref().and_then(|v| duration(v, "circuit_breaker.open_for", diags)).unwrap_or(Duration::from_secs(30));
             d.breaker = Some(CircuitBreaker::new(failures, open_for));
         }
-        if let Some(r) = c.rate_limit {
-            match parse_rate(&r.rate.value) {
-                Some((n, per)) => {
-                    let per_cell = per / n;
-                    let burst = r
-                        .burst
-                        .as_ref()
-                        .and_then(|v| count(v, "rate_limit.burst", diags))
-                        .unwrap_or_else(|| ((Duration::from_secs(1).as_nanos() / per_cell.as_nanos().max(1)) as u32).max(1));
-                    let quota = governor::Quota::with_period(per_cell.max(Duration::from_nanos(1)))
-                        .expect("a positive period")
-                        .allow_burst(std::num::NonZeroU32::new(burst).expect("at least 1"));
-                    d.rate.limiter = Some(governor::RateLimiter::direct(quota));
-                    d.rate.described = format!("{} (burst {burst})", r.rate.value.trim());
-                }
-                None => diags.push(
-                    cx.diag(
-                        DiagCode::InvalidValue,
-                        r.rate.span,
-                        &format!("{at}.rate_limit.rate"),
-                        format!("`{}` is not a rate", r.rate.shown()),
-                    )
-                    .expected("messages per second, minute or hour, e.g. `10/s`, `600/m`, `5000/h`"),
-                ),
-            }
+        if let Some(r) = c.rate_limit
+            && let Some(rate) = RateLimit::build(r, &format!("{at}.rate_limit"), cx, diags)
+        {
+            d.rate = rate;
         }
         d
+    }
+}
+
+impl RateLimit {
+    /// Checks and builds a `rate_limit:` (at `at`).
+    pub fn build(r: &RateLimitConfig, at: &str, cx: &BuildContext, diags: &mut Diags) -> Option<RateLimit> {
+        let Some((n, per)) = parse_rate(&r.rate.value) else {
+            diags.push(
+                cx.diag(DiagCode::InvalidValue, r.rate.span, &format!("{at}.rate"), format!("`{}` is not a rate", r.rate.shown()))
+                    .expected("messages per second, minute or hour, e.g. `10/s`, `600/m`, `5000/h`"),
+            );
+            return None;
+        };
+        let per_cell = per / n;
+        let burst = match &r.burst {
+            Some(b) if b.value == 0 => {
+                diags.push(cx.diag(DiagCode::InvalidValue, b.span, &format!("{at}.burst"), "`burst` is 0").expected("1 or more"));
+                return None;
+            }
+            Some(b) => b.value,
+            None => ((Duration::from_secs(1).as_nanos() / per_cell.as_nanos().max(1)) as u32).max(1),
+        };
+        let quota = governor::Quota::with_period(per_cell.max(Duration::from_nanos(1)))
+            .expect("a positive period")
+            .allow_burst(std::num::NonZeroU32::new(burst).expect("at least 1"));
+        Some(RateLimit {
+            limiter: Some(governor::RateLimiter::direct(quota)),
+            paused_until: Mutex::new(None),
+            described: format!("{} (burst {burst})", r.rate.value.trim()),
+        })
+    }
+
+    /// Waits for a token up to `inline_wait`; past it, says until when to hold back.
+    pub async fn admit(&self, inline_wait: Duration) -> Result<(), Instant> {
+        loop {
+            match self.check() {
+                Ok(()) => return Ok(()),
+                Err(w) if w <= inline_wait => tokio::time::sleep(w).await,
+                Err(w) => return Err(Instant::now() + w),
+            }
+        }
     }
 }
 

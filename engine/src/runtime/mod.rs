@@ -77,6 +77,10 @@ pub struct Summary {
     /// Deliveries held back by a sink's open circuit or rate limit: they wait in their queue
     /// (spending no attempt) and are received again later.
     pub held: u64,
+    /// Events older than the last one applied for their entity, dropped (`ordering:`).
+    pub stale: u64,
+    /// Deliveries of events put back to wait for an earlier event of their entity.
+    pub parked: u64,
     /// Messages whose idempotency key was already delivered: dropped, or sent to the
     /// `idempotency.duplicates` sink (counted in its outputs too).
     pub duplicates: u64,
@@ -102,6 +106,8 @@ struct Stats {
     routed: AtomicU64,
     retried: AtomicU64,
     held: AtomicU64,
+    stale: AtomicU64,
+    parked: AtomicU64,
     duplicates: AtomicU64,
     outputs: Vec<AtomicU64>,
     exceptions: Mutex<BTreeMap<String, u64>>,
@@ -119,6 +125,10 @@ pub(crate) enum Counted {
     Duplicate(Option<usize>),
     /// Held back (a circuit open, a rate limit): back in its queue, no attempt spent.
     Held,
+    /// Older than the last event applied for its entity: dropped.
+    Stale,
+    /// Waiting for an earlier event of its entity: back in its queue for a while.
+    Parked,
 }
 
 impl Stats {
@@ -140,6 +150,13 @@ impl Stats {
             }
             Counted::Held => {
                 self.held.fetch_add(1, Ordering::Relaxed);
+            }
+            Counted::Stale => {
+                self.received.fetch_add(1, Ordering::Relaxed);
+                self.stale.fetch_add(1, Ordering::Relaxed);
+            }
+            Counted::Parked => {
+                self.parked.fetch_add(1, Ordering::Relaxed);
             }
             Counted::Duplicate(sink) => {
                 self.received.fetch_add(1, Ordering::Relaxed);
@@ -188,6 +205,8 @@ pub(crate) struct PipelineRun {
     /// Idempotency keys of messages this engine is delivering and has not settled yet: the store
     /// does not know them, and a copy in another batch must not go out meanwhile.
     keys_in_hand: Mutex<std::collections::HashSet<String>>,
+    /// Entity versions applied by batches not settled yet (ordering).
+    versions_in_hand: Mutex<std::collections::HashMap<String, String>>,
 }
 
 /// A sink that did not take a message.
@@ -223,13 +242,7 @@ impl PipelineRun {
     /// longer wait). Held-back work waits in its queue and spends no attempt.
     pub(crate) async fn admit(&self, i: usize, inline_wait: std::time::Duration, shared: &Shared) -> Result<(), std::time::Instant> {
         let d = self.delivery(i);
-        loop {
-            match d.rate.check() {
-                Ok(()) => break,
-                Err(w) if w <= inline_wait => tokio::time::sleep(w).await,
-                Err(w) => return Err(std::time::Instant::now() + w),
-            }
-        }
+        d.rate.admit(inline_wait).await?;
         if let Some(b) = &d.breaker {
             let before = b.state();
             match b.gate() {
@@ -360,6 +373,8 @@ impl PipelineRun {
             retried: self.stats.retried.load(Ordering::Relaxed),
             duplicates: self.stats.duplicates.load(Ordering::Relaxed),
             held: self.stats.held.load(Ordering::Relaxed),
+            stale: self.stats.stale.load(Ordering::Relaxed),
+            parked: self.stats.parked.load(Ordering::Relaxed),
             exceptions: self.stats.exceptions.lock().expect("stats lock").clone(),
             dead_letter_queue: p.broker.as_ref().and_then(|b| b.source.as_ref()).map(|s| s.dead_letter_queue.clone()),
             input: match &p.source {
@@ -473,6 +488,126 @@ pub(crate) fn no_key_failure() -> Failure {
              or have the upstream pipeline set one",
         ),
     )
+}
+
+/// What ordering decided for one message of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Order {
+    /// Deliver it; its entity's version is applied once delivered.
+    Apply,
+    /// Older than the last applied version of its entity.
+    Stale { last: String },
+    /// Needs an earlier event of its entity, which has not been applied yet.
+    Wait,
+}
+
+/// Ordering over a batch, given the envelopes of the messages to deliver (`None`: not
+/// delivered). One store look-up per batch; versions applied in the batch count for the
+/// messages after them, and those of batches not settled yet are held in hand.
+pub(crate) async fn order_verdicts(
+    run: &PipelineRun,
+    p: &Pipeline,
+    state: &dyn store::StateStore,
+    routed: &[Option<&crate::message::Metadata>],
+) -> Result<Vec<Order>, StoreError> {
+    let Some(ordering) = &p.ordering else { return Ok(vec![Order::Apply; routed.len()]) };
+    let keys: Vec<String> = routed.iter().flatten().filter_map(|m| m.entity.as_ref().map(|e| e.key.clone())).collect();
+    let mut last = if keys.is_empty() { Default::default() } else { state.last_versions(ordering.scope.clone(), keys).await? };
+    let mut held = run.versions_in_hand.lock().expect("versions in hand");
+    for (k, v) in held.iter() {
+        if last.get(k).is_none_or(|l| crate::pipeline::compare_versions(v, l).is_gt()) {
+            last.insert(k.clone(), v.clone());
+        }
+    }
+    Ok(routed
+        .iter()
+        .map(|m| {
+            let Some(e) = m.and_then(|m| m.entity.as_ref()) else { return Order::Apply };
+            match last.get(&e.key) {
+                None if e.needs_previous => Order::Wait,
+                Some(l) if crate::pipeline::compare_versions(&e.version, l).is_lt() => Order::Stale { last: l.clone() },
+                _ => {
+                    last.insert(e.key.clone(), e.version.clone());
+                    let later = held.get(&e.key).is_none_or(|h| crate::pipeline::compare_versions(&e.version, h).is_gt());
+                    if later {
+                        held.insert(e.key.clone(), e.version.clone());
+                    }
+                    Order::Apply
+                }
+            }
+        })
+        .collect())
+}
+
+/// What ordering does with a message about to be delivered.
+pub(crate) enum OrderAction {
+    Deliver,
+    /// Stale: dropped (counted).
+    Drop,
+    /// An exception: stale (`ordering.stale: exception`) or its predecessor never came.
+    Fail(Failure),
+    /// Put back to wait for its predecessor.
+    Park,
+}
+
+pub(crate) fn order_action(p: &Pipeline, meta: &crate::message::Metadata, order: &Order) -> OrderAction {
+    let (Some(ordering), Some(entity)) = (&p.ordering, &meta.entity) else { return OrderAction::Deliver };
+    match order {
+        Order::Apply => OrderAction::Deliver,
+        Order::Stale { last } if ordering.stale_to_exception => OrderAction::Fail(Failure::one(
+            reason::STALE_EVENT,
+            ErrorDetail::input("", format!("version {} of `{}` is older than the last one applied, {last}", entity.version, entity.key)),
+        )),
+        Order::Stale { .. } => {
+            tracing::debug!(pipeline = %p.name, entity = %entity.key, version = %entity.version, "stale event dropped");
+            OrderAction::Drop
+        }
+        Order::Wait => {
+            let waited = (chrono::Utc::now() - meta.received_at).to_std().unwrap_or_default();
+            if waited >= ordering.wait_for_previous {
+                OrderAction::Fail(Failure::one(
+                    reason::MISSING_PREDECESSOR,
+                    ErrorDetail::input(
+                        "",
+                        format!(
+                            "no earlier event of `{}` arrived within {}",
+                            entity.key,
+                            humantime::format_duration(ordering.wait_for_previous)
+                        ),
+                    ),
+                ))
+            } else {
+                OrderAction::Park
+            }
+        }
+    }
+}
+
+impl PipelineRun {
+    /// Records the versions of delivered events, then lets go of those held in hand (all the
+    /// batch's, delivered or not). A failure to record only weakens ordering for later events.
+    pub(crate) async fn settle_versions(
+        &self,
+        state: &dyn store::StateStore,
+        delivered: Vec<(String, String)>,
+        in_hand: &[(String, String)],
+    ) {
+        if let Some(o) = &self.pipeline.ordering
+            && !delivered.is_empty()
+            && let Err(e) = state.record_versions(o.scope.clone(), delivered).await
+        {
+            tracing::warn!(pipeline = %self.pipeline.name, error = %e, "the applied event versions could not be recorded: a later stale event may go through");
+        }
+        if in_hand.is_empty() {
+            return;
+        }
+        let mut held = self.versions_in_hand.lock().expect("versions in hand");
+        for (k, v) in in_hand {
+            if held.get(k).is_some_and(|h| crate::pipeline::compare_versions(h, v).is_le()) {
+                held.remove(k);
+            }
+        }
+    }
 }
 
 /// What every task of a run shares.
@@ -640,6 +775,7 @@ impl Runtime {
                     broker,
                     stats,
                     keys_in_hand: Mutex::default(),
+                    versions_in_hand: Mutex::default(),
                 }))
             })
             .collect::<Result<Vec<Arc<PipelineRun>>, RunError>>()?;

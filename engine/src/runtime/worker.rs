@@ -3,7 +3,7 @@
 //! commits are in the writer's hands; they commit in order, so a worker keeps its queue's order.
 
 use super::envelope::{StoredHeaders, to_raw};
-use super::{Counted, PipelineRun, RunError, RuntimeSink, Shared, SinkFailure, Verdict, process_guarded};
+use super::{Counted, Order, OrderAction, PipelineRun, RunError, RuntimeSink, Shared, SinkFailure, Verdict, process_guarded};
 use crate::message::{ErrorDetail, ExceptionRecord, Failure, Stage, reason};
 use crate::pipeline::{Duplicates, Outcome, Pipeline};
 use crate::store::{self, ExceptionRow, Leased, NewMessage, Pending, Settle, SettleReport, Settlement, Target, now_micros};
@@ -11,6 +11,10 @@ use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+
+/// Entity versions (key, version) of a batch: those delivered, to record once committed, and
+/// all those it holds in hand.
+type BatchVersions = (Vec<(String, String)>, Vec<(String, String)>);
 
 /// A batch on its way to the store.
 struct InCommit {
@@ -21,6 +25,8 @@ struct InCommit {
     /// Keys to record in a shared state store outside the embedded one, once the commit is
     /// done (by settlement index).
     to_record: Vec<(usize, store::KeyRecord)>,
+    /// Entity versions delivered (to record) and held in hand (to let go), once it is done.
+    versions: BatchVersions,
 }
 
 /// A lease on its way: where it started, and the batch with how many replays lead it.
@@ -154,14 +160,15 @@ pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<()
             if !*shutdown.borrow() && back_pressure.last.is_none() {
                 next = Some(lease(cursor.next_from()));
             }
-            let (mut settlements, counted, marks, keys) = process_batch(&run, &shared, batch).await?;
+            let Processed { mut settlements, counted, marks, keys, versions } = process_batch(&run, &shared, batch).await?;
             let to_record = if shared.state.embedded().is_some() { Vec::new() } else { take_keys(&mut settlements) };
             // Held back by a sink: pause until it may take messages again, rather than lease
             // and give back the rest of the queue meanwhile.
             let pause = settlements
                 .iter()
-                .filter_map(|s| match s.outcome {
-                    Settle::GiveBack { visible_at } => Some(visible_at),
+                .zip(&counted)
+                .filter_map(|(s, c)| match s.outcome {
+                    Settle::GiveBack { visible_at } if *c == Counted::Held => Some(visible_at),
                     _ => None,
                 })
                 .min()
@@ -171,6 +178,7 @@ pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<()
                 counted,
                 keys,
                 to_record,
+                versions,
             });
             finish(&run, &shared, &mut pending, MAX_PENDING_COMMITS).await?;
             if let Some(pause) = pause {
@@ -230,8 +238,10 @@ impl BackPressure {
 /// Waits for commits until at most `keep` are pending, and counts what they did.
 async fn finish(run: &PipelineRun, shared: &Shared, pending: &mut VecDeque<InCommit>, keep: usize) -> Result<(), RunError> {
     while pending.len() > keep {
-        let InCommit { commit, counted, keys, to_record } = pending.pop_front().expect("non-empty");
+        let InCommit { commit, counted, keys, to_record, versions } = pending.pop_front().expect("non-empty");
         let result = commit.await;
+        let (delivered, in_hand) = versions;
+        run.settle_versions(&*shared.state, if result.is_ok() { delivered } else { Vec::new() }, &in_hand).await;
         if let Ok(report) = &result
             && !to_record.is_empty()
         {
@@ -327,7 +337,29 @@ const INLINE_RATE_WAIT: Duration = Duration::from_secs(1);
 
 /// A processed batch: what to settle, what to count, the file sinks' lengths once flushed, and
 /// the idempotency keys it holds in hand.
-type Processed = (Vec<Settlement>, Vec<Counted>, Vec<(String, u64)>, Vec<String>);
+struct Processed {
+    settlements: Vec<Settlement>,
+    counted: Vec<Counted>,
+    marks: Vec<(String, u64)>,
+    /// Idempotency keys held in hand.
+    keys: Vec<String>,
+    /// Entity versions (key, version) delivered, to record once committed, and all those held
+    /// in hand by this batch.
+    versions: BatchVersions,
+}
+
+impl Processed {
+    fn given_back(batch: &[Leased]) -> Processed {
+        let visible_at = now_micros();
+        let settlements: Vec<Settlement> =
+            batch.iter().map(|l| Settlement { input: Some((l.id, l.attempts)), outcome: Settle::GiveBack { visible_at } }).collect();
+        let counted = vec![Counted::Retried; settlements.len()];
+        Processed { settlements, counted, marks: Vec::new(), keys: Vec::new(), versions: Default::default() }
+    }
+}
+
+/// How long an event waits before it looks for its predecessor again.
+const PARK_DELAY: Duration = Duration::from_secs(1);
 
 /// Takes the idempotency keys out of the settlements, with their indexes.
 fn take_keys(settlements: &mut [Settlement]) -> Vec<(usize, store::KeyRecord)> {
@@ -372,6 +404,13 @@ async fn process_batch(run: &PipelineRun, shared: &Shared, batch: Vec<Leased>) -
             outcomes.push(Err(done_with_exception(input, exception_row(p.failure_record(&raw, Stage::Source, f), leased))));
             continue;
         }
+        // `runtime.rate_limit`: taken no faster than that; past a short wait, back to the queue.
+        if let Some(limit) = &run.pipeline.source_rate
+            && let Err(until) = limit.admit(INLINE_RATE_WAIT).await
+        {
+            outcomes.push(Err(held_back(leased, until)));
+            continue;
+        }
         outcomes.push(Ok(process_guarded(p, raw, &leased.body)));
     }
     let routed: Vec<Option<&crate::message::Metadata>> = outcomes
@@ -381,20 +420,20 @@ async fn process_batch(run: &PipelineRun, shared: &Shared, batch: Vec<Leased>) -
             _ => None,
         })
         .collect();
+    // PostgreSQL away: nothing is delivered unchecked; the batch goes back without spending an
+    // attempt, and the worker pauses.
+    let batch_ref = &batch;
+    let away = |e: store::StoreError| async move {
+        if state.embedded().is_some() {
+            return Err(RunError::from(e));
+        }
+        tracing::warn!(pipeline = %p.name, error = %e, store = %state.describe(), "the shared state store cannot be reached; the batch waits");
+        tokio::time::sleep(STATE_AWAY_PAUSE).await;
+        Ok(Processed::given_back(batch_ref))
+    };
     let verdicts = match super::verdicts(run, p, state, &routed).await {
         Ok(v) => v,
-        Err(e) if state.embedded().is_some() => return Err(e.into()),
-        // PostgreSQL away: nothing is delivered unchecked; the batch goes back without spending
-        // an attempt, and the worker pauses.
-        Err(e) => {
-            tracing::warn!(pipeline = %p.name, error = %e, store = %state.describe(), "the shared state store cannot be reached; the batch waits");
-            tokio::time::sleep(STATE_AWAY_PAUSE).await;
-            let visible_at = now_micros();
-            let settlements: Vec<Settlement> =
-                batch.iter().map(|l| Settlement { input: Some((l.id, l.attempts)), outcome: Settle::GiveBack { visible_at } }).collect();
-            let counted = vec![Counted::Retried; settlements.len()];
-            return Ok((settlements, counted, Vec::new(), Vec::new()));
-        }
+        Err(e) => return away(e).await,
     };
     let held: Vec<String> = verdicts
         .iter()
@@ -403,6 +442,22 @@ async fn process_batch(run: &PipelineRun, shared: &Shared, batch: Vec<Leased>) -
             _ => None,
         })
         .collect();
+    let deliverable: Vec<Option<&crate::message::Metadata>> =
+        routed.iter().zip(&verdicts).map(|(m, v)| if matches!(v, Verdict::Deliver(_)) { *m } else { None }).collect();
+    let orders = match super::order_verdicts(run, p, state, &deliverable).await {
+        Ok(o) => o,
+        Err(e) => {
+            run.release_keys(&held);
+            return away(e).await;
+        }
+    };
+    let versions_in_hand: Vec<(String, String)> = deliverable
+        .iter()
+        .zip(&orders)
+        .filter(|(_, o)| **o == Order::Apply)
+        .filter_map(|(m, _)| m.and_then(|m| m.entity.as_ref()).map(|e| (e.key.clone(), e.version.clone())))
+        .collect();
+    let mut applied: Vec<(usize, String, String)> = Vec::new();
     let mut counted = Vec::with_capacity(batch.len());
     let mut done = Vec::with_capacity(batch.len());
     // Per settlement: the message's envelope and the outside sinks it wrote, which must hold the
@@ -410,7 +465,7 @@ async fn process_batch(run: &PipelineRun, shared: &Shared, batch: Vec<Leased>) -
     let mut wrote_outside: Vec<Option<(crate::message::Metadata, Vec<usize>)>> = Vec::with_capacity(batch.len());
     // RabbitMQ sinks: each publish's confirm, with its message (index) and sink, awaited below.
     let mut confirms: Vec<(usize, usize, crate::amqp::publish::Confirm)> = Vec::new();
-    for ((leased, outcome), verdict) in batch.iter().zip(outcomes).zip(verdicts) {
+    for (((leased, outcome), verdict), order) in batch.iter().zip(outcomes).zip(verdicts).zip(orders) {
         let input = Some((leased.id, leased.attempts));
         let (settlement, count, outside) = match outcome {
             Err((s, c)) => (s, c, None),
@@ -420,6 +475,38 @@ async fn process_batch(run: &PipelineRun, shared: &Shared, batch: Vec<Leased>) -
                 (s, c, None)
             }
             Ok(Outcome::Routed { output, sinks }) => {
+                if matches!(verdict, Verdict::Deliver(_))
+                    && let Some(entity) = output.metadata.entity.clone()
+                {
+                    let parked = match super::order_action(p, &output.metadata, &order) {
+                        OrderAction::Deliver => {
+                            applied.push((done.len(), entity.key.clone(), entity.version.clone()));
+                            None
+                        }
+                        OrderAction::Drop => Some(Ok((
+                            Settlement { input, outcome: Settle::Done { outputs: vec![], exceptions: vec![], key: None } },
+                            Counted::Stale,
+                        ))),
+                        OrderAction::Fail(f) => Some(Err(f)),
+                        OrderAction::Park => {
+                            let visible_at = now_micros() + PARK_DELAY.as_micros() as i64;
+                            Some(Ok((Settlement { input, outcome: Settle::GiveBack { visible_at } }, Counted::Parked)))
+                        }
+                    };
+                    match parked {
+                        None => {}
+                        Some(Ok((s, c))) => {
+                            settlements_push(&mut done, &mut counted, &mut wrote_outside, s, c, None);
+                            continue;
+                        }
+                        Some(Err(f)) => {
+                            let record = p.exception(output.metadata, &leased.body, Stage::Source, Some("ordering".into()), f);
+                            let (s, c) = done_with_exception(input, exception_row(record, leased));
+                            settlements_push(&mut done, &mut counted, &mut wrote_outside, s, c, None);
+                            continue;
+                        }
+                    }
+                }
                 let (sinks, key, count) = match verdict {
                     Verdict::Deliver(key) => (sinks.clone(), key, Counted::Routed(sinks)),
                     Verdict::Duplicate => {
@@ -533,7 +620,12 @@ async fn process_batch(run: &PipelineRun, shared: &Shared, batch: Vec<Leased>) -
             }
         }
     }
-    Ok((settlements, counted, marks, held))
+    let delivered = applied
+        .into_iter()
+        .filter(|(k, ..)| matches!(&settlements[*k].outcome, Settle::Done { exceptions, .. } if exceptions.is_empty()))
+        .map(|(_, key, version)| (key, version))
+        .collect();
+    Ok(Processed { settlements, counted, marks, keys: held, versions: (delivered, versions_in_hand) })
 }
 
 fn settlements_push(

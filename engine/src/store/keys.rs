@@ -4,7 +4,7 @@
 //! then failed.
 
 use super::{StoreResult, now_micros};
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -60,6 +60,35 @@ pub fn purge_keys(conn: &Connection, limit: usize) -> StoreResult<usize> {
 /// recorded.
 pub fn forget_key(conn: &Connection, scope: &str, key: &str) -> StoreResult<bool> {
     Ok(conn.prepare_cached("DELETE FROM idempotency_keys WHERE scope = ?1 AND key = ?2")?.execute(params![scope, key])? == 1)
+}
+
+/// The last applied version of each of `keys` that has one.
+pub fn last_versions(conn: &Connection, scope: &str, keys: &[String]) -> StoreResult<std::collections::HashMap<String, String>> {
+    let mut q = conn.prepare_cached("SELECT version FROM entity_versions WHERE scope = ?1 AND key = ?2")?;
+    let mut found = std::collections::HashMap::new();
+    for k in keys {
+        if let Some(v) = q.query_row(params![scope, k], |r| r.get::<_, String>(0)).optional()? {
+            found.insert(k.clone(), v);
+        }
+    }
+    Ok(found)
+}
+
+/// Records applied versions, keeping the later one when a key has one already.
+pub fn record_versions(conn: &Connection, scope: &str, versions: &[(String, String)]) -> StoreResult<()> {
+    let known = last_versions(conn, scope, &versions.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>())?;
+    let now = now_micros();
+    for (k, v) in versions {
+        if known.get(k).is_some_and(|old| crate::pipeline::compare_versions(v, old).is_le()) {
+            continue;
+        }
+        conn.prepare_cached(
+            "INSERT INTO entity_versions (scope, key, version, updated_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (scope, key) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
+        )?
+        .execute(params![scope, k, v, now])?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -133,6 +133,14 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     PRIMARY KEY (scope, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS idempotency_keys_by_expiry ON idempotency_keys (expires_at);
+-- The last version applied per entity, for ordering events (see `ordering:`).
+CREATE TABLE IF NOT EXISTS entity_versions (
+    scope TEXT NOT NULL,
+    key TEXT NOT NULL,
+    version TEXT NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (scope, key)
+) WITHOUT ROWID;
 -- What each running engine says about its sinks (`switchyard status`).
 CREATE TABLE IF NOT EXISTS sink_status (
     pipeline TEXT NOT NULL,
@@ -173,11 +181,23 @@ pub fn open_reader(data_dir: &Path) -> StoreResult<Connection> {
     Ok(c)
 }
 
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(e.sqlite_error_code(), Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked))
+}
+
 fn open_connection(path: &Path, durability: Durability) -> StoreResult<Connection> {
     let err = |e: rusqlite::Error| StoreError::Open { path: path.display().to_string(), message: e.to_string() };
     let conn = Connection::open(path).map_err(err)?;
     conn.busy_timeout(Duration::from_secs(30)).map_err(err)?;
-    conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+    // Switching a new file to WAL needs it alone; SQLite answers BUSY at once (without waiting)
+    // when another process creates the store at the same moment: try again for a while.
+    let started = std::time::Instant::now();
+    while let Err(e) = conn.pragma_update(None, "journal_mode", "WAL") {
+        if !is_busy(&e) || started.elapsed() > Duration::from_secs(30) {
+            return Err(err(e));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     conn.pragma_update(None, "synchronous", if durability == Durability::Full { "FULL" } else { "NORMAL" }).map_err(err)?;
     Ok(conn)
 }
@@ -291,7 +311,10 @@ impl Store {
         std::fs::create_dir_all(data_dir).map_err(|e| StoreError::Open { path: data_dir.display().to_string(), message: e.to_string() })?;
         let path = db_path(data_dir);
         let conn = open_connection(&path, durability)?;
-        conn.execute_batch(SCHEMA).map_err(|e| StoreError::Open { path: path.display().to_string(), message: e.to_string() })?;
+        // In one immediate transaction: it waits for the write lock instead of failing when it
+        // would have to upgrade a read lock while another process writes.
+        conn.execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA} COMMIT;"))
+            .map_err(|e| StoreError::Open { path: path.display().to_string(), message: e.to_string() })?;
         let (tx, rx) = mpsc::sync_channel::<Job>(4096);
         let writer = std::thread::Builder::new()
             .name("switchyard-store".into())

@@ -5,7 +5,7 @@
 
 use super::{KeyRecord, Store, StoreError, StoreResult, now_micros};
 use async_trait::async_trait;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 /// Where idempotency keys live.
@@ -25,6 +25,10 @@ pub trait StateStore: Send + Sync {
     async fn purge_keys(&self, limit: usize) -> StoreResult<usize>;
     /// Forgets one key; false if it was not there.
     async fn forget_key(&self, scope: String, key: String) -> StoreResult<bool>;
+    /// The last applied version of each entity of `keys` that has one.
+    async fn last_versions(&self, scope: Arc<str>, keys: Vec<String>) -> StoreResult<HashMap<String, String>>;
+    /// Records applied versions (entity key, version), keeping the later one per entity.
+    async fn record_versions(&self, scope: Arc<str>, versions: Vec<(String, String)>) -> StoreResult<()>;
 }
 
 #[async_trait]
@@ -55,6 +59,12 @@ impl StateStore for Store {
     }
     async fn forget_key(&self, scope: String, key: String) -> StoreResult<bool> {
         self.submit(move |c| super::forget_key(c, &scope, &key)).await
+    }
+    async fn last_versions(&self, scope: Arc<str>, keys: Vec<String>) -> StoreResult<HashMap<String, String>> {
+        self.submit(move |c| super::last_versions(c, &scope, &keys)).await
+    }
+    async fn record_versions(&self, scope: Arc<str>, versions: Vec<(String, String)>) -> StoreResult<()> {
+        self.submit(move |c| super::record_versions(c, &scope, &versions)).await
     }
 }
 
@@ -174,7 +184,14 @@ impl PostgresStore {
                  expires_at BIGINT NOT NULL,
                  PRIMARY KEY (scope, key)
              );
-             CREATE INDEX IF NOT EXISTS idempotency_keys_by_expiry ON {s}.idempotency_keys (expires_at);"
+             CREATE INDEX IF NOT EXISTS idempotency_keys_by_expiry ON {s}.idempotency_keys (expires_at);
+             CREATE TABLE IF NOT EXISTS {s}.entity_versions (
+                 scope TEXT NOT NULL,
+                 key TEXT NOT NULL,
+                 version TEXT NOT NULL,
+                 updated_at BIGINT NOT NULL,
+                 PRIMARY KEY (scope, key)
+             );"
         ))
         .await
         .map_err(pg_error)?;
@@ -240,6 +257,34 @@ impl StateStore for PostgresStore {
         let q = format!("DELETE FROM {}.idempotency_keys WHERE scope = $1 AND key = $2", self.schema);
         Ok(c.execute(&q, &[&scope, &key]).await.map_err(pg_error)? == 1)
     }
+    async fn last_versions(&self, scope: Arc<str>, keys: Vec<String>) -> StoreResult<HashMap<String, String>> {
+        let c = self.client().await?;
+        let q = format!("SELECT key, version FROM {}.entity_versions WHERE scope = $1 AND key = ANY($2)", self.schema);
+        let stmt = c.prepare_cached(&q).await.map_err(pg_error)?;
+        let rows = c.query(&stmt, &[&scope.as_ref(), &keys]).await.map_err(pg_error)?;
+        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+    async fn record_versions(&self, scope: Arc<str>, versions: Vec<(String, String)>) -> StoreResult<()> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg_error)?;
+        // The rows are locked while compared, so that engines recording at once keep the later.
+        let keys: Vec<&str> = versions.iter().map(|(k, _)| k.as_str()).collect();
+        let q = format!("SELECT key, version FROM {}.entity_versions WHERE scope = $1 AND key = ANY($2) FOR UPDATE", self.schema);
+        let known: HashMap<String, String> =
+            tx.query(&q, &[&scope.as_ref(), &keys]).await.map_err(pg_error)?.into_iter().map(|r| (r.get(0), r.get(1))).collect();
+        let upsert = format!(
+            "INSERT INTO {}.entity_versions (scope, key, version, updated_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (scope, key) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
+            self.schema
+        );
+        for (k, v) in &versions {
+            if known.get(k).is_some_and(|old| crate::pipeline::compare_versions(v, old).is_le()) {
+                continue;
+            }
+            tx.execute(&upsert, &[&scope.as_ref(), k, v, &now_micros()]).await.map_err(pg_error)?;
+        }
+        tx.commit().await.map_err(pg_error)
+    }
 }
 
 /// For tests: the PostgreSQL of this machine (`SWITCHYARD_TEST_POSTGRES`, default
@@ -295,6 +340,16 @@ mod tests {
         assert!(s.forget_key("orders".into(), "a".into()).await.unwrap());
         assert!(!s.forget_key("orders".into(), "a".into()).await.unwrap());
         assert_eq!(s.seen_keys(Arc::from("other"), keys(&["a"])).await.unwrap().len(), 1, "scopes are apart");
+
+        // Entity versions: the later one is kept, compared as numbers or date-times.
+        let scope: Arc<str> = Arc::from("orders");
+        let v = |k: &str, v: &str| (k.to_string(), v.to_string());
+        s.record_versions(scope.clone(), vec![v("o1", "9"), v("o2", "2026-11-27T10:00:00Z")]).await.unwrap();
+        s.record_versions(scope.clone(), vec![v("o1", "10"), v("o2", "2026-11-27T09:00:00+00:00")]).await.unwrap();
+        let last = s.last_versions(scope.clone(), keys(&["o1", "o2", "o3"])).await.unwrap();
+        assert_eq!(last.get("o1").map(String::as_str), Some("10"), "10 is after 9 as a number, not as text");
+        assert_eq!(last.get("o2").map(String::as_str), Some("2026-11-27T10:00:00Z"), "an earlier time does not replace a later one");
+        assert!(!last.contains_key("o3"));
     }
 
     #[tokio::test]
