@@ -378,14 +378,7 @@ async fn process_batch(
     let orders = match super::order_verdicts(run, p, state, &deliverable).await {
         Ok(o) => o,
         Err(e) => {
-            let held: Vec<String> = verdicts
-                .iter()
-                .filter_map(|v| match v {
-                    Verdict::Deliver(Some(k)) => Some(k.key.clone()),
-                    _ => None,
-                })
-                .collect();
-            run.release_keys(&held);
+            run.release_keys(&super::keys_to_deliver(&verdicts));
             return Err(AmqpError::Lost(format!("the event versions cannot be checked in {}: {e}", state.describe())));
         }
     };

@@ -478,6 +478,17 @@ pub(crate) async fn verdicts(
         .collect())
 }
 
+/// The keys a batch's verdicts hold in hand (those of the messages to deliver).
+pub(crate) fn keys_to_deliver(verdicts: &[Verdict]) -> Vec<String> {
+    verdicts
+        .iter()
+        .filter_map(|v| match v {
+            Verdict::Deliver(Some(k)) => Some(k.key.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The exception of a message without the key its pipeline needs to stop duplicates.
 pub(crate) fn no_key_failure() -> Failure {
     Failure::one(

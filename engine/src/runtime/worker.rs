@@ -435,13 +435,7 @@ async fn process_batch(run: &PipelineRun, shared: &Shared, batch: Vec<Leased>) -
         Ok(v) => v,
         Err(e) => return away(e).await,
     };
-    let held: Vec<String> = verdicts
-        .iter()
-        .filter_map(|v| match v {
-            Verdict::Deliver(Some(k)) => Some(k.key.clone()),
-            _ => None,
-        })
-        .collect();
+    let held = super::keys_to_deliver(&verdicts);
     let deliverable: Vec<Option<&crate::message::Metadata>> =
         routed.iter().zip(&verdicts).map(|(m, v)| if matches!(v, Verdict::Deliver(_)) { *m } else { None }).collect();
     let orders = match super::order_verdicts(run, p, state, &deliverable).await {
