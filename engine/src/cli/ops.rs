@@ -81,7 +81,10 @@ fn print_summary(s: &Summary, version: &str, file: &Path) {
         eprintln!("  retried     {:>6}  (delivered again later)", s.retried);
     }
     if s.held > 0 {
-        eprintln!("  held back   {:>6}  (a sink's circuit was open or its rate limit reached: they waited in the queue)", s.held);
+        eprintln!(
+            "  held back   {:>6}  (a sink's circuit was open, its rate limit reached, or a copy was being delivered: they waited in the queue)",
+            s.held
+        );
     }
 }
 

@@ -154,7 +154,14 @@ async fn consume(
                 break Err(e);
             }
         };
-        let keys: Vec<String> = batch.iter().filter_map(|i| i.key.as_ref().map(|k| k.key.clone())).collect();
+        // Only the keys of messages on their way out stay in hand until they are settled; one
+        // that failed or is held back is not delivered now: a copy may go.
+        let (keys, not_out): (Vec<_>, Vec<_>) = batch
+            .iter()
+            .filter_map(|i| i.key.as_ref().map(|k| (k.key.clone(), i)))
+            .partition(|(_, i)| i.failed.is_none() && i.held.is_none());
+        let keys: Vec<String> = keys.into_iter().map(|(k, _)| k).collect();
+        run.release_keys(&not_out.into_iter().map(|(k, _)| k).collect::<Vec<_>>());
         // A sink holds messages back (its circuit is open): they go back to the queue, and this
         // consumer takes no more until the sink may take them (the rest wait in the broker).
         let pause =
@@ -396,6 +403,12 @@ async fn process_batch(
                         continue;
                     }
                 },
+                Verdict::InHand => {
+                    // A copy is being delivered: back to the queue, to be looked at once it is settled.
+                    item.held = Some(std::time::Instant::now() + super::KEY_IN_HAND_WAIT);
+                    batch.push(item);
+                    continue;
+                }
                 Verdict::NoKey => Outcome::Failed(Box::new(p.exception(
                     output.metadata,
                     &item.delivery.data,
@@ -534,7 +547,9 @@ async fn settle(
     // committed before the broker forgets them (else the restart would cut acknowledged output).
     // The keys of the delivered messages are recorded in the same commit, before the ack: a
     // crash in between delivers them again, and the redelivery is then a duplicate.
-    let mut keys: Vec<crate::store::KeyRecord> = batch.iter().filter(|i| i.failed.is_none()).filter_map(|i| i.key.clone()).collect();
+    // Not those held back: they go back to the queue undelivered.
+    let mut keys: Vec<crate::store::KeyRecord> =
+        batch.iter().filter(|i| i.failed.is_none() && i.held.is_none()).filter_map(|i| i.key.clone()).collect();
     // Keys shared in PostgreSQL: recorded there before the ack. If that fails, the batch is not
     // acknowledged: the broker delivers it again (its outputs go out again, with the same keys).
     if state.embedded().is_none() && !keys.is_empty() {
