@@ -274,3 +274,31 @@ async fn an_open_circuit_keeps_work_in_the_queue_until_the_sink_is_back_and_a_ra
     ok_times.sort();
     assert!(ok_times[19] - ok_times[0] >= std::time::Duration::from_millis(1800), "rate limited: {:?}", ok_times[19] - ok_times[0]);
 }
+
+/// Copies of one order in the same batch: the second waits while the first is delivered. It is
+/// then a duplicate if the first went through, and goes on its own if the first was refused (a
+/// failed message records no key): each refused copy is its own exception, none is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_waits_for_the_first_and_is_only_dropped_if_the_first_was_delivered() {
+    let receiver = Scripted::default();
+    let base = receiver.start().await;
+    let data = tempfile::tempdir().unwrap();
+    let (refused, flaky, fine) = (
+        r#"{"order_id": "refused", "answers": ["422"]}"#,
+        r#"{"order_id": "flaky", "answers": ["503", "200"]}"#,
+        r#"{"order_id": "fine"}"#,
+    );
+    let orders = [refused, flaky, fine, refused, flaky, fine].join("\n") + "\n";
+    let sent = sy(data.path(), &base, &["send", "http.dedup.in"], Some(orders)).await;
+    assert!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
+    let run = sy(data.path(), &base, &["run", "tests/http/erp-dedup.yaml", "--once"], None).await;
+    let summary = String::from_utf8_lossy(&run.stderr).to_string();
+    assert!(run.status.success(), "{summary}");
+    assert!(summary.contains("total: 6 in = 2 routed + 2 exceptions + 2 duplicates"), "{summary}");
+    assert_eq!(receiver.answers("refused"), [422, 422], "each copy of the refused order was tried");
+    assert_eq!(receiver.answers("flaky"), [503, 200], "retried, then its copy dropped");
+    assert_eq!(receiver.answers("fine"), [200]);
+    let records = exceptions(data.path());
+    assert_eq!(records.len(), 2, "{records:#?}");
+    assert!(records.iter().all(|r| r["reason"] == "sink_rejected" && r["idempotency_key"] == "web:refused"), "{records:#?}");
+}

@@ -87,7 +87,10 @@ fn print_summary(s: &Summary, version: &str, file: &Path) {
         eprintln!("  waited      {:>6}  (deliveries put back to wait for an earlier event of their entity)", s.parked);
     }
     if s.held > 0 {
-        eprintln!("  held back   {:>6}  (a sink's circuit was open or its rate limit reached: they waited in the queue)", s.held);
+        eprintln!(
+            "  held back   {:>6}  (a sink's circuit was open, its rate limit reached, or a copy was being delivered: they waited in the queue)",
+            s.held
+        );
     }
 }
 

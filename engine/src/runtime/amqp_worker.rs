@@ -158,8 +158,18 @@ async fn consume(
                 break Err(e);
             }
         };
-        let keys: Vec<String> = batch.iter().filter_map(|i| i.key.as_ref().map(|k| k.key.clone())).collect();
-        let versions_in_hand: Vec<(String, String)> = batch.iter().filter_map(|i| i.applied.clone()).collect();
+        // Only the keys of messages on their way out stay in hand until they are settled; one
+        // that failed or is held back is not delivered now: a copy may go.
+        let (keys, not_out): (Vec<_>, Vec<_>) = batch
+            .iter()
+            .filter_map(|i| i.key.as_ref().map(|k| (k.key.clone(), i)))
+            .partition(|(_, i)| i.failed.is_none() && i.held.is_none());
+        let keys: Vec<String> = keys.into_iter().map(|(k, _)| k).collect();
+        run.release_keys(&not_out.into_iter().map(|(k, _)| k).collect::<Vec<_>>());
+        let (versions_in_hand, versions_not_out): (Vec<_>, Vec<_>) =
+            batch.iter().filter_map(|i| i.applied.clone().map(|v| (v, i))).partition(|(_, i)| i.failed.is_none() && i.held.is_none());
+        let versions_in_hand: Vec<(String, String)> = versions_in_hand.into_iter().map(|(v, _)| v).collect();
+        run.settle_versions(&*shared.state, Vec::new(), &versions_not_out.into_iter().map(|(v, _)| v).collect::<Vec<_>>()).await;
         // A sink holds messages back (its circuit is open): they go back to the queue, and this
         // consumer takes no more until the sink may take them (the rest wait in the broker).
         let pause =
@@ -440,6 +450,12 @@ async fn process_batch(
                         continue;
                     }
                 },
+                Verdict::InHand => {
+                    // A copy is being delivered: back to the queue, to be looked at once it is settled.
+                    item.held = Some(std::time::Instant::now() + super::KEY_IN_HAND_WAIT);
+                    batch.push(item);
+                    continue;
+                }
                 Verdict::NoKey => Outcome::Failed(Box::new(p.exception(
                     output.metadata,
                     &item.delivery.data,
@@ -588,7 +604,9 @@ async fn settle(
     // committed before the broker forgets them (else the restart would cut acknowledged output).
     // The keys of the delivered messages are recorded in the same commit, before the ack: a
     // crash in between delivers them again, and the redelivery is then a duplicate.
-    let mut keys: Vec<crate::store::KeyRecord> = batch.iter().filter(|i| i.failed.is_none()).filter_map(|i| i.key.clone()).collect();
+    // Not those held back: they go back to the queue undelivered.
+    let mut keys: Vec<crate::store::KeyRecord> =
+        batch.iter().filter(|i| i.failed.is_none() && i.held.is_none()).filter_map(|i| i.key.clone()).collect();
     // Keys shared in PostgreSQL: recorded there before the ack. If that fails, the batch is not
     // acknowledged: the broker delivers it again (its outputs go out again, with the same keys).
     if state.embedded().is_none() && !keys.is_empty() {

@@ -74,8 +74,8 @@ pub struct Summary {
     pub exceptions: BTreeMap<String, u64>,
     /// Deliveries that failed for a passing reason (a sink could not write) and come back later.
     pub retried: u64,
-    /// Deliveries held back by a sink's open circuit or rate limit: they wait in their queue
-    /// (spending no attempt) and are received again later.
+    /// Deliveries held back by a sink's open circuit or rate limit, or while a copy was being
+    /// delivered: they wait in their queue (spending no attempt) and are received again later.
     pub held: u64,
     /// Events older than the last one applied for their entity, dropped (`ordering:`).
     pub stale: u64,
@@ -344,7 +344,8 @@ impl PipelineRun {
         }
     }
 
-    /// Lets go of keys once their messages are settled (delivered, retried or given back).
+    /// Lets go of keys once their messages are settled (delivered), or known not to go out now
+    /// (retried, given back, failed).
     pub(crate) fn release_keys(&self, keys: &[String]) {
         if keys.is_empty() {
             return;
@@ -434,13 +435,21 @@ async fn purge_expired_keys(shared: Arc<Shared>) -> Result<(), RunError> {
     }
 }
 
+/// How long a message whose key is in hand (a copy being delivered) waits before it is looked
+/// at again.
+pub(crate) const KEY_IN_HAND_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// What duplicate stopping decided for one message of a batch.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Verdict {
     /// Deliver it; record this key with it (when the pipeline stops duplicates).
     Deliver(Option<store::KeyRecord>),
-    /// Its key was delivered before, or earlier in this batch.
+    /// Its key was delivered before.
     Duplicate,
+    /// Its key is in hand: a copy is being delivered (earlier in this batch, in a batch not
+    /// settled yet). It waits in its queue until that one is settled, and is then a duplicate if
+    /// the copy was delivered, or goes on its own if the copy failed or was put back.
+    InHand,
     /// The pipeline stops duplicates but the message has no key.
     NoKey,
 }
@@ -465,8 +474,9 @@ pub(crate) async fn verdicts(
             None => Verdict::Deliver(None),
             Some(m) => match &m.idempotency_key {
                 None => Verdict::NoKey,
-                // Held: delivered earlier in this batch, or by a batch not settled yet.
-                Some(k) if seen.contains(k) || !held.insert(k.clone()) => Verdict::Duplicate,
+                Some(k) if seen.contains(k) => Verdict::Duplicate,
+                // Held: being delivered earlier in this batch, or by a batch not settled yet.
+                Some(k) if !held.insert(k.clone()) => Verdict::InHand,
                 Some(k) => Verdict::Deliver(Some(store::KeyRecord {
                     scope: idem.scope.clone(),
                     key: k.clone(),

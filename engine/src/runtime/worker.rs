@@ -321,8 +321,8 @@ fn sink_failure(
     done_with_exception(input, exception_row(record, leased))
 }
 
-/// A message held back (a circuit open, a rate limit): back in its queue until then, no
-/// attempt spent.
+/// A message held back (a circuit open, a rate limit, a copy being delivered): back in its
+/// queue until then, no attempt spent.
 fn held_back(leased: &Leased, until: Instant) -> (Settlement, Counted) {
     let visible_at = now_micros() + until.saturating_duration_since(Instant::now()).as_micros() as i64;
     (Settlement { input: Some((leased.id, leased.attempts)), outcome: Settle::GiveBack { visible_at } }, Counted::Held)
@@ -510,6 +510,12 @@ async fn process_batch(run: &PipelineRun, shared: &Shared, batch: Vec<Leased>) -
                             _ => (vec![], None, Counted::Duplicate(None)),
                         }
                     }
+                    Verdict::InHand => {
+                        tracing::debug!(pipeline = %p.name, correlation_id = %output.metadata.correlation_id, "a copy is being delivered: waits for it");
+                        let (s, c) = held_back(leased, Instant::now() + super::KEY_IN_HAND_WAIT);
+                        settlements_push(&mut done, &mut counted, &mut wrote_outside, s, c, None);
+                        continue;
+                    }
                     Verdict::NoKey => {
                         let record =
                             p.exception(output.metadata, &leased.body, Stage::Source, Some("idempotency".into()), super::no_key_failure());
@@ -614,12 +620,27 @@ async fn process_batch(run: &PipelineRun, shared: &Shared, batch: Vec<Leased>) -
             }
         }
     }
-    let delivered = applied
+    // Only the keys of messages on their way out stay in hand until the commit. A message
+    // retried, given back or failed is not delivered: its key goes now (before its commit makes
+    // it visible again, so that it never finds its own key in hand), and a copy may go.
+    let delivering: BTreeSet<&str> = settlements
+        .iter()
+        .filter_map(|s| match &s.outcome {
+            Settle::Done { key: Some(k), .. } => Some(k.key.as_str()),
+            _ => None,
+        })
+        .collect();
+    let (held, not_out): (Vec<String>, Vec<String>) = held.into_iter().partition(|k| delivering.contains(k.as_str()));
+    run.release_keys(&not_out);
+    let delivered: Vec<(String, String)> = applied
         .into_iter()
         .filter(|(k, ..)| matches!(&settlements[*k].outcome, Settle::Done { exceptions, .. } if exceptions.is_empty()))
         .map(|(_, key, version)| (key, version))
         .collect();
-    Ok(Processed { settlements, counted, marks, keys: held, versions: (delivered, versions_in_hand) })
+    // Likewise the versions: only those of events on their way out stay in hand.
+    let not_out: Vec<(String, String)> = versions_in_hand.into_iter().filter(|v| !delivered.contains(v)).collect();
+    run.settle_versions(state, Vec::new(), &not_out).await;
+    Ok(Processed { settlements, counted, marks, keys: held, versions: (delivered.clone(), delivered) })
 }
 
 fn settlements_push(
