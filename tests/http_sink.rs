@@ -302,3 +302,34 @@ async fn a_copy_waits_for_the_first_and_is_only_dropped_if_the_first_was_deliver
     assert_eq!(records.len(), 2, "{records:#?}");
     assert!(records.iter().all(|r| r["reason"] == "sink_rejected" && r["idempotency_key"] == "web:refused"), "{records:#?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_held_back_by_an_open_circuit_is_not_written_to_its_other_sinks_meanwhile() {
+    let receiver = Scripted::default();
+    let base = receiver.start().await;
+    receiver.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let data = tempfile::tempdir().unwrap();
+    let orders: String = (0..3).map(|i| format!("{{\"order_id\": \"h{i}\"}}\n")).collect();
+    assert!(sy(data.path(), &base, &["send", "http.audit.in"], Some(orders)).await.status.success());
+    let mut engine = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["run", "tests/http/erp-audit-breaker.yaml"])
+        .current_dir(repo())
+        .env("SWITCHYARD_DATA_DIR", data.path())
+        .env("ERP_URL", &base)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Down for 4 s: the circuit opens after the first failure and probes once a second.
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    engine.kill().unwrap();
+    engine.wait().unwrap();
+    let audit = std::fs::read_to_string(data.path().join("out/audit.ndjson")).unwrap_or_default();
+    for i in 0..3 {
+        let id = format!("h{i}");
+        let written = audit.lines().filter(|l| l.contains(&format!("\"{id}\""))).count();
+        let attempted = receiver.answers(&id).len();
+        assert!(written <= attempted, "{id}: written to the audit file {written} times, attempted at the ERP {attempted} times:\n{audit}");
+    }
+}

@@ -98,7 +98,10 @@ fn progress_line(summaries: &[Summary]) -> String {
     summaries
         .iter()
         .map(|s| {
-            let duplicates = if s.duplicates > 0 { format!(", {} duplicates", s.duplicates) } else { String::new() };
+            let mut duplicates = if s.duplicates > 0 { format!(", {} duplicates", s.duplicates) } else { String::new() };
+            if s.stale > 0 {
+                duplicates.push_str(&format!(", {} stale", s.stale));
+            }
             format!("{}: {} in, {} routed, {} exceptions{duplicates}", s.pipeline, s.received, s.routed, s.exception_count())
         })
         .collect::<Vec<_>>()
@@ -194,11 +197,15 @@ pub fn run(
         total_dup += s.duplicates;
         print_summary(s, v, f);
     }
+    let total_stale: u64 = summaries.iter().map(|s| s.stale).sum();
+    let mut total = format!("total: {total_in} in = {total_out} routed + {total_exc} exceptions");
     if total_dup > 0 {
-        eprintln!("total: {total_in} in = {total_out} routed + {total_exc} exceptions + {total_dup} duplicates");
-    } else {
-        eprintln!("total: {total_in} in = {total_out} routed + {total_exc} exceptions");
+        total.push_str(&format!(" + {total_dup} duplicates"));
     }
+    if total_stale > 0 {
+        total.push_str(&format!(" + {total_stale} stale"));
+    }
+    eprintln!("{total}");
     eprintln!("store: {} (`switchyard queues`, `switchyard exceptions list`)", store::db_path(&data_dir).display());
     if once && interrupted.load(std::sync::atomic::Ordering::SeqCst) && left > 0 {
         eprintln!("stopped before the end: {left} message(s) wait in the queues for the next run");

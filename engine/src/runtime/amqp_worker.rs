@@ -411,8 +411,14 @@ async fn process_batch(
             Outcome::Failed(r) => Outcome::Failed(r),
             Outcome::Routed { output, sinks } => match &verdicts[k] {
                 Verdict::Deliver(key) => {
-                    item.key = key.clone();
-                    match super::order_action(p, &output.metadata, &orders[k]) {
+                    let action = super::order_action(p, &output.metadata, &orders[k]);
+                    // Only a message on its way out keeps its key (recorded once delivered).
+                    match (&action, key) {
+                        (OrderAction::Deliver, _) => item.key = key.clone(),
+                        (_, Some(key)) => run.release_keys(std::slice::from_ref(&key.key)),
+                        (_, None) => {}
+                    }
+                    match action {
                         OrderAction::Deliver => {
                             item.applied = output.metadata.entity.as_ref().map(|e| (e.key.clone(), e.version.clone()));
                             Outcome::Routed { output, sinks }
@@ -478,7 +484,9 @@ async fn process_batch(
                 if !matches!(item.counted, Counted::Duplicate(_)) {
                     item.counted = Counted::Routed(sinks.clone());
                 }
-                for &i in &sinks {
+                // Held before any sink is written, so that a hold never writes a sink twice.
+                item.held = sinks.iter().filter_map(|&i| run.delivery(i).would_hold()).max();
+                for &i in sinks.iter().filter(|_| item.held.is_none()) {
                     let RuntimeSink::External(sink) = &run.sinks[i] else {
                         item.failed =
                             Some(format!("sink `{}`: an embedded queue cannot be written from a RabbitMQ pipeline", p.sink_name(i)));

@@ -251,16 +251,30 @@ impl Delivery {
         }
     }
 
+    /// Whether this sink holds messages back now (its circuit open or probing, or a pause the
+    /// receiver asked for), looked at without taking a probe or a token: a message routed to
+    /// several sinks is held before any of them is written, never between.
+    pub fn would_hold(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let breaker = self.breaker.as_ref().and_then(|b| match b.state() {
+            BreakerState::Open { until } if until > now => Some(until),
+            BreakerState::HalfOpen => Some(now + PROBE_WAIT),
+            _ => None,
+        });
+        breaker.into_iter().chain(self.rate.paused_until()).max()
+    }
+
     /// Checks and builds a sink's `retry`, `circuit_breaker` and `rate_limit`.
     pub fn build(c: &DeliveryConfig, at: &str, default_attempts: u32, cx: &BuildContext, diags: &mut Diags) -> Delivery {
         let mut d = Delivery::plain(default_attempts);
         let duration = |v: &Spanned<String>, key: &str, diags: &mut Diags| -> Option<Duration> {
             match humantime::parse_duration(v.value.trim()) {
-                Ok(d) if !d.is_zero() => Some(d),
+                // Bounded: a wait past a day is a typo, and would overflow the clock arithmetic.
+                Ok(d) if !d.is_zero() && d <= Duration::from_secs(24 * 3600) => Some(d),
                 _ => {
                     diags.push(
                         cx.diag(DiagCode::InvalidValue, v.span, &format!("{at}.{key}"), format!("`{}` is not a duration", v.shown()))
-                            .expected("a duration such as `500ms`, `30s`, `5m`"),
+                            .expected("a duration from `1ms` to `24h`, such as `500ms`, `30s`, `5m`"),
                     );
                     None
                 }

@@ -287,8 +287,16 @@ impl PipelineRun {
             self.record_status(i, Some(&message), shared);
         }
         if let Some(b) = &d.breaker {
-            // A refusal is an answer: the receiver is up.
-            let changed = if transient { b.failure() } else { b.success() };
+            // A refusal is an answer: the receiver is up. A message that could not even be sent
+            // (a URL that does not render) says nothing about the receiver.
+            let answered = matches!(&e, crate::sink::SinkError::Delivery { status: Some(_), .. });
+            let changed = if transient {
+                b.failure()
+            } else if answered {
+                b.success()
+            } else {
+                None
+            };
             if changed.is_some() {
                 match b.state() {
                     delivery::BreakerState::Open { until } => tracing::warn!(
@@ -464,28 +472,57 @@ pub(crate) async fn verdicts(
     routed: &[Option<&crate::message::Metadata>],
 ) -> Result<Vec<Verdict>, StoreError> {
     let Some(idem) = &p.idempotency else { return Ok(vec![Verdict::Deliver(None); routed.len()]) };
-    let keys: Vec<String> = routed.iter().flatten().filter_map(|m| m.idempotency_key.clone()).collect();
-    let seen = if keys.is_empty() { Default::default() } else { state.seen_keys(idem.scope.clone(), keys).await? };
+    // Claim first, then look in the store: a key another worker records and lets go between
+    // the two is then either still held (this copy waits) or recorded (a duplicate).
+    let mut claimed: Vec<String> = Vec::new();
+    let mut verdicts: Vec<Verdict> = {
+        let mut held = run.keys_in_hand.lock().expect("keys in hand");
+        routed
+            .iter()
+            .map(|m| match m {
+                None => Verdict::Deliver(None),
+                Some(m) => match &m.idempotency_key {
+                    None => Verdict::NoKey,
+                    // Held: being delivered earlier in this batch, or by a batch not settled yet.
+                    Some(k) if !held.insert(k.clone()) => Verdict::InHand,
+                    Some(k) => {
+                        claimed.push(k.clone());
+                        Verdict::Deliver(Some(store::KeyRecord {
+                            scope: idem.scope.clone(),
+                            key: k.clone(),
+                            message_id: m.message_id.clone(),
+                            expires_at: 0,
+                        }))
+                    }
+                },
+            })
+            .collect()
+    };
+    let seen = if claimed.is_empty() {
+        Default::default()
+    } else {
+        match state.seen_keys(idem.scope.clone(), claimed.clone()).await {
+            Ok(s) => s,
+            Err(e) => {
+                run.release_keys(&claimed);
+                return Err(e);
+            }
+        }
+    };
     let expires_at = store::now_micros().saturating_add(idem.retention.as_micros().min(i64::MAX as u128) as i64);
-    let mut held = run.keys_in_hand.lock().expect("keys in hand");
-    Ok(routed
-        .iter()
-        .map(|m| match m {
-            None => Verdict::Deliver(None),
-            Some(m) => match &m.idempotency_key {
-                None => Verdict::NoKey,
-                Some(k) if seen.contains(k) => Verdict::Duplicate,
-                // Held: being delivered earlier in this batch, or by a batch not settled yet.
-                Some(k) if !held.insert(k.clone()) => Verdict::InHand,
-                Some(k) => Verdict::Deliver(Some(store::KeyRecord {
-                    scope: idem.scope.clone(),
-                    key: k.clone(),
-                    message_id: m.message_id.clone(),
-                    expires_at,
-                })),
-            },
-        })
-        .collect())
+    let mut delivered_before = Vec::new();
+    for v in &mut verdicts {
+        if let Verdict::Deliver(Some(k)) = v {
+            if seen.contains(&k.key) {
+                delivered_before.push(k.key.clone());
+                *v = Verdict::Duplicate;
+            } else {
+                k.expires_at = expires_at;
+            }
+        }
+    }
+    run.release_keys(&delivered_before);
+    Ok(verdicts)
 }
 
 /// The keys a batch's verdicts hold in hand (those of the messages to deliver).

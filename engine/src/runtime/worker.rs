@@ -328,6 +328,9 @@ fn held_back(leased: &Leased, until: Instant) -> (Settlement, Counted) {
     (Settlement { input: Some((leased.id, leased.attempts)), outcome: Settle::GiveBack { visible_at } }, Counted::Held)
 }
 
+/// Longest wait for a further sink's rate limit once a sink of the message has it.
+const HELD_AFTER_WRITE_WAIT: Duration = Duration::from_secs(10);
+
 /// Longest a worker pauses at once for a sink that holds messages back.
 const MAX_HELD_PAUSE: Duration = Duration::from_secs(5);
 
@@ -527,13 +530,19 @@ async fn process_batch(run: &PipelineRun, shared: &Shared, batch: Vec<Leased>) -
                 let mut outputs = Vec::new();
                 let mut outside = Vec::new();
                 let mut failed: Option<(usize, SinkFailure)> = None;
-                let mut held = None;
-                for &i in &sinks {
-                    if matches!(run.sinks[i], RuntimeSink::External(_))
-                        && let Err(until) = run.admit(i, INLINE_RATE_WAIT, shared).await
-                    {
-                        held = Some(until);
-                        break;
+                let external = |i: &usize| matches!(run.sinks[*i], RuntimeSink::External(_));
+                // Held before any sink is written, so that a hold never writes a sink twice.
+                let mut held = sinks.iter().filter(|i| external(i)).filter_map(|&i| run.delivery(i).would_hold()).max();
+                let mut wrote_one = false;
+                for &i in sinks.iter().filter(|_| held.is_none()) {
+                    if external(&i) {
+                        // Once one sink has it, the others' rate limits are waited out here.
+                        let wait = if wrote_one { HELD_AFTER_WRITE_WAIT } else { INLINE_RATE_WAIT };
+                        if let Err(until) = run.admit(i, wait, shared).await {
+                            held = Some(until);
+                            break;
+                        }
+                        wrote_one = true;
                     }
                     match &run.sinks[i] {
                         RuntimeSink::Queue { queue, format, .. } => outputs.push((

@@ -97,18 +97,21 @@ fn with_causes(e: &dyn std::error::Error) -> String {
     said
 }
 
-/// A URL as it may be shown: without its password.
+/// A URL as it may be shown: without its password, and without its query (where a password
+/// may be given too, as `?password=`).
 pub fn redact_url(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.rsplit_once('@') {
-            Some((user, host)) => {
-                let user = user.split_once(':').map(|(u, _)| format!("{u}:***")).unwrap_or_else(|| user.to_string());
-                format!("{scheme}://{user}@{host}")
-            }
-            None => url.to_string(),
-        },
-        None => "(not a URL)".into(),
-    }
+    let Some((scheme, rest)) = url.split_once("://") else { return "(not a URL)".into() };
+    let rest = rest.split(['?', '#']).next().unwrap_or_default();
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let authority = match authority.rsplit_once('@') {
+        Some((user, host)) => {
+            let user = user.split_once(':').map(|(u, _)| format!("{u}:***")).unwrap_or_else(|| user.to_string());
+            format!("{user}@{host}")
+        }
+        None => authority.to_string(),
+    };
+    let dropped = if url.contains('?') { "?..." } else { "" };
+    format!("{scheme}://{authority}{path}{dropped}")
 }
 
 /// Splits `schema=NAME` off a URL's query: it is ours, not the driver's.
@@ -389,6 +392,7 @@ mod tests {
         assert_eq!(take_schema("postgres://h/db"), ("postgres://h/db".to_string(), None));
         assert_eq!(redact_url("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
         assert_eq!(redact_url("postgres://h/db"), "postgres://h/db");
+        assert_eq!(redact_url("postgres://app@h/db?password=s3cret&application_name=a@b"), "postgres://app@h/db?...");
         assert!(!valid_schema("x; DROP TABLE y"));
     }
 }
