@@ -206,7 +206,8 @@ pub(crate) struct PipelineRun {
     /// does not know them, and a copy in another batch must not go out meanwhile.
     keys_in_hand: Mutex<std::collections::HashSet<String>>,
     /// Entity versions applied by batches not settled yet (ordering).
-    versions_in_hand: Mutex<std::collections::HashMap<String, String>>,
+    /// Each batch's own entries: one is let go by its batch without touching the others'.
+    versions_in_hand: Mutex<std::collections::HashMap<String, Vec<String>>>,
 }
 
 /// A sink that did not take a message.
@@ -572,9 +573,11 @@ pub(crate) async fn order_verdicts(
     let keys: Vec<String> = routed.iter().flatten().filter_map(|m| m.entity.as_ref().map(|e| e.key.clone())).collect();
     let mut last = if keys.is_empty() { Default::default() } else { state.last_versions(ordering.scope.clone(), keys).await? };
     let mut held = run.versions_in_hand.lock().expect("versions in hand");
-    for (k, v) in held.iter() {
-        if last.get(k).is_none_or(|l| crate::pipeline::compare_versions(v, l).is_gt()) {
-            last.insert(k.clone(), v.clone());
+    for (k, vs) in held.iter() {
+        for v in vs {
+            if last.get(k).is_none_or(|l| crate::pipeline::compare_versions(v, l).is_gt()) {
+                last.insert(k.clone(), v.clone());
+            }
         }
     }
     Ok(routed
@@ -586,10 +589,7 @@ pub(crate) async fn order_verdicts(
                 Some(l) if crate::pipeline::compare_versions(&e.version, l).is_lt() => Order::Stale { last: l.clone() },
                 _ => {
                     last.insert(e.key.clone(), e.version.clone());
-                    let later = held.get(&e.key).is_none_or(|h| crate::pipeline::compare_versions(&e.version, h).is_gt());
-                    if later {
-                        held.insert(e.key.clone(), e.version.clone());
-                    }
+                    held.entry(e.key.clone()).or_default().push(e.version.clone());
                     Order::Apply
                 }
             }
@@ -661,8 +661,13 @@ impl PipelineRun {
         }
         let mut held = self.versions_in_hand.lock().expect("versions in hand");
         for (k, v) in in_hand {
-            if held.get(k).is_some_and(|h| crate::pipeline::compare_versions(h, v).is_le()) {
-                held.remove(k);
+            if let Some(vs) = held.get_mut(k) {
+                if let Some(at) = vs.iter().position(|x| x == v) {
+                    vs.swap_remove(at);
+                }
+                if vs.is_empty() {
+                    held.remove(k);
+                }
             }
         }
     }

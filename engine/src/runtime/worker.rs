@@ -647,7 +647,12 @@ async fn process_batch(run: &PipelineRun, shared: &Shared, batch: Vec<Leased>) -
         .map(|(_, key, version)| (key, version))
         .collect();
     // Likewise the versions: only those of events on their way out stay in hand.
-    let not_out: Vec<(String, String)> = versions_in_hand.into_iter().filter(|v| !delivered.contains(v)).collect();
+    let mut not_out = versions_in_hand;
+    for v in &delivered {
+        if let Some(at) = not_out.iter().position(|x| x == v) {
+            not_out.swap_remove(at);
+        }
+    }
     run.settle_versions(state, Vec::new(), &not_out).await;
     Ok(Processed { settlements, counted, marks, keys: held, versions: (delivered.clone(), delivered) })
 }
