@@ -88,6 +88,22 @@ impl<'a> BuildContext<'a> {
         Condition::compile(&at.value).map_err(|e| self.path_error(at, key_path, e))
     }
 
+    /// A duration such as `30s` or `7d`, within `range`; `expected` says what is allowed.
+    pub fn duration(
+        &self,
+        at: &Spanned<String>,
+        key_path: &str,
+        range: std::ops::RangeInclusive<std::time::Duration>,
+        expected: &str,
+    ) -> Result<std::time::Duration, Diagnostic> {
+        match humantime::parse_duration(at.value.trim()) {
+            Ok(d) if range.contains(&d) => Ok(d),
+            _ => {
+                Err(self.diag(DiagCode::InvalidValue, at.span, key_path, format!("`{}` is not a duration", at.shown())).expected(expected))
+            }
+        }
+    }
+
     pub fn template(&self, at: &Spanned<String>, key_path: &str) -> Result<Template, Diagnostic> {
         Template::compile(&at.value).map_err(|e| self.path_error(at, key_path, e))
     }

@@ -139,24 +139,15 @@ impl Idempotency {
                 }
             },
         };
-        let retention = match &c.value.retention {
-            None => Self::DEFAULT_RETENTION,
-            Some(r) => match humantime::parse_duration(r.value.trim()) {
-                Ok(d) if d >= std::time::Duration::from_secs(1) => d,
-                _ => {
-                    diags.push(
-                        cx.diag(
-                            DiagCode::InvalidValue,
-                            r.span,
-                            "idempotency.retention",
-                            format!("`{}` is not a retention period", r.shown()),
-                        )
-                        .expected("a duration such as `7d`, `30d` or `12h`"),
-                    );
-                    Self::DEFAULT_RETENTION
-                }
-            },
-        };
+        let retention = c
+            .value
+            .retention
+            .as_ref()
+            .and_then(|r| {
+                let range = std::time::Duration::from_secs(1)..=std::time::Duration::MAX;
+                diags.take(cx.duration(r, "idempotency.retention", range, "a duration such as `7d`, `30d` or `12h`"))
+            })
+            .unwrap_or(Self::DEFAULT_RETENTION);
         let scope = match &c.value.scope {
             None => config.name.value.clone(),
             Some(s) if !s.value.trim().is_empty() => s.value.trim().to_string(),
@@ -235,19 +226,14 @@ impl Ordering {
                 false
             }
         };
-        let wait_for_previous = match &c.wait_for_previous {
-            None => std::time::Duration::from_secs(600),
-            Some(w) => match humantime::parse_duration(w.value.trim()) {
-                Ok(d) if !d.is_zero() => d,
-                _ => {
-                    diags.push(
-                        cx.diag(DiagCode::InvalidValue, w.span, "ordering.wait_for_previous", format!("`{}` is not a duration", w.shown()))
-                            .expected("a duration such as `30s`, `10m`, `1h`"),
-                    );
-                    std::time::Duration::from_secs(600)
-                }
-            },
-        };
+        let wait_for_previous = c
+            .wait_for_previous
+            .as_ref()
+            .and_then(|w| {
+                let range = std::time::Duration::from_millis(1)..=std::time::Duration::MAX;
+                diags.take(cx.duration(w, "ordering.wait_for_previous", range, "a duration such as `30s`, `10m`, `1h`"))
+            })
+            .unwrap_or(std::time::Duration::from_secs(600));
         let scope = c.scope.as_ref().map(|s| s.value.trim().to_string()).filter(|s| !s.is_empty()).unwrap_or_else(|| name.to_string());
         Some(Ordering {
             scope: Arc::from(scope),

@@ -267,18 +267,10 @@ impl Delivery {
     /// Checks and builds a sink's `retry`, `circuit_breaker` and `rate_limit`.
     pub fn build(c: &DeliveryConfig, at: &str, default_attempts: u32, cx: &BuildContext, diags: &mut Diags) -> Delivery {
         let mut d = Delivery::plain(default_attempts);
+        // Bounded: a wait past a day is a typo, and would overflow the clock arithmetic.
         let duration = |v: &Spanned<String>, key: &str, diags: &mut Diags| -> Option<Duration> {
-            match humantime::parse_duration(v.value.trim()) {
-                // Bounded: a wait past a day is a typo, and would overflow the clock arithmetic.
-                Ok(d) if !d.is_zero() && d <= Duration::from_secs(24 * 3600) => Some(d),
-                _ => {
-                    diags.push(
-                        cx.diag(DiagCode::InvalidValue, v.span, &format!("{at}.{key}"), format!("`{}` is not a duration", v.shown()))
-                            .expected("a duration from `1ms` to `24h`, such as `500ms`, `30s`, `5m`"),
-                    );
-                    None
-                }
-            }
+            let range = Duration::from_millis(1)..=Duration::from_secs(24 * 3600);
+            diags.take(cx.duration(v, &format!("{at}.{key}"), range, "a duration from `1ms` to `24h`, such as `500ms`, `30s`, `5m`"))
         };
         let count = |v: &Spanned<u32>, key: &str, diags: &mut Diags| -> Option<u32> {
             if v.value == 0 {
