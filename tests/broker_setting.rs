@@ -180,6 +180,63 @@ fn duplicates_are_stopped_by_the_upstream_key_over_rabbitmq() {
     });
 }
 
+/// With a shared store, a RabbitMQ-fed pipeline's exception records go to PostgreSQL (not to its
+/// dead-letter queue); a replay asked for on a machine without broker or data directory goes
+/// back to the pipeline's queue through whichever engine runs it next.
+#[test]
+fn exceptions_over_rabbitmq_go_to_the_shared_store_and_replays_go_back_to_the_queue() {
+    let Some(url) = broker_url() else { return };
+    let Some(pg) = switchyard::store::test_postgres_url() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let prefix =
+        format!("bx{}x{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis());
+    let store = format!("{pg}?schema=sy_{prefix}");
+    let text = std::fs::read_to_string(repo().join("tests/runtime/sku/rt-sku-orders.yaml")).unwrap();
+    std::fs::write(dir.path().join("sku.yaml"), text.replace("queue: rt.sku.in", &format!("queue: {prefix}.sku.in"))).unwrap();
+    std::fs::copy(repo().join("tests/runtime/sku/skus.csv"), dir.path().join("skus.csv")).unwrap();
+    let sy = |machine: &str, broker: bool, args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        c.args(args).current_dir(dir.path()).env("SWITCHYARD_DATA_DIR", dir.path().join(machine)).env("SWITCHYARD_STORE", &store);
+        if broker {
+            c.env("SWITCHYARD_BROKER", &url);
+        }
+        let out = c.env("RUST_LOG", "warn").output().expect("switchyard runs");
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        (String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let lines = |machine: &str| std::fs::read_to_string(dir.path().join(machine).join("out/sku/lines.ndjson")).unwrap_or_default();
+    sy("a", true, &["run", ".", "--once"]);
+    std::fs::write(dir.path().join("in.ndjson"), "{\"id\":\"1\",\"sku\":\"SKU-1\"}\n{\"id\":\"2\",\"sku\":\"SKU-9\"}\n").unwrap();
+    sy("a", true, &["send", &format!("{prefix}.sku.in"), "in.ndjson"]);
+    let (_, said) = sy("a", true, &["run", ".", "--once"]);
+    assert!(said.contains("total: 2 in = 1 routed + 1 exceptions"), "{said}");
+
+    let (listed, _) = sy("desk", false, &["exceptions", "list", "--format", "json"]);
+    let records: Vec<serde_json::Value> = serde_json::from_str(&listed).unwrap();
+    assert_eq!(records.len(), 1, "{records:#?}");
+    assert_eq!(
+        (records[0]["reason"].as_str(), records[0]["original_payload"].as_str()),
+        (Some("unknown_sku"), Some("{\"id\":\"2\",\"sku\":\"SKU-9\"}"))
+    );
+    std::fs::write(dir.path().join("skus.csv"), "# version: 2\nsku,item_code\nSKU-1,ITM-001\nSKU-9,ITM-009\n").unwrap();
+    let (replayed, _) = sy("desk", false, &["exceptions", "replay", records[0]["exception_id"].as_str().unwrap()]);
+    assert!(replayed.contains("replayed"), "{replayed}");
+
+    let (_, said) = sy("b", true, &["run", ".", "--once"]);
+    assert!(said.contains("total: 1 in = 1 routed + 0 exceptions"), "the replay came back through the queue: {said}");
+    let out: Vec<serde_json::Value> = lines("b").lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!((out.len(), out[0]["id"].as_str(), out[0]["item_code"].as_str()), (1, Some("2"), Some("ITM-009")));
+    assert_eq!(lines("a").lines().count(), 1);
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await.unwrap();
+        // Nothing went to the dead-letter queue (checked empty here), nothing is left.
+        clean_up(&conn, &prefix, &[("sku.in", "rt-sku-orders")]).await;
+        switchyard::store::PostgresStore::connect(&store).await.unwrap().drop_schema().await.unwrap();
+    });
+}
+
 /// Mixed routable and unroutable outputs in the same batches: every unroutable one comes back
 /// (mandatory), is retried, then dead-lettered as `sink_failed`; every routable one arrives once.
 /// lapin hands a returned message to whichever confirm completes next, so this also checks that

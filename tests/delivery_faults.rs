@@ -1,5 +1,5 @@
-//! Fault tests with counts (issue 5), on the embedded queue and on RabbitMQ, with the idempotency
-//! keys in the data directory (SQLite) or in PostgreSQL. 10,000 orders go through a pipeline with
+//! Fault tests with counts (issue 5), on the embedded queue and on RabbitMQ, with the shared state
+//! (idempotency keys, exception records) in the data directory (SQLite) or in PostgreSQL. 10,000 orders go through a pipeline with
 //! one `http` sink (tests/faults/) to a flaky receiver in this process: random 500s, 429s with
 //! `Retry-After`, answers slower than the sink's timeout (the order is taken all the same), slow
 //! answers, one outage of 1.5 s (503 to everything: the sink's circuit opens and work is held
@@ -11,9 +11,10 @@
 //! - the receiver took every order that is not refused exactly once as a first delivery (it
 //!   answers a repeated `Idempotency-Key` with 200 and counts it: at-least-once redeliveries after
 //!   a kill or a timeout), and none of the refused ones;
-//! - the exception store (a RabbitMQ-fed pipeline's dead-letter queue) holds exactly the refused
-//!   orders, one `sink_rejected` record per copy sent (a failed message records no key); over
-//!   RabbitMQ a message dead-lettered again after a kill (same message id) is counted once;
+//! - the exception store (PostgreSQL when shared; else the data directory, or a RabbitMQ-fed
+//!   pipeline's dead-letter queue) holds exactly the refused orders, one `sink_rejected` record
+//!   per copy sent (a failed message records no key); over RabbitMQ a message dead-lettered again
+//!   after a kill (same message id) is counted once; PostgreSQL keeps one open record per message;
 //! - received = delivered + exceptions + duplicates dropped, the duplicates being the copies of
 //!   the delivered orders; the test prints those counts.
 //!
@@ -471,10 +472,12 @@ impl Scene {
         });
     }
 
-    /// Exception records (embedded store) or dead-lettered messages (RabbitMQ).
+    /// Exception records (the shared store, or the embedded one) or dead-lettered messages
+    /// (RabbitMQ without a shared store).
     fn exceptions(&self) -> Vec<Failed> {
-        match self.transport {
-            Transport::Embedded => {
+        match (self.transport, &self.postgres) {
+            (Transport::RabbitMq, None) => self.dead_lettered(),
+            _ => {
                 let out = self.command(&["exceptions", "list", "--format", "json", "--limit", "100000"]).output().unwrap();
                 assert!(out.status.success(), "exceptions list: {}", String::from_utf8_lossy(&out.stderr));
                 let records: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -494,6 +497,13 @@ impl Scene {
                     })
                     .collect()
             }
+        }
+    }
+
+    /// The messages in the dead-letter queue (taken from it).
+    fn dead_lettered(&self) -> Vec<Failed> {
+        match self.transport {
+            Transport::Embedded => Vec::new(),
             Transport::RabbitMq => {
                 let dlq = self.dlq();
                 // Taken unacknowledged, then acknowledged at once: a broker restart meanwhile
@@ -817,10 +827,15 @@ fn run_case(label: &str, transport: Transport, postgres: Option<&str>) -> Result
     }
     // The same message dead-lettered again: killed after the dead-letter queue confirmed it and
     // before the acknowledgement (at least once, with its message id). The embedded store
-    // commits a record with the removal of its message: once.
+    // commits a record with the removal of its message, PostgreSQL keeps one open record per
+    // message: once.
     let dead_repeats: u32 = dead_ids.values().map(|n| n - 1).sum();
-    if transport == Transport::Embedded {
+    if transport == Transport::Embedded || postgres.is_some() {
         assert_eq!(dead_repeats, 0, "{label}: each failed message is recorded once");
+    }
+    if postgres.is_some() {
+        let dead = scene.dead_lettered();
+        assert!(dead.is_empty(), "{label}: with a shared store nothing goes to the dead-letter queue, yet {} did", dead.len());
     }
     let left = scene.left();
 

@@ -920,6 +920,63 @@ fn engines_with_their_own_data_directories_share_keys_through_postgresql() {
     rt.block_on(async { switchyard::store::PostgresStore::connect(&shared).await.unwrap().drop_schema().await.unwrap() });
 }
 
+#[test]
+fn exception_records_of_several_engines_are_kept_listed_and_replayed_through_postgresql() {
+    let Some(url) = switchyard::store::test_postgres_url() else { return };
+    let schema = format!(
+        "sy_exc_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() % 1_000_000
+    );
+    let shared = format!("{url}?schema={schema}");
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b, desk) = (tmp.path().join("a"), tmp.path().join("b"), tmp.path().join("analyst"));
+    let p = copy_fixture("sku", tmp.path());
+    let pipeline = p.to_str().unwrap();
+    let with_store = |data: &Path, args: &[&str]| Out::of(sy(data).env("SWITCHYARD_STORE", &shared).args(args).output().unwrap());
+    let once = |data: &Path| with_store(data, &["run", pipeline, "--once"]).ok("run --once").stderr;
+
+    // Two machines, each with its own data directory, each gets an order line with an unknown SKU.
+    send_stdin(&a, "rt.sku.in", &[], "{\"id\":\"1\",\"sku\":\"SKU-1\"}\n{\"id\":\"2\",\"sku\":\"SKU-9\"}\n").ok("send to a");
+    send_stdin(&b, "rt.sku.in", &[], "{\"id\":\"3\",\"sku\":\"SKU-8\"}\n").ok("send to b");
+    let on_a = once(&a);
+    assert_eq!(totals(&on_a), [2, 1, 1], "{on_a}");
+    assert!(on_a.contains("the shared store"), "the summary says where the records went: {on_a}");
+    assert_eq!(totals(&once(&b)), [1, 0, 1]);
+    assert!(listed(&a, &[]).is_empty() && listed(&b, &[]).is_empty(), "the records are not in the data directories");
+
+    // An analyst on a third machine, with no data directory, sees both and replays them after
+    // adding the SKUs.
+    let list = with_store(&desk, &["exceptions", "list", "--format", "json"]).ok("exceptions list");
+    let open: Vec<Value> = serde_json::from_str::<Value>(&list.stdout).unwrap().as_array().unwrap().clone();
+    let mut payloads: Vec<&str> = open.iter().map(|r| r["original_payload"].as_str().unwrap()).collect();
+    payloads.sort();
+    assert_eq!(payloads, ["{\"id\":\"2\",\"sku\":\"SKU-9\"}", "{\"id\":\"3\",\"sku\":\"SKU-8\"}"]);
+    assert!(open.iter().all(|r| r["reason"] == "unknown_sku" && r["status"] == "open" && r["hint"].as_str().is_some()), "{open:#?}");
+    let id = open[0]["exception_id"].as_str().unwrap();
+    let shown = with_store(&desk, &["exceptions", "show", id]).ok("exceptions show");
+    assert!(shown.stdout.contains(id) && shown.stdout.contains("unknown_sku"), "{}", shown.stdout);
+    add_skus(&p, &[("SKU-8", "ITM-008"), ("SKU-9", "ITM-009")]);
+    let replay = with_store(&desk, &["exceptions", "replay", "--reason", "unknown_sku"]).ok("replay");
+    assert_eq!(replay.stdout.lines().filter(|l| l.ends_with("replayed")).count(), 2, "{}", replay.stdout);
+    assert!(!desk.join("switchyard.db").exists(), "replaying from a shared store needs no data directory");
+
+    // Whichever engine runs the pipeline next takes the replays, once.
+    let on_b = once(&b);
+    assert_eq!(totals(&on_b), [2, 2, 0], "the replays go through the fixed table on b: {on_b}");
+    let mut out = ids(&b.join("out/sku/lines.ndjson"));
+    out.sort();
+    assert_eq!(out, ["2", "3"]);
+    assert_eq!(totals(&once(&a)), [0, 0, 0], "a replay is taken by one engine only");
+    let again = with_store(&desk, &["exceptions", "replay", id]);
+    assert!(again.code != Some(0) && again.stdout.contains("already replayed"), "{}{}", again.stdout, again.stderr);
+    let replayed = with_store(&desk, &["exceptions", "export", "--status", "replayed"]).ok("export");
+    assert_eq!(replayed.stdout.lines().count(), 2, "{}", replayed.stdout);
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async { switchyard::store::PostgresStore::connect(&shared).await.unwrap().drop_schema().await.unwrap() });
+}
+
 const ORD: &str = "tests/runtime/ordering/ord-orders.yaml";
 
 #[test]

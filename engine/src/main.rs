@@ -95,6 +95,10 @@ enum Command {
         command: cli::ops::ExceptionsCommand,
         #[arg(long, env = "SWITCHYARD_DATA_DIR", default_value = ".switchyard", global = true)]
         data_dir: PathBuf,
+        /// The shared store the engines write exception records to, as for `run` (default: the
+        /// embedded store of the data directory).
+        #[arg(long, env = "SWITCHYARD_STORE", hide_env_values = true, global = true)]
+        store: Option<String>,
     },
     /// The sinks of the running engines: circuit breakers, rate limits, pauses the receivers
     /// asked for, and their last failures.
@@ -404,7 +408,7 @@ fn main() -> ExitCode {
         Command::Queues { command: Some(cli::ops::QueuesCommand::Unsubscribe { queue, pipeline, drop_messages }), data_dir, .. } => {
             cli::ops::unsubscribe(queue, pipeline, drop_messages, data_dir)
         }
-        Command::Exceptions { command, data_dir } => cli::ops::exceptions(command, data_dir),
+        Command::Exceptions { command, data_dir, store } => cli::ops::exceptions(command, data_dir, store.filter(|s| !s.trim().is_empty())),
         Command::Schema { kind } => {
             print!("{}", schema::render(kind));
             ExitCode::SUCCESS

@@ -56,7 +56,8 @@ fn look(data_dir: &Path) -> Result<rusqlite::Connection, ExitCode> {
 
 // ---------------------------------------------------------------- run
 
-fn print_summary(s: &Summary, version: &str, file: &Path) {
+/// `shared`: exception records go to the shared store (`--store`).
+fn print_summary(s: &Summary, version: &str, file: &Path, shared: bool) {
     eprintln!("{} {} ({})", s.pipeline, version, file.display());
     eprintln!("  from {}", s.input);
     if s.ingested > 0 {
@@ -68,6 +69,11 @@ fn print_summary(s: &Summary, version: &str, file: &Path) {
         eprintln!("    {sink:<22} {n:>6}  -> {}", s.targets[sink]);
     }
     match &s.dead_letter_queue {
+        _ if shared => eprintln!(
+            "  exceptions  {:>6}  -> the shared store: `switchyard exceptions list --pipeline {}` (with the same --store)",
+            s.exception_count(),
+            s.pipeline
+        ),
         Some(q) => eprintln!("  exceptions  {:>6}  -> RabbitMQ dead-letter queue {q}", s.exception_count()),
         None => eprintln!("  exceptions  {:>6}  -> `switchyard exceptions list --pipeline {}`", s.exception_count(), s.pipeline),
     }
@@ -140,6 +146,7 @@ pub fn run(
             std::process::exit(130);
         });
     }
+    let shared = state_store.is_some();
     let runtime = match Runtime::open(pipelines, RunOptions { data_dir: data_dir.clone(), once, durability, state_store }) {
         Ok(r) => std::sync::Arc::new(r.with_reloader(Reloader::new(paths, |said| eprintln!("switchyard: {said}")))),
         Err(e) => {
@@ -183,7 +190,7 @@ pub fn run(
         Err(e) => {
             eprintln!("error: {e}");
             for (s, (v, f)) in runtime.summaries().iter().zip(&versions) {
-                print_summary(s, v, f);
+                print_summary(s, v, f, shared);
             }
             return ExitCode::from(1);
         }
@@ -195,7 +202,7 @@ pub fn run(
         total_out += s.routed;
         total_exc += s.exception_count();
         total_dup += s.duplicates;
-        print_summary(s, v, f);
+        print_summary(s, v, f, shared);
     }
     let total_stale: u64 = summaries.iter().map(|s| s.stale).sum();
     let mut total = format!("total: {total_in} in = {total_out} routed + {total_exc} exceptions");
@@ -544,12 +551,9 @@ pub fn keys(command: KeysCommand, data_dir: PathBuf, state_store: Option<String>
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     rt.block_on(async {
         let state: Box<dyn store::StateStore> = match &state_store {
-            Some(url) => match store::PostgresStore::connect(url).await {
+            Some(url) => match connect_shared(url).await {
                 Ok(pg) => Box::new(pg),
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(2);
-                }
+                Err(c) => return c,
             },
             None => match open_existing(&data_dir) {
                 Ok(s) => Box::new(s),
@@ -776,36 +780,84 @@ fn first_error(e: &StoredException) -> String {
         .unwrap_or_default()
 }
 
-pub fn exceptions(cmd: ExceptionsCommand, data_dir: PathBuf) -> ExitCode {
+/// Where exception records are: the embedded store of a data directory, or a shared store.
+enum ExceptionStore {
+    Local(PathBuf),
+    Shared(store::PostgresStore),
+}
+
+impl ExceptionStore {
+    async fn open(data_dir: PathBuf, state_store: Option<String>) -> Result<Self, ExitCode> {
+        match state_store {
+            Some(url) => Ok(ExceptionStore::Shared(connect_shared(&url).await?)),
+            None => {
+                must_exist(&data_dir)?;
+                Ok(ExceptionStore::Local(data_dir))
+            }
+        }
+    }
+
+    /// The matching records; the embedded store is only read (no wait for a running engine).
+    async fn records(&self, f: ExceptionFilter) -> Result<Vec<StoredException>, String> {
+        match self {
+            ExceptionStore::Local(dir) => {
+                let conn = store::open_reader(dir).map_err(|e| e.to_string())?;
+                store::exceptions(&conn, &f).map_err(|e| e.to_string())
+            }
+            ExceptionStore::Shared(pg) => store::StateStore::exceptions(pg, f).await.map_err(|e| e.to_string()),
+        }
+    }
+
+    async fn dispose(&self, f: ExceptionFilter, replay: bool) -> Result<Vec<store::Disposition>, String> {
+        let state: &dyn store::StateStore;
+        let local;
+        match self {
+            ExceptionStore::Local(dir) => {
+                local = Store::open(dir, Durability::from_env()?).map_err(|e| e.to_string())?;
+                state = &local;
+            }
+            ExceptionStore::Shared(pg) => state = pg,
+        }
+        let done = if replay { state.replay(f).await } else { state.discard(f).await };
+        if let Some(s) = state.embedded() {
+            s.close();
+        }
+        done.map_err(|e| e.to_string())
+    }
+}
+
+/// Connects to a shared store given by `--store` (or `SWITCHYARD_STORE`).
+async fn connect_shared(url: &str) -> Result<store::PostgresStore, ExitCode> {
+    store::PostgresStore::connect(url).await.map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(2)
+    })
+}
+
+pub fn exceptions(cmd: ExceptionsCommand, data_dir: PathBuf, state_store: Option<String>) -> ExitCode {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    rt.block_on(async {
+        let at = match ExceptionStore::open(data_dir, state_store).await {
+            Ok(s) => s,
+            Err(c) => return c,
+        };
+        exceptions_in(cmd, &at).await
+    })
+}
+
+async fn exceptions_in(cmd: ExceptionsCommand, at: &ExceptionStore) -> ExitCode {
     let fail = |e: String| {
         eprintln!("error: {e}");
         ExitCode::from(2)
     };
-    let changes = matches!(cmd, ExceptionsCommand::Replay { .. } | ExceptionsCommand::Discard { .. });
-    if changes {
-        let store = match open_existing(&data_dir) {
-            Ok(s) => s,
-            Err(c) => return c,
-        };
-        let code = match cmd {
-            ExceptionsCommand::Replay { id, filter } | ExceptionsCommand::Discard { id, filter }
-                if id.is_none() && filter.pipeline.is_none() && filter.reason.is_none() && filter.since.is_none() =>
-            {
-                let _ = filter;
-                fail("say which records: an exception id, or --pipeline, --reason or --since".into())
-            }
-            ExceptionsCommand::Replay { id, filter } => dispose(&store, &filter, id, true),
-            ExceptionsCommand::Discard { id, filter } => dispose(&store, &filter, id, false),
-            _ => unreachable!("only changes here"),
-        };
-        store.close();
-        return code;
-    }
-    let conn = match look(&data_dir) {
-        Ok(c) => c,
-        Err(c) => return c,
-    };
     match cmd {
+        ExceptionsCommand::Replay { id, filter } | ExceptionsCommand::Discard { id, filter }
+            if id.is_none() && filter.pipeline.is_none() && filter.reason.is_none() && filter.since.is_none() =>
+        {
+            fail("say which records: an exception id, or --pipeline, --reason or --since".into())
+        }
+        ExceptionsCommand::Replay { id, filter } => dispose(at, &filter, id, true).await,
+        ExceptionsCommand::Discard { id, filter } => dispose(at, &filter, id, false).await,
         ExceptionsCommand::List { filter, status, format, limit } => {
             let mut f = match filter_of(&filter, None, Some(status)) {
                 Ok(f) => f,
@@ -813,9 +865,9 @@ pub fn exceptions(cmd: ExceptionsCommand, data_dir: PathBuf) -> ExitCode {
             };
             // One more than shown, to say that there are more.
             f.limit = Some(limit + 1);
-            let mut rows = match store::exceptions(&conn, &f) {
+            let mut rows = match at.records(f).await {
                 Ok(r) => r,
-                Err(e) => return fail(e.to_string()),
+                Err(e) => return fail(e),
             };
             let more = rows.len() > limit;
             rows.truncate(limit);
@@ -848,22 +900,21 @@ pub fn exceptions(cmd: ExceptionsCommand, data_dir: PathBuf) -> ExitCode {
         }
         ExceptionsCommand::Show { id } => {
             let f = ExceptionFilter { id: Some(id.clone()), ..Default::default() };
-            match store::exceptions(&conn, &f) {
+            match at.records(f).await {
                 Ok(rows) if rows.is_empty() => fail(format!("no exception record `{id}` (see `switchyard exceptions list --status all`)")),
                 Ok(rows) => {
                     println!("{}", serde_json::to_string_pretty(&rows[0]).expect("JSON"));
                     ExitCode::SUCCESS
                 }
-                Err(e) => fail(e.to_string()),
+                Err(e) => fail(e),
             }
         }
-        ExceptionsCommand::Replay { .. } | ExceptionsCommand::Discard { .. } => unreachable!("handled above"),
         ExceptionsCommand::Export { filter, status, .. } => {
             let f = match filter_of(&filter, None, status) {
                 Ok(f) => f,
                 Err(e) => return fail(e),
             };
-            match store::exceptions(&conn, &f) {
+            match at.records(f).await {
                 Ok(rows) => {
                     use std::io::Write;
                     let mut out = std::io::stdout().lock();
@@ -873,13 +924,13 @@ pub fn exceptions(cmd: ExceptionsCommand, data_dir: PathBuf) -> ExitCode {
                     eprintln!("{} exception record(s) exported", rows.len());
                     ExitCode::SUCCESS
                 }
-                Err(e) => fail(e.to_string()),
+                Err(e) => fail(e),
             }
         }
     }
 }
 
-fn dispose(store: &Store, filter: &FilterArgs, id: Option<String>, replay: bool) -> ExitCode {
+async fn dispose(at: &ExceptionStore, filter: &FilterArgs, id: Option<String>, replay: bool) -> ExitCode {
     // Without an id, only open records are selected; with one, the command says why it did nothing.
     let status = if id.is_some() { None } else { Some("open".to_string()) };
     let f = match filter_of(filter, id.clone(), status) {
@@ -889,8 +940,7 @@ fn dispose(store: &Store, filter: &FilterArgs, id: Option<String>, replay: bool)
             return ExitCode::from(2);
         }
     };
-    let result = store.submit_blocking(move |c| if replay { store::replay(c, &f) } else { store::discard(c, &f) });
-    match result {
+    match at.dispose(f, replay).await {
         Ok(done) if done.is_empty() => match id {
             Some(id) => {
                 eprintln!("error: no exception record `{id}` (see `switchyard exceptions list --status all`)");

@@ -54,6 +54,12 @@ struct InBatch {
     applied: Option<(String, String)>,
     /// Waiting for an earlier event of its entity: through the retry queues, not a failure.
     parked: bool,
+    /// What the pipeline made of it (its keys, channel, versions), for the exception record of a
+    /// sink failure or a wait that ran out.
+    metadata: Option<crate::message::Metadata>,
+    /// Its exception record, for a shared store: written there before the ack (instead of the
+    /// dead-letter queue).
+    exception: Option<crate::store::ExceptionRow>,
 }
 
 pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<(), RunError> {
@@ -302,6 +308,31 @@ fn text(v: &AMQPValue) -> Option<String> {
 /// the envelope an upstream Switchyard pipeline set is taken up.
 fn to_raw(d: &Delivery, attempt: u32) -> RawMessage {
     let p = &d.properties;
+    let h = transport_headers(d);
+    // A Switchyard pipeline upstream stamped when the message first entered (to the second).
+    let received_at = p
+        .timestamp()
+        .filter(|_| h.contains_key(headers::PIPELINE))
+        .and_then(|t| chrono::DateTime::from_timestamp(t as i64, 0))
+        .or_else(|| Some(chrono::Utc::now()));
+    RawMessage {
+        body: d.data.clone(),
+        parsed: None,
+        origin: Some(format!("amqp {}", d.routing_key)),
+        received_at,
+        message_id: p.message_id().as_ref().map(|m| m.to_string()),
+        correlation_id: p.correlation_id().as_ref().map(|c| c.to_string()),
+        idempotency_key: h.get(headers::IDEMPOTENCY_KEY).cloned(),
+        channel: h.get(headers::CHANNEL).cloned(),
+        attempt,
+        decode_error: None,
+        headers: h,
+    }
+}
+
+/// A delivery's properties and headers as the pipeline reads them.
+fn transport_headers(d: &Delivery) -> BTreeMap<String, String> {
+    let p = &d.properties;
     let mut h: BTreeMap<String, String> = BTreeMap::new();
     h.insert("amqp.exchange".into(), d.exchange.to_string());
     h.insert("amqp.routing_key".into(), d.routing_key.to_string());
@@ -325,25 +356,48 @@ fn to_raw(d: &Delivery, attempt: u32) -> RawMessage {
             }
         }
     }
-    // A Switchyard pipeline upstream stamped when the message first entered (to the second).
-    let received_at = p
-        .timestamp()
-        .filter(|_| h.contains_key(headers::PIPELINE))
-        .and_then(|t| chrono::DateTime::from_timestamp(t as i64, 0))
-        .or_else(|| Some(chrono::Utc::now()));
-    RawMessage {
-        body: d.data.clone(),
-        parsed: None,
-        origin: Some(format!("amqp {}", d.routing_key)),
-        received_at,
-        message_id: p.message_id().as_ref().map(|m| m.to_string()),
-        correlation_id: p.correlation_id().as_ref().map(|c| c.to_string()),
-        idempotency_key: h.get(headers::IDEMPOTENCY_KEY).cloned(),
-        channel: h.get(headers::CHANNEL).cloned(),
-        attempt,
-        decode_error: None,
-        headers: h,
+    h
+}
+
+/// An exception record for a shared store, with what a replay sends again: the message's
+/// properties and headers, without this delivery's attempt count.
+fn exception_row(record: ExceptionRecord, d: &Delivery) -> crate::store::ExceptionRow {
+    let mut h = transport_headers(d);
+    for k in ["amqp.redelivered", "amqp.exchange", "x-delivery-count", headers::ATTEMPT] {
+        h.remove(k);
     }
+    let headers = serde_json::to_string(&h).unwrap_or_else(|_| "{}".into());
+    crate::store::ExceptionRow { record, headers, replayable: true }
+}
+
+/// Publishes a replay (queued in a shared store) to the pipeline's queue, with the properties
+/// and headers its message arrived with and `x-switchyard-replay-of`, and waits for the
+/// broker's confirm.
+pub(super) async fn publish_replay(run: &PipelineRun, replay: &crate::store::QueuedReplay) -> Result<(), AmqpError> {
+    let broker = run.broker.as_ref().ok_or_else(|| AmqpError::Lost("the pipeline has no broker".into()))?;
+    let plan = run.pipeline.broker.as_ref().and_then(|b| b.source.as_ref()).ok_or_else(|| AmqpError::Lost("no source plan".into()))?;
+    let mut saved: BTreeMap<String, String> = serde_json::from_str(&replay.headers).unwrap_or_default();
+    let mut props = BasicProperties::default().with_delivery_mode(2);
+    if let Some(v) = saved.remove("amqp.message_id") {
+        props = props.with_message_id(crate::amqp::short_id(&v));
+    }
+    if let Some(v) = saved.remove("amqp.correlation_id") {
+        props = props.with_correlation_id(crate::amqp::short_id(&v));
+    }
+    if let Some(v) = saved.remove("amqp.content_type") {
+        props = props.with_content_type(crate::amqp::short_id(&v));
+    }
+    if let Some(v) = saved.remove("amqp.app_id") {
+        props = props.with_app_id(crate::amqp::short_id(&v));
+    }
+    let mut table = FieldTable::default();
+    for (k, v) in saved.into_iter().filter(|(k, _)| !k.starts_with("amqp.") && k != "replay_of") {
+        table.insert(k.into(), AMQPValue::LongString(LongString::from(v)));
+    }
+    table.insert(headers::REPLAY_OF.into(), AMQPValue::LongString(LongString::from(replay.exception_id.clone())));
+    let session = broker.session().await?;
+    let c = session.publish.publish("", &plan.queue, true, &replay.body, props.with_headers(table)).await?;
+    confirmed(c).await
 }
 
 /// Processes a batch: each delivery's outcome, and the file sinks' lengths once flushed.
@@ -406,6 +460,8 @@ async fn process_batch(
             key: None,
             applied: None,
             parked: false,
+            metadata: None,
+            exception: None,
         };
         let outcome = match outcome {
             Outcome::Failed(r) => Outcome::Failed(r),
@@ -440,6 +496,7 @@ async fn process_batch(
                             item.failed = Some(format!("waiting for an earlier event of `{entity}`"));
                             item.parked = true;
                             item.counted = Counted::Parked;
+                            item.metadata = Some(output.metadata);
                             batch.push(item);
                             continue;
                         }
@@ -473,11 +530,15 @@ async fn process_batch(
         };
         match outcome {
             Outcome::Failed(record) => {
-                tracing::info!(pipeline = %p.name, correlation_id = %record.correlation_id, reason = %record.reason, stage = record.stage.as_str(), "message sent to the dead-letter queue");
+                tracing::info!(pipeline = %p.name, correlation_id = %record.correlation_id, reason = %record.reason, stage = record.stage.as_str(), "message sent to exceptions");
                 item.counted = Counted::Exception(record.reason.clone());
-                match dead_letter(&session.publish, plan, &item.delivery, &record).await {
-                    Ok(c) => item.confirms.push(c),
-                    Err(e) => item.failed = Some(e.to_string()),
+                if shared.state.embedded().is_none() {
+                    item.exception = Some(exception_row(*record, &item.delivery));
+                } else {
+                    match dead_letter(&session.publish, plan, &item.delivery, &record).await {
+                        Ok(c) => item.confirms.push(c),
+                        Err(e) => item.failed = Some(e.to_string()),
+                    }
                 }
             }
             Outcome::Routed { output, sinks } => {
@@ -514,6 +575,7 @@ async fn process_batch(
                     }
                 }
                 outside_used.extend(item.outside.iter().copied());
+                item.metadata = Some(output.metadata);
             }
         }
         batch.push(item);
@@ -582,7 +644,6 @@ async fn settle(
                 publisher.publish("", &tier.queue, true, &item.delivery.data, props).await?
             }
             None => {
-                let raw = to_raw(&item.delivery, item.attempt);
                 let why_code = if item.parked {
                     reason::MISSING_PREDECESSOR
                 } else if item.permanent {
@@ -591,8 +652,19 @@ async fn settle(
                     reason::SINK_FAILED
                 };
                 let failure = Failure::one(why_code, ErrorDetail::record("", why));
-                let record = p.failure_record(&raw, if item.parked { Stage::Source } else { Stage::Sink }, failure);
+                let stage = if item.parked { Stage::Source } else { Stage::Sink };
+                let record = match item.metadata.take() {
+                    Some(mut m) => {
+                        m.attempt = item.attempt;
+                        p.exception(m, &item.delivery.data, stage, None, failure)
+                    }
+                    None => p.failure_record(&to_raw(&item.delivery, item.attempt), stage, failure),
+                };
                 item.counted = Counted::Exception(record.reason.clone());
+                if state.embedded().is_none() {
+                    item.exception = Some(exception_row(record, &item.delivery));
+                    continue;
+                }
                 dead_letter(publisher, plan, &item.delivery, &record).await?
             }
         };
@@ -615,6 +687,16 @@ async fn settle(
     // Not those held back: they go back to the queue undelivered.
     let mut keys: Vec<crate::store::KeyRecord> =
         batch.iter().filter(|i| i.failed.is_none() && i.held.is_none()).filter_map(|i| i.key.clone()).collect();
+    // Exception records in a shared store: written before the ack. If that fails, the batch is
+    // not acknowledged: the broker delivers it again (and the store keeps one open record per
+    // message).
+    let rows: Vec<crate::store::ExceptionRow> = batch.iter_mut().filter_map(|i| i.exception.take()).collect();
+    if !rows.is_empty() {
+        state
+            .record_exceptions(rows)
+            .await
+            .map_err(|e| AmqpError::Lost(format!("the exception records cannot be written to {}: {e}", state.describe())))?;
+    }
     // Keys shared in PostgreSQL: recorded there before the ack. If that fails, the batch is not
     // acknowledged: the broker delivers it again (its outputs go out again, with the same keys).
     if state.embedded().is_none() && !keys.is_empty() {

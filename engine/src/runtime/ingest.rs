@@ -444,8 +444,20 @@ impl Ingester {
         tracing::warn!(pipeline = %record.pipeline, reason = %record.reason, origin = ?record.origin, "input sent to exceptions");
         let reason = record.reason.clone();
         let row = ExceptionRow { record, headers: "{}".into(), replayable: false };
-        let items = vec![Settlement { input: None, outcome: Settle::Done { outputs: vec![], exceptions: vec![row], key: None } }];
-        self.shared.store.submit(move |c| store::settle(c, &items, None, &[])).await?;
+        let state = &self.shared.state;
+        if state.embedded().is_some() {
+            let items = vec![Settlement { input: None, outcome: Settle::Done { outputs: vec![], exceptions: vec![row], key: None } }];
+            self.shared.store.submit(move |c| store::settle(c, &items, None, &[])).await?;
+        } else {
+            // The shared store away: the source waits for it rather than lose the record.
+            while let Err(e) = state.record_exceptions(vec![row.clone()]).await {
+                if self.stopping() {
+                    return Err(e.into());
+                }
+                tracing::warn!(pipeline = %self.run.pipeline.name, error = %e, store = %state.describe(), "an exception record cannot be written to the shared store; trying again");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
         *self.run.stats.exceptions.lock().expect("stats lock").entry(reason).or_default() += 1;
         self.run.stats.received.fetch_add(1, Ordering::Relaxed);
         Ok(())

@@ -12,6 +12,7 @@ pub mod delivery;
 pub mod envelope;
 mod ingest;
 mod reload;
+mod replays;
 mod worker;
 
 pub use reload::Reloader;
@@ -927,6 +928,14 @@ impl Runtime {
             run.record_initial_status(&shared);
         }
         let mut tasks = tokio::task::JoinSet::new();
+        if shared.state.embedded().is_none() {
+            if self.opts.once {
+                // The replays queued now, before the workers look for work.
+                replays::take_up(shared.clone(), true).await?;
+            } else {
+                tasks.spawn(replays::take_up(shared.clone(), false));
+            }
+        }
         for run in &self.runs {
             if let Some(ingester) = ingest::Ingester::for_pipeline(run.clone(), shared.clone()) {
                 shared.ingesting.fetch_add(1, Ordering::SeqCst);

@@ -160,7 +160,10 @@ pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<()
             if !*shutdown.borrow() && back_pressure.last.is_none() {
                 next = Some(lease(cursor.next_from()));
             }
-            let Processed { mut settlements, counted, marks, keys, versions } = process_batch(&run, &shared, batch).await?;
+            let Processed { mut settlements, mut counted, marks, keys, versions } = process_batch(&run, &shared, batch).await?;
+            if shared.state.embedded().is_none() {
+                record_shared_exceptions(&run, &shared, &mut settlements, &mut counted).await;
+            }
             let to_record = if shared.state.embedded().is_some() { Vec::new() } else { take_keys(&mut settlements) };
             // Held back by a sink: pause until it may take messages again, rather than lease
             // and give back the rest of the queue meanwhile.
@@ -283,6 +286,34 @@ async fn finish(run: &PipelineRun, shared: &Shared, pending: &mut VecDeque<InCom
         }
     }
     Ok(())
+}
+
+/// With a shared store, exception records are written there before their messages leave the
+/// queue (the commit that follows). When it cannot be reached, those messages go back to their
+/// queue without spending an attempt, and fail again later.
+async fn record_shared_exceptions(run: &PipelineRun, shared: &Shared, settlements: &mut [Settlement], counted: &mut [Counted]) {
+    let mut rows = Vec::new();
+    let mut at = Vec::new();
+    for (i, s) in settlements.iter_mut().enumerate() {
+        if let Settle::Done { exceptions, .. } = &mut s.outcome
+            && !exceptions.is_empty()
+        {
+            rows.append(exceptions);
+            at.push(i);
+        }
+    }
+    if rows.is_empty() {
+        return;
+    }
+    if let Err(e) = shared.state.record_exceptions(rows).await {
+        tracing::warn!(pipeline = %run.pipeline.name, error = %e, store = %shared.state.describe(), messages = at.len(),
+            "exception records cannot be written to the shared store; their messages wait in the queue");
+        let visible_at = now_micros() + STATE_AWAY_PAUSE.as_micros() as i64;
+        for i in at {
+            settlements[i].outcome = Settle::GiveBack { visible_at };
+            counted[i] = Counted::Held;
+        }
+    }
 }
 
 fn exception_row(record: ExceptionRecord, leased: &Leased) -> ExceptionRow {

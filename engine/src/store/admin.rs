@@ -60,31 +60,39 @@ pub struct ExceptionFilter {
     pub limit: Option<usize>,
 }
 
+/// A value a filter compares with.
+#[derive(Debug, Clone)]
+pub(super) enum FilterArg {
+    Text(String),
+    Int(i64),
+}
+
 impl ExceptionFilter {
-    fn sql(&self) -> (String, Vec<rusqlite::types::Value>) {
-        use rusqlite::types::Value;
+    /// `FROM <table> WHERE ... ORDER BY ... LIMIT ...` with numbered placeholders written by
+    /// `placeholder` (SQLite `?1`, PostgreSQL `$1`), and their values.
+    pub(super) fn clauses(&self, table: &str, placeholder: &str) -> (String, Vec<FilterArg>) {
         let mut clauses = Vec::new();
-        let mut args: Vec<Value> = Vec::new();
-        let mut add = |clause: &str, v: Value| {
+        let mut args: Vec<FilterArg> = Vec::new();
+        let mut add = |clause: &str, v: FilterArg| {
             args.push(v);
-            clauses.push(clause.replace('?', &format!("?{}", args.len())));
+            clauses.push(clause.replace('?', &format!("{placeholder}{}", args.len())));
         };
         if let Some(v) = &self.id {
-            add("id = ?", Value::Text(v.clone()));
+            add("id = ?", FilterArg::Text(v.clone()));
         }
         if let Some(v) = &self.pipeline {
-            add("pipeline = ?", Value::Text(v.clone()));
+            add("pipeline = ?", FilterArg::Text(v.clone()));
         }
         if let Some(v) = &self.reason {
-            add("reason = ?", Value::Text(v.clone()));
+            add("reason = ?", FilterArg::Text(v.clone()));
         }
         if let Some(v) = self.since {
-            add("failed_at >= ?", Value::Integer(v));
+            add("failed_at >= ?", FilterArg::Int(v));
         }
         if let Some(v) = &self.status {
-            add("status = ?", Value::Text(v.clone()));
+            add("status = ?", FilterArg::Text(v.clone()));
         }
-        let mut sql = String::from(" FROM exceptions");
+        let mut sql = format!(" FROM {table}");
         if !clauses.is_empty() {
             sql.push_str(" WHERE ");
             sql.push_str(&clauses.join(" AND "));
@@ -93,6 +101,19 @@ impl ExceptionFilter {
         if let Some(n) = self.limit {
             sql.push_str(&format!(" LIMIT {n}"));
         }
+        (sql, args)
+    }
+
+    fn sql(&self) -> (String, Vec<rusqlite::types::Value>) {
+        use rusqlite::types::Value;
+        let (sql, args) = self.clauses("exceptions", "?");
+        let args = args
+            .into_iter()
+            .map(|a| match a {
+                FilterArg::Text(s) => Value::Text(s),
+                FilterArg::Int(n) => Value::Integer(n),
+            })
+            .collect();
         (sql, args)
     }
 }
@@ -117,12 +138,39 @@ pub fn exceptions(conn: &Connection, filter: &ExceptionFilter) -> StoreResult<Ve
         .query_map(rusqlite::params_from_iter(args), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
         .collect::<Result<_, _>>()?;
     rows.into_iter()
-        .map(|(status, status_at, replayable, headers, record)| {
-            let record: ExceptionRecord =
-                serde_json::from_str(&record).map_err(|e| StoreError::Sql(format!("an exception record cannot be read: {e}")))?;
-            Ok(StoredException { status, status_at, replayable, record, headers })
-        })
+        .map(|(status, status_at, replayable, headers, record)| stored(status, status_at, replayable, headers, &record))
         .collect()
+}
+
+/// A stored record from its columns.
+pub(super) fn stored(
+    status: String,
+    status_at: Option<i64>,
+    replayable: bool,
+    headers: String,
+    record: &str,
+) -> StoreResult<StoredException> {
+    let record: ExceptionRecord =
+        serde_json::from_str(record).map_err(|e| StoreError::Sql(format!("an exception record cannot be read: {e}")))?;
+    Ok(StoredException { status, status_at, replayable, record, headers })
+}
+
+/// The headers a replayed message is sent with: those it arrived with, and which record it replays.
+pub(super) fn replay_headers(e: &StoredException) -> String {
+    let mut headers: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&e.headers).unwrap_or_default();
+    headers.insert("replay_of".into(), e.record.exception_id.clone().into());
+    serde_json::Value::Object(headers).to_string()
+}
+
+/// Why a record is not replayed, if it is not.
+pub(super) fn not_replayable(e: &StoredException) -> Option<String> {
+    if e.status != "open" {
+        Some(format!("not replayed: it is already {}", e.status))
+    } else if !e.replayable {
+        Some("not replayed: there is no message to replay (the input could not be read); fix the source and send it again".into())
+    } else {
+        None
+    }
 }
 
 /// What replay or discard did with one record.
@@ -144,19 +192,11 @@ pub fn replay(conn: &Connection, filter: &ExceptionFilter) -> StoreResult<Vec<Di
     for e in exceptions(conn, filter)? {
         let r = &e.record;
         let mut d = Disposition { exception_id: r.exception_id.clone(), pipeline: r.pipeline.clone(), result: String::new(), done: false };
-        if e.status != "open" {
-            d.result = format!("not replayed: it is already {}", e.status);
-        } else if !e.replayable {
-            d.result = "not replayed: there is no message to replay (the input could not be read); fix the source and send it again".into();
+        if let Some(why) = not_replayable(&e) {
+            d.result = why;
         } else {
-            let mut headers: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&e.headers).unwrap_or_default();
-            headers.insert("replay_of".into(), r.exception_id.clone().into());
             let stream = ensure_stream(conn, REPLAY_QUEUE, &r.pipeline)?;
-            let m = NewMessage {
-                message_id: r.message_id.clone(),
-                headers: serde_json::Value::Object(headers).to_string(),
-                body: r.original.to_bytes(),
-            };
+            let m = NewMessage { message_id: r.message_id.clone(), headers: replay_headers(&e), body: r.original.to_bytes() };
             insert_one(conn, stream, &m)?;
             let changed = conn.execute(
                 "UPDATE exceptions SET status = 'replayed', status_at = ?1 WHERE id = ?2 AND status = 'open'",
@@ -184,14 +224,19 @@ pub fn discard(conn: &Connection, filter: &ExceptionFilter) -> StoreResult<Vec<D
                 "UPDATE exceptions SET status = 'discarded', status_at = ?1 WHERE id = ?2 AND status = 'open'",
                 params![now, r.exception_id],
             )? == 1;
-        out.push(Disposition {
-            exception_id: r.exception_id.clone(),
-            pipeline: r.pipeline.clone(),
-            result: if done { "discarded".into() } else { format!("not discarded: it is already {}", e.status) },
-            done,
-        });
+        out.push(discarded(&e, done));
     }
     Ok(out)
+}
+
+/// What discarding a record did.
+pub(super) fn discarded(e: &StoredException, done: bool) -> Disposition {
+    Disposition {
+        exception_id: e.record.exception_id.clone(),
+        pipeline: e.record.pipeline.clone(),
+        result: if done { "discarded".into() } else { format!("not discarded: it is already {}", e.status) },
+        done,
+    }
 }
 
 /// Whether an exception record with this id exists.
@@ -200,13 +245,13 @@ pub fn exception_exists(conn: &Connection, id: &str) -> StoreResult<bool> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::super::queue::*;
     use super::super::tests::temp_store;
     use super::*;
     use crate::message::{ErrorDetail, OriginalPayload, Stage};
 
-    fn record(id: &str, reason: &str) -> ExceptionRecord {
+    pub(in crate::store) fn record(id: &str, reason: &str) -> ExceptionRecord {
         let now = chrono::Utc::now();
         ExceptionRecord {
             exception_id: id.into(),

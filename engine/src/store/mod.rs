@@ -12,12 +12,14 @@
 mod admin;
 mod keys;
 mod queue;
+mod shared_exceptions;
 mod state;
 mod status;
 
 pub use admin::*;
 pub use keys::*;
 pub use queue::*;
+pub use shared_exceptions::QueuedReplay;
 pub use state::*;
 pub use status::*;
 

@@ -276,7 +276,7 @@ pub fn lease(conn: &Connection, stream: StreamId, after: i64, limit: usize, leas
     Ok(out)
 }
 
-fn insert_exception(conn: &Connection, e: &ExceptionRow) -> StoreResult<()> {
+pub(super) fn insert_exception(conn: &Connection, e: &ExceptionRow) -> StoreResult<()> {
     let r = &e.record;
     let json = serde_json::to_string(r).map_err(|e| StoreError::Sql(e.to_string()))?;
     conn.prepare_cached(

@@ -1,14 +1,16 @@
-//! Shared state: what several engine processes must agree on (idempotency keys now; inventory
-//! positions later), behind one trait with two implementations: the embedded store (SQLite,
-//! the default, one data directory) and PostgreSQL (`SWITCHYARD_STORE=postgres://...`), for
-//! engines on several machines.
+//! Shared state: what several engine processes must agree on (idempotency keys, entity versions,
+//! exception records; inventory positions later), behind one trait with two implementations:
+//! the embedded store (SQLite, the default, one data directory) and PostgreSQL
+//! (`SWITCHYARD_STORE=postgres://...`), for engines on several machines.
 
-use super::{KeyRecord, Store, StoreError, StoreResult, now_micros};
+use super::{
+    Disposition, ExceptionFilter, ExceptionRow, KeyRecord, QueuedReplay, Store, StoreError, StoreResult, StoredException, now_micros,
+};
 use async_trait::async_trait;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-/// Where idempotency keys live.
+/// Where idempotency keys, entity versions and exception records live.
 #[async_trait]
 pub trait StateStore: Send + Sync {
     /// Where it is, for logs and summaries (never a password).
@@ -29,6 +31,23 @@ pub trait StateStore: Send + Sync {
     async fn last_versions(&self, scope: Arc<str>, keys: Vec<String>) -> StoreResult<HashMap<String, String>>;
     /// Records applied versions (entity key, version), keeping the later one per entity.
     async fn record_versions(&self, scope: Arc<str>, versions: Vec<(String, String)>) -> StoreResult<()>;
+    /// Records exception records; how many were new. Outside the embedded store a record is
+    /// written before its message leaves its queue, so a crash in between makes the message
+    /// fail again: a message has one open record per pipeline all the same.
+    async fn record_exceptions(&self, rows: Vec<ExceptionRow>) -> StoreResult<usize>;
+    /// The matching records, oldest first.
+    async fn exceptions(&self, filter: ExceptionFilter) -> StoreResult<Vec<StoredException>>;
+    /// Sends the messages of the matching open records through their pipelines again and marks
+    /// the records `replayed` (see [`super::replay`]).
+    async fn replay(&self, filter: ExceptionFilter) -> StoreResult<Vec<Disposition>>;
+    /// Marks the matching open records `discarded`.
+    async fn discard(&self, filter: ExceptionFilter) -> StoreResult<Vec<Disposition>>;
+    /// Replays queued for these pipelines, taken for a minute (another engine takes them after
+    /// that unless they were handed on). Always empty for the embedded store, whose replays go
+    /// straight into the pipelines' queues.
+    async fn take_replays(&self, pipelines: Vec<String>, limit: usize) -> StoreResult<Vec<QueuedReplay>>;
+    /// Forgets replays once they are in an engine's queue.
+    async fn replays_handed(&self, ids: Vec<i64>) -> StoreResult<()>;
 }
 
 #[async_trait]
@@ -66,6 +85,30 @@ impl StateStore for Store {
     async fn record_versions(&self, scope: Arc<str>, versions: Vec<(String, String)>) -> StoreResult<()> {
         self.submit(move |c| super::record_versions(c, &scope, &versions)).await
     }
+    async fn record_exceptions(&self, rows: Vec<ExceptionRow>) -> StoreResult<usize> {
+        self.submit(move |c| {
+            for row in &rows {
+                super::queue::insert_exception(c, row)?;
+            }
+            Ok(rows.len())
+        })
+        .await
+    }
+    async fn exceptions(&self, filter: ExceptionFilter) -> StoreResult<Vec<StoredException>> {
+        self.submit(move |c| super::exceptions(c, &filter)).await
+    }
+    async fn replay(&self, filter: ExceptionFilter) -> StoreResult<Vec<Disposition>> {
+        self.submit(move |c| super::replay(c, &filter)).await
+    }
+    async fn discard(&self, filter: ExceptionFilter) -> StoreResult<Vec<Disposition>> {
+        self.submit(move |c| super::discard(c, &filter)).await
+    }
+    async fn take_replays(&self, _pipelines: Vec<String>, _limit: usize) -> StoreResult<Vec<QueuedReplay>> {
+        Ok(Vec::new())
+    }
+    async fn replays_handed(&self, _ids: Vec<i64>) -> StoreResult<()> {
+        Ok(())
+    }
 }
 
 /// The setting that puts shared state in PostgreSQL.
@@ -75,11 +118,11 @@ pub const STORE_SETTING: &str = "SWITCHYARD_STORE";
 /// another), created at connect if missing. A small pool of connections, re-made when lost.
 pub struct PostgresStore {
     pool: deadpool_postgres::Pool,
-    schema: String,
+    pub(super) schema: String,
     shown: String,
 }
 
-fn pg_error(e: impl std::error::Error) -> StoreError {
+pub(super) fn pg_error(e: impl std::error::Error) -> StoreError {
     StoreError::Sql(format!("PostgreSQL: {}", with_causes(&e)))
 }
 
@@ -167,7 +210,7 @@ impl PostgresStore {
         Ok(store)
     }
 
-    async fn client(&self) -> StoreResult<deadpool_postgres::Object> {
+    pub(super) async fn client(&self) -> StoreResult<deadpool_postgres::Object> {
         self.pool.get().await.map_err(|e| StoreError::Sql(format!("PostgreSQL: no connection to {}: {}", self.shown, with_causes(&e))))
     }
 
@@ -194,7 +237,9 @@ impl PostgresStore {
                  version TEXT NOT NULL,
                  updated_at BIGINT NOT NULL,
                  PRIMARY KEY (scope, key)
-             );"
+             );
+             {}",
+            super::shared_exceptions::tables(s)
         ))
         .await
         .map_err(pg_error)?;
@@ -288,6 +333,24 @@ impl StateStore for PostgresStore {
         }
         tx.commit().await.map_err(pg_error)
     }
+    async fn record_exceptions(&self, rows: Vec<ExceptionRow>) -> StoreResult<usize> {
+        self.insert_exceptions(rows).await
+    }
+    async fn exceptions(&self, filter: ExceptionFilter) -> StoreResult<Vec<StoredException>> {
+        self.select_exceptions(filter).await
+    }
+    async fn replay(&self, filter: ExceptionFilter) -> StoreResult<Vec<Disposition>> {
+        self.replay_exceptions(filter).await
+    }
+    async fn discard(&self, filter: ExceptionFilter) -> StoreResult<Vec<Disposition>> {
+        self.discard_exceptions(filter).await
+    }
+    async fn take_replays(&self, pipelines: Vec<String>, limit: usize) -> StoreResult<Vec<QueuedReplay>> {
+        self.lease_replays(pipelines, limit).await
+    }
+    async fn replays_handed(&self, ids: Vec<i64>) -> StoreResult<()> {
+        self.forget_replays(ids).await
+    }
 }
 
 /// For tests: the PostgreSQL of this machine (`SWITCHYARD_TEST_POSTGRES`, default
@@ -353,6 +416,33 @@ mod tests {
         assert_eq!(last.get("o1").map(String::as_str), Some("10"), "10 is after 9 as a number, not as text");
         assert_eq!(last.get("o2").map(String::as_str), Some("2026-11-27T10:00:00Z"), "an earlier time does not replace a later one");
         assert!(!last.contains_key("o3"));
+
+        // Exception records: kept, listed by filter, discarded, replayed once.
+        let row = |id: &str, reason: &str| ExceptionRow {
+            record: super::super::admin::tests::record(id, reason),
+            headers: "{\"correlation_id\":\"c\"}".into(),
+            replayable: true,
+        };
+        let by = |reason: Option<&str>, status: Option<&str>| ExceptionFilter {
+            reason: reason.map(String::from),
+            status: status.map(String::from),
+            ..Default::default()
+        };
+        assert_eq!(
+            s.record_exceptions(vec![row("e1", "unknown_sku"), row("e2", "unknown_sku"), row("e3", "schema_violation")]).await.unwrap(),
+            3
+        );
+        let listed = s.exceptions(by(Some("unknown_sku"), None)).await.unwrap();
+        assert_eq!(listed.iter().map(|e| e.record.exception_id.as_str()).collect::<Vec<_>>(), ["e1", "e2"]);
+        assert!(listed.iter().all(|e| e.status == "open" && e.replayable && e.record.original.to_bytes() == b"{\"sku\": \"X\"}"));
+        let d = s.discard(ExceptionFilter { id: Some("e3".into()), ..Default::default() }).await.unwrap();
+        assert!(d[0].done && d[0].result == "discarded", "{d:?}");
+        let first = s.replay(by(Some("unknown_sku"), None)).await.unwrap();
+        assert_eq!(first.iter().filter(|d| d.done).count(), 2, "{first:?}");
+        let again = s.replay(by(None, None)).await.unwrap();
+        assert!(again.iter().all(|d| !d.done && d.result.contains("already")), "{again:?}");
+        assert!(s.exceptions(by(None, Some("open"))).await.unwrap().is_empty());
+        assert_eq!(s.exceptions(by(None, Some("replayed"))).await.unwrap().len(), 2);
     }
 
     #[tokio::test]
@@ -370,9 +460,32 @@ mod tests {
         let (a, b) = tokio::join!(PostgresStore::connect(&url), PostgresStore::connect(&url));
         let pg = PostgresStore::connect(&url).await.unwrap();
         a.unwrap();
-        b.unwrap();
+        let b = b.unwrap();
         conformance(&pg).await;
         assert!(pg.describe().contains(&schema));
+
+        // Replays wait in PostgreSQL for an engine of their pipeline; one engine takes them.
+        let taken = pg.take_replays(vec!["other".into()], 10).await.unwrap();
+        assert!(taken.is_empty(), "only the pipelines asked for");
+        let taken = pg.take_replays(vec!["p".into()], 10).await.unwrap();
+        assert_eq!(taken.iter().map(|r| r.exception_id.as_str()).collect::<Vec<_>>(), ["e1", "e2"]);
+        assert_eq!(taken[0].body, b"{\"sku\": \"X\"}");
+        assert_eq!(taken[0].message_id, "m-e1");
+        assert!(taken[0].headers.contains("\"replay_of\":\"e1\"") && taken[0].headers.contains("\"correlation_id\":\"c\""));
+        assert!(b.take_replays(vec!["p".into()], 10).await.unwrap().is_empty(), "taken by one engine, not by two");
+        pg.replays_handed(taken.iter().map(|r| r.id).collect()).await.unwrap();
+
+        // A message failing again after a crash (recorded, not yet out of its queue) keeps one
+        // open record; once replayed, a new failure is a new record.
+        let again = |id: &str, message: &str| {
+            let mut record = super::super::admin::tests::record(id, "sink_failed");
+            record.message_id = message.into();
+            ExceptionRow { record, headers: "{}".into(), replayable: true }
+        };
+        assert_eq!(pg.record_exceptions(vec![again("r1", "m-9")]).await.unwrap(), 1);
+        assert_eq!(pg.record_exceptions(vec![again("r2", "m-9")]).await.unwrap(), 0, "one open record per message");
+        pg.replay(ExceptionFilter { id: Some("r1".into()), ..Default::default() }).await.unwrap();
+        assert_eq!(pg.record_exceptions(vec![again("r3", "m-9")]).await.unwrap(), 1);
         pg.drop_schema().await.unwrap();
     }
 
