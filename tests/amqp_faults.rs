@@ -278,6 +278,11 @@ fn log(data: &Path) -> String {
 }
 
 fn wait_exit(child: &mut Child, limit: Duration) -> ExitStatus {
+    wait_exit_said(child, limit, Path::new(""))
+}
+
+/// As `wait_exit`, with what the process said (its log) when it does not exit.
+fn wait_exit_said(child: &mut Child, limit: Duration, said: &Path) -> ExitStatus {
     let deadline = Instant::now() + limit;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -286,7 +291,7 @@ fn wait_exit(child: &mut Child, limit: Duration) -> ExitStatus {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("the engine did not exit within {limit:?}");
+            panic!("the engine did not exit within {limit:?}: {}", if said.as_os_str().is_empty() { String::new() } else { log(said) });
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -307,7 +312,7 @@ impl Engine {
     fn stop(&mut self) {
         let mut child = self.child.take().expect("running");
         Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-        let status = wait_exit(&mut child, Duration::from_secs(60));
+        let status = wait_exit_said(&mut child, Duration::from_secs(60), &self.data);
         assert!(status.success(), "SIGTERM stops the engine cleanly ({status}): {}", log(&self.data));
     }
 

@@ -427,7 +427,9 @@ fn events_are_ordered_per_entity_over_rabbitmq() {
     let prefix =
         format!("bo{}x{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis());
     let text = std::fs::read_to_string(repo().join("tests/runtime/ordering/ord-orders.yaml")).unwrap();
-    std::fs::write(dir.path().join("ord-orders.yaml"), text.replace("queue: ord.", &format!("queue: {prefix}."))).unwrap();
+    // A short wait for predecessors: honoured over RabbitMQ too, whatever the retry tiers.
+    let text = text.replace("queue: ord.", &format!("queue: {prefix}.")).replace("${ORD_WAIT:-10m}", "3s");
+    std::fs::write(dir.path().join("ord-orders.yaml"), text).unwrap();
     let ok = |args: &[&str]| {
         let out = switchyard(dir.path(), &url, args);
         assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -435,11 +437,15 @@ fn events_are_ordered_per_entity_over_rabbitmq() {
     };
     ok(&["run", ".", "--once"]);
     let events = "{\"order_id\":\"o1\",\"seq\":1}\n{\"order_id\":\"o1\",\"seq\":3}\n{\"order_id\":\"o1\",\"seq\":2}\n\
-                  {\"order_id\":\"o4\",\"seq\":2,\"kind\":\"cancellation\"}\n{\"order_id\":\"o4\",\"seq\":1,\"kind\":\"created\"}\n";
+                  {\"order_id\":\"o4\",\"seq\":2,\"kind\":\"cancellation\"}\n{\"order_id\":\"o4\",\"seq\":1,\"kind\":\"created\"}\n\
+                  {\"order_id\":\"o9\",\"seq\":2,\"kind\":\"cancellation\"}\n";
     std::fs::write(dir.path().join("events.ndjson"), events).unwrap();
     ok(&["send", &format!("{prefix}.in"), "events.ndjson"]);
+    let started = std::time::Instant::now();
     let said = ok(&["run", ".", "--once"]);
     assert!(said.contains("stale            1"), "{said}");
+    assert!(said.contains("missing_predecessor") && said.contains("1 exceptions"), "o9's order never came: {said}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "o9 waited 3 s, not the retry tiers (1s + 10s + 1m)");
     let delivered: Vec<(String, i64)> = std::fs::read_to_string(dir.path().join("data/out/ord/events.ndjson"))
         .unwrap()
         .lines()
@@ -448,10 +454,91 @@ fn events_are_ordered_per_entity_over_rabbitmq() {
         .collect();
     let of = |id: &str| delivered.iter().filter(|(o, _)| o == id).map(|(_, s)| *s).collect::<Vec<_>>();
     assert_eq!((of("o1"), of("o4")), (vec![1, 3], vec![1, 2]), "in version order, the stale one dropped: {delivered:?}");
+    assert!(of("o9").is_empty());
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let dlq = format!("{prefix}.in.ord-orders.dlq");
+        let m = ch.basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: true }).await.unwrap().expect("o9 is dead-lettered");
+        let h = m.delivery.properties.headers().clone().unwrap_or_default();
+        assert!(matches!(h.inner().get("x-switchyard-reason"), Some(AMQPValue::LongString(s)) if s.to_string() == "missing_predecessor"));
+        assert!(String::from_utf8_lossy(&m.delivery.data).contains("o9"));
         clean_up(&conn, &prefix, &[("in", "ord-orders")]).await;
     });
+}
+
+/// A circuit breaker on a RabbitMQ sink: publishes the broker returns (no queue takes them) are
+/// failures; after two in a row the circuit opens, `switchyard status` says so, and the messages
+/// wait in their queue: no exception, nothing dropped.
+#[test]
+fn a_sink_the_broker_keeps_refusing_opens_its_circuit_and_work_waits_in_the_queue() {
+    let Some(url) = broker_url() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let p = format!("cb{}x{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis());
+    let pipeline = format!(
+        r#"apiVersion: switchyard/v1
+kind: Pipeline
+name: breaker
+version: "1"
+description: every output is returned by the broker
+owner: tests
+broker:
+  url: {url}
+source: {{type: queue, queue: breaker.in}}
+sinks:
+  out:
+    type: amqp
+    routing_key: {p}.nowhere
+    retry: {{max_attempts: 20, initial_delay: 50ms, max_delay: 100ms}}
+    circuit_breaker: {{failures: 2, open_for: 1h}}
+"#
+    );
+    std::fs::write(dir.path().join("breaker.yaml"), pipeline).unwrap();
+    let input: String = (0..10).map(|i| format!("{{\"seq\": {i}}}\n")).collect();
+    std::fs::write(dir.path().join("in.ndjson"), input).unwrap();
+    let sy = |args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        c.args(args).current_dir(dir.path()).env("SWITCHYARD_DATA_DIR", dir.path().join("data")).env("RUST_LOG", "warn");
+        c
+    };
+    let log = std::fs::File::create(dir.path().join("run.log")).unwrap();
+    let mut engine = sy(&["run", "breaker.yaml"]).stdout(std::process::Stdio::null()).stderr(log).spawn().unwrap();
+    let sent = sy(&["send", "breaker.in", "in.ndjson"]).output().unwrap();
+    assert!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        let out = sy(&["status", "--format", "json"]).output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let open = v["sinks"].as_array().into_iter().flatten().find(|s| s["sink"] == "out" && s["breaker"] == "open").cloned();
+        if let Some(s) = open {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = engine.kill();
+            panic!("the circuit did not open: {v}\n{}", std::fs::read_to_string(dir.path().join("run.log")).unwrap_or_default());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!(status["last_failure"].as_str().is_some_and(|f| f.contains("sink `out`")), "{status}");
+    assert!(status["failures"].as_i64().is_some_and(|n| n >= 2), "{status}");
+
+    Command::new("kill").args(["-TERM", &engine.id().to_string()]).status().unwrap();
+    let exit = engine.wait().unwrap();
+    let said = std::fs::read_to_string(dir.path().join("run.log")).unwrap();
+    assert!(exit.success(), "{said}");
+    assert!(said.contains("circuit open: the sink failed too often in a row"), "the opening is logged: {said}");
+    assert!(said.contains("0 exceptions"), "refusals while it is open are no exceptions: {said}");
+    let queues = sy(&["queues", "--format", "json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&queues.stdout).unwrap();
+    let waiting: i64 = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|q| q["queue"] == "breaker.in")
+        .map(|q| q["ready"].as_i64().unwrap() + q["delayed"].as_i64().unwrap() + q["in_flight"].as_i64().unwrap())
+        .sum();
+    assert_eq!(waiting, 10, "every message waits in its queue: {v}");
 }

@@ -777,9 +777,8 @@ fn summary_count(summary: &str, pipeline: &str, word: &str) -> u64 {
             inside = line.starts_with(&format!("{pipeline} "));
             continue;
         }
-        let mut words = line.split_whitespace();
-        if inside && words.next() == Some(word) {
-            return words.next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("a count on `{line}`"));
+        if let Some(rest) = line.trim_start().strip_prefix(word).filter(|r| inside && r.starts_with(' ')) {
+            return rest.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("a count on `{line}`"));
         }
     }
     0
@@ -1036,4 +1035,26 @@ fn a_throttled_source_is_taken_no_faster_than_its_rate_and_nothing_is_dropped() 
     assert!(started.elapsed() >= Duration::from_millis(1400), "throttled: {:?}", started.elapsed());
     assert_eq!(totals(&summary), [30, 30, 0], "{summary}");
     assert_eq!(ids(&data.join("out/throttle/out.ndjson")).len(), 30);
+}
+
+#[test]
+fn a_slow_rate_never_outlasts_a_lease_what_it_holds_back_waits_in_the_queue() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let p = copy_fixture("throttle", tmp.path());
+    let yaml = std::fs::read_to_string(p.join("rt-throttle.yaml")).unwrap();
+    // 20 messages at 4 a second take 5 s: longer than the 3 s lease of the batch that holds them.
+    let yaml = yaml.replace("rate_limit: {rate: 20/s, burst: 1}", "rate_limit: {rate: 4/s, burst: 1}\n  visibility_timeout: 3s");
+    std::fs::write(p.join("rt-throttle.yaml"), yaml).unwrap();
+    let input: String = (0..20).map(|i| format!("{{\"id\":\"t{i}\"}}\n")).collect();
+    send_stdin(&data, "rt.throttle", &[], &input).ok("send");
+    let summary = run_once(&data, &[p.to_str().unwrap()]);
+    assert_eq!(totals(&summary), [20, 20, 0], "{summary}");
+    assert!(summary_count(&summary, "rt-throttle", "held back") > 0, "the rest of a batch waited in the queue: {summary}");
+    assert!(!summary.contains("visibility timeout"), "no lease ran out: {summary}");
+    let mut out = ids(&data.join("out/throttle/out.ndjson"));
+    out.sort();
+    out.dedup();
+    assert_eq!(out.len(), 20);
+    assert_eq!(ids(&data.join("out/throttle/out.ndjson")).len(), 20, "each once");
 }

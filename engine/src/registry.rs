@@ -38,7 +38,7 @@ pub enum SinkConfig {
     /// A queue: feeds every pipeline whose source is that queue.
     Queue(QueueSinkConfig),
     /// A RabbitMQ exchange (needs `broker:`): persistent, confirmed, unroutable is a failure.
-    Amqp(AmqpSinkConfig),
+    Amqp(Box<AmqpSinkConfig>),
     /// An HTTP endpoint: one request per message, with its idempotency key. 2xx delivers;
     /// timeouts, connection failures, 5xx, 408 and 429 may pass; other answers refuse it.
     Http(Box<HttpSinkConfig>),
@@ -87,7 +87,7 @@ impl Tagged for SinkConfig {
             "file" => SinkConfig::File(p(node, file, prefix)?),
             "stdout" => SinkConfig::Stdout(p(node, file, prefix)?),
             "queue" => SinkConfig::Queue(p(node, file, prefix)?),
-            "amqp" => SinkConfig::Amqp(p(node, file, prefix)?),
+            "amqp" => SinkConfig::Amqp(Box::new(p(node, file, prefix)?)),
             "http" => SinkConfig::Http(Box::new(p(node, file, prefix)?)),
             _ => unreachable!("checked against TYPES"),
         })

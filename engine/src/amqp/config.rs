@@ -186,4 +186,14 @@ pub struct AmqpSinkConfig {
     /// metadata and payload together in the body.
     #[serde(default)]
     pub format: Option<OutputFormat>,
+    /// Attempts and backoff when the broker refuses or returns a message (`transient_statuses`
+    /// does not apply: every refusal is worth another try).
+    #[serde(default)]
+    pub retry: Option<crate::runtime::delivery::RetryConfig>,
+    /// Stops publishing after refusals in a row, so that work waits in its queue; a probe later.
+    #[serde(default)]
+    pub circuit_breaker: Option<crate::runtime::delivery::CircuitBreakerConfig>,
+    /// At most this many messages per second, minute or hour (a slow consumer downstream).
+    #[serde(default)]
+    pub rate_limit: Option<crate::runtime::delivery::RateLimitConfig>,
 }

@@ -35,6 +35,8 @@ pub mod headers {
     pub const HINT: &str = "x-switchyard-hint";
     pub const EXCEPTION_ID: &str = "x-switchyard-exception-id";
     pub const FAILED_AT: &str = "x-switchyard-failed-at";
+    /// On a message sent to a retry queue: when it first arrived (RFC 3339).
+    pub const RECEIVED_AT: &str = "x-switchyard-received-at";
     /// On a message sent again by `switchyard exceptions replay`: the record it replays.
     pub const REPLAY_OF: &str = "x-switchyard-replay-of";
 }

@@ -559,13 +559,16 @@ impl Pipeline {
                 let format = q.format.unwrap_or(crate::sink::OutputFormat::Payload);
                 topology.add_exchange(&exchange, ExchangeType::Fanout);
                 plan.targets.insert(name.clone(), crate::amqp::publish::PublishTarget::fixed(&exchange, "", format));
-                *sink = SinkConfig::Amqp(AmqpSinkConfig {
+                *sink = SinkConfig::Amqp(Box::new(AmqpSinkConfig {
                     exchange: Some(Spanned::new(exchange)),
                     routing_key: None,
                     persistent: None,
                     mandatory: None,
                     format: Some(format),
-                });
+                    retry: None,
+                    circuit_breaker: None,
+                    rate_limit: None,
+                }));
             }
         }
         plan.topology = Arc::new(topology);
@@ -731,6 +734,17 @@ impl Pipeline {
                             retry: h.retry.as_ref(),
                             circuit_breaker: h.circuit_breaker.as_ref(),
                             rate_limit: h.rate_limit.as_ref(),
+                        },
+                        &format!("sinks.{name}"),
+                        runtime.max_attempts,
+                        cx,
+                        &mut diags,
+                    ),
+                    SinkConfig::Amqp(a) => Delivery::build(
+                        &DeliveryConfig {
+                            retry: a.retry.as_ref(),
+                            circuit_breaker: a.circuit_breaker.as_ref(),
+                            rate_limit: a.rate_limit.as_ref(),
                         },
                         &format!("sinks.{name}"),
                         runtime.max_attempts,

@@ -5,7 +5,7 @@
 //! batch. A lost connection or a consumer cancelled by the broker leads to a new connection and
 //! a new consumer; what was not acknowledged comes back from the broker.
 
-use super::{Counted, OrderAction, PipelineRun, RunError, Shared, SinkFailure, Verdict, process_guarded};
+use super::{Counted, OrderAction, PipelineRun, RunError, Shared, Verdict, process_guarded};
 use crate::amqp::publish::{Confirm, Publisher, confirmed, headers};
 use crate::amqp::topology::SourcePlan;
 use crate::amqp::{AmqpError, Broker, Session, lapin_message};
@@ -22,8 +22,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-/// Longest wait for a sink's rate limit with a delivery in hand (the broker holds the rest).
-const RATE_WAIT: Duration = Duration::from_secs(3600);
+/// Longest a batch waits for rate limits in all, its deliveries in hand: well within RabbitMQ's
+/// consumer timeout (30 minutes by default). Past it, what a limit holds back goes back to the
+/// queue.
+const BATCH_RATE_WAIT: Duration = Duration::from_secs(600);
 /// Longest pause at once for a sink that holds messages back.
 const MAX_HELD_PAUSE: Duration = Duration::from_secs(5);
 
@@ -35,8 +37,8 @@ const ONCE_IDLE: Duration = Duration::from_millis(300);
 /// One delivery and what became of it.
 struct InBatch {
     delivery: Delivery,
-    /// Confirms of its outputs (or of its trip to the dead-letter queue).
-    confirms: Vec<Confirm>,
+    /// Confirms of its outputs, with their sink (none: its trip to the dead-letter queue).
+    confirms: Vec<(Option<usize>, Confirm)>,
     /// Outside sinks (files) it was written to.
     outside: Vec<usize>,
     /// A sink refused it: retried later, or dead-lettered after the last retry.
@@ -309,11 +311,13 @@ fn text(v: &AMQPValue) -> Option<String> {
 fn to_raw(d: &Delivery, attempt: u32) -> RawMessage {
     let p = &d.properties;
     let h = transport_headers(d);
-    // A Switchyard pipeline upstream stamped when the message first entered (to the second).
-    let received_at = p
-        .timestamp()
-        .filter(|_| h.contains_key(headers::PIPELINE))
-        .and_then(|t| chrono::DateTime::from_timestamp(t as i64, 0))
+    // Back from a retry queue: when it first arrived. Else a Switchyard pipeline upstream
+    // stamped when the message first entered (to the second).
+    let received_at = h
+        .get(headers::RECEIVED_AT)
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .or_else(|| p.timestamp().filter(|_| h.contains_key(headers::PIPELINE)).and_then(|t| chrono::DateTime::from_timestamp(t as i64, 0)))
         .or_else(|| Some(chrono::Utc::now()));
     RawMessage {
         body: d.data.clone(),
@@ -363,7 +367,7 @@ fn transport_headers(d: &Delivery) -> BTreeMap<String, String> {
 /// properties and headers, without this delivery's attempt count.
 fn exception_row(record: ExceptionRecord, d: &Delivery) -> crate::store::ExceptionRow {
     let mut h = transport_headers(d);
-    for k in ["amqp.redelivered", "amqp.exchange", "x-delivery-count", headers::ATTEMPT] {
+    for k in ["amqp.redelivered", "amqp.exchange", "x-delivery-count", headers::ATTEMPT, headers::RECEIVED_AT] {
         h.remove(k);
     }
     let headers = serde_json::to_string(&h).unwrap_or_else(|_| "{}".into());
@@ -413,21 +417,27 @@ async fn process_batch(
     let mut batch = Vec::with_capacity(deliveries.len());
     let mut outside_used = std::collections::BTreeSet::new();
     // Every message through the pipeline first: duplicates are looked up once for the batch.
-    let mut processed: Vec<(Delivery, u32, Outcome)> = Vec::with_capacity(deliveries.len());
+    // Err: held back by the source's rate limit until then, not processed.
+    let mut processed: Vec<(Delivery, u32, Result<Outcome, std::time::Instant>)> = Vec::with_capacity(deliveries.len());
+    let waits_until = std::time::Instant::now() + BATCH_RATE_WAIT;
+    let rate_wait = || waits_until.saturating_duration_since(std::time::Instant::now());
     for delivery in deliveries {
-        // `runtime.rate_limit`: the consumer takes no faster than that (the broker keeps the rest).
-        if let Some(limit) = &run.pipeline.source_rate {
-            let _ = limit.admit(RATE_WAIT).await;
-        }
         let attempt = attempt_of(&delivery, plan);
+        // `runtime.rate_limit`: the consumer takes no faster than that (the broker keeps the rest).
+        if let Some(limit) = &run.pipeline.source_rate
+            && let Err(until) = limit.admit(rate_wait()).await
+        {
+            processed.push((delivery, attempt, Err(until)));
+            continue;
+        }
         let outcome = process_guarded(p, to_raw(&delivery, attempt), &delivery.data);
-        processed.push((delivery, attempt, outcome));
+        processed.push((delivery, attempt, Ok(outcome)));
     }
     let routed: Vec<Option<&crate::message::Metadata>> = processed
         .iter()
         .map(|(_, _, o)| match o {
-            Outcome::Routed { output, .. } => Some(&output.metadata),
-            Outcome::Failed(_) => None,
+            Ok(Outcome::Routed { output, .. }) => Some(&output.metadata),
+            _ => None,
         })
         .collect();
     // A state store that cannot be read: nothing goes out unchecked, and no attempt is spent.
@@ -464,8 +474,13 @@ async fn process_batch(
             exception: None,
         };
         let outcome = match outcome {
-            Outcome::Failed(r) => Outcome::Failed(r),
-            Outcome::Routed { output, sinks } => match &verdicts[k] {
+            Err(until) => {
+                item.held = Some(until);
+                batch.push(item);
+                continue;
+            }
+            Ok(Outcome::Failed(r)) => Outcome::Failed(r),
+            Ok(Outcome::Routed { output, sinks }) => match &verdicts[k] {
                 Verdict::Deliver(key) => {
                     let action = super::order_action(p, &output.metadata, &orders[k]);
                     // Only a message on its way out keeps its key (recorded once delivered).
@@ -536,7 +551,7 @@ async fn process_batch(
                     item.exception = Some(exception_row(*record, &item.delivery));
                 } else {
                     match dead_letter(&session.publish, plan, &item.delivery, &record).await {
-                        Ok(c) => item.confirms.push(c),
+                        Ok(c) => item.confirms.push((None, c)),
                         Err(e) => item.failed = Some(e.to_string()),
                     }
                 }
@@ -555,16 +570,14 @@ async fn process_batch(
                     };
                     // A rate limit is waited out here (the broker keeps the rest); an open
                     // circuit gives the message back to the queue.
-                    if let Err(until) = run.admit(i, RATE_WAIT, shared).await {
+                    if let Err(until) = run.admit(i, rate_wait(), shared).await {
                         item.held = Some(until);
                         break;
                     }
                     let written = match sink.as_amqp() {
-                        Some(a) => a
-                            .send(&output)
-                            .await
-                            .map(|c| item.confirms.push(c))
-                            .map_err(|e| SinkFailure::passing(format!("sink `{}`: {e}", p.sink_name(i)))),
+                        Some(a) => run
+                            .judge_publish(i, a.send(&output).await.map_err(|e| e.to_string()), shared)
+                            .map(|c| item.confirms.push((Some(i), c))),
                         None => run.judge(i, sink.write(&output).await, shared).map(|()| item.outside.push(i)),
                     };
                     if let Err(f) = written {
@@ -613,13 +626,20 @@ async fn settle(
         return Ok(());
     }
     for item in &mut batch {
-        for c in std::mem::take(&mut item.confirms) {
-            if let Err(e) = confirmed(c).await {
-                if !e.is_connection() {
-                    item.failed.get_or_insert_with(|| e.to_string());
-                } else {
-                    return Err(e);
-                }
+        for (sink, c) in std::mem::take(&mut item.confirms) {
+            let result = match confirmed(c).await {
+                Err(e) if e.is_connection() => return Err(e),
+                other => other.map_err(|e| e.to_string()),
+            };
+            let result = match sink {
+                Some(i) => run.judge_publish(i, result, shared).map_err(|f| f.message),
+                None => result,
+            };
+            if let Err(why) = result
+                && item.failed.is_none()
+            {
+                item.failed = Some(why);
+                item.failed_sink = sink;
             }
         }
     }
@@ -630,16 +650,31 @@ async fn settle(
         // The retry queues' delays apply; a sink's policy may allow fewer attempts, and a
         // refusal for good gets none.
         let allowed = item.failed_sink.map_or(u32::MAX, |i| run.delivery(i).retry.max_attempts);
-        let retry = plan.retries.get((item.attempt as usize).saturating_sub(1)).filter(|_| !item.permanent && item.attempt < allowed);
+        // An event waiting for its predecessor goes round the first (shortest) tier until
+        // `wait_for_previous` has passed since it arrived: then it is a `missing_predecessor`
+        // exception (see `order_action`).
+        let retry = if item.parked {
+            plan.retries.first()
+        } else {
+            plan.retries.get((item.attempt as usize).saturating_sub(1)).filter(|_| !item.permanent && item.attempt < allowed)
+        };
         let confirm = match retry {
             Some(tier) => {
                 if item.parked {
                     tracing::debug!(pipeline = %p.name, attempt = item.attempt, retry_in = ?tier.delay, why = %why, "an event waits for its predecessor");
                 } else {
                     tracing::warn!(pipeline = %p.name, attempt = item.attempt, retry_in = ?tier.delay, error = %why, "a sink failed; the message will be retried");
+                    // Counted when it comes back, whatever it was to be (an exception whose trip
+                    // to the dead-letter queue was refused).
+                    item.counted = Counted::Retried;
                 }
                 let mut h = item.delivery.properties.headers().clone().unwrap_or_default();
                 h.insert(headers::ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(item.attempt) + 1));
+                // When it first arrived, kept across its trips (waits and exception records use it).
+                if !h.contains_key(headers::RECEIVED_AT) {
+                    let at = item.metadata.as_ref().map_or_else(chrono::Utc::now, |m| m.received_at);
+                    h.insert(headers::RECEIVED_AT.into(), AMQPValue::LongString(crate::message::rfc3339::format(&at).into()));
+                }
                 let props = item.delivery.properties.clone().with_headers(h);
                 publisher.publish("", &tier.queue, true, &item.delivery.data, props).await?
             }

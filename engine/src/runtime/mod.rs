@@ -228,6 +228,18 @@ impl SinkFailure {
 }
 
 impl PipelineRun {
+    /// What a RabbitMQ publish to sink `i` came to (sent, then confirmed), told to its circuit
+    /// breaker: a refusal or a return is a failure worth another try.
+    pub(crate) fn judge_publish<T>(&self, i: usize, result: Result<T, String>, shared: &Shared) -> Result<T, SinkFailure> {
+        match result {
+            Ok(v) => self.judge(i, Ok(()), shared).map(|()| v),
+            Err(message) => {
+                let e = crate::sink::SinkError::Delivery { message, transient: true, retry_after: None, status: None };
+                Err(self.judge(i, Err(e), shared).expect_err("a failure stays one"))
+            }
+        }
+    }
+
     /// The delivery settings of sink `i` (those of the version started: breaker and limiter
     /// state lives across reloads).
     pub(crate) fn delivery(&self, i: usize) -> &delivery::Delivery {
@@ -651,7 +663,9 @@ impl PipelineRun {
         delivered: Vec<(String, String)>,
         in_hand: &[(String, String)],
     ) {
-        if let Some(o) = &self.pipeline.ordering
+        // The version running now: a reload may have changed the ordering's scope.
+        let current = self.current();
+        if let Some(o) = &current.ordering
             && !delivered.is_empty()
             && let Err(e) = state.record_versions(o.scope.clone(), delivered).await
         {

@@ -418,6 +418,11 @@ async fn process_batch(run: &PipelineRun, shared: &Shared, batch: Vec<Leased>) -
     let current = run.current();
     let p: &Pipeline = &current;
     let max_attempts = run.max_attempts(p);
+    // Rate-limit waits with the batch in hand end a third of the way through its lease (the next
+    // batch is leased meanwhile): past that, what a limit holds back goes back to the queue, and
+    // no lease runs out.
+    let waits_until = Instant::now() + run.pipeline.runtime.visibility_timeout / 3;
+    let rate_wait = |most: Duration| most.min(waits_until.saturating_duration_since(Instant::now()));
     // First every message through the pipeline (Err: it is settled already), so that duplicates
     // are looked up once for the batch, before anything is written.
     let mut outcomes: Vec<Result<Outcome, (Settlement, Counted)>> = Vec::with_capacity(batch.len());
@@ -440,7 +445,7 @@ async fn process_batch(run: &PipelineRun, shared: &Shared, batch: Vec<Leased>) -
         }
         // `runtime.rate_limit`: taken no faster than that; past a short wait, back to the queue.
         if let Some(limit) = &run.pipeline.source_rate
-            && let Err(until) = limit.admit(INLINE_RATE_WAIT).await
+            && let Err(until) = limit.admit(rate_wait(INLINE_RATE_WAIT)).await
         {
             outcomes.push(Err(held_back(leased, until)));
             continue;
@@ -569,7 +574,7 @@ async fn process_batch(run: &PipelineRun, shared: &Shared, batch: Vec<Leased>) -
                     if external(&i) {
                         // Once one sink has it, the others' rate limits are waited out here.
                         let wait = if wrote_one { HELD_AFTER_WRITE_WAIT } else { INLINE_RATE_WAIT };
-                        if let Err(until) = run.admit(i, wait, shared).await {
+                        if let Err(until) = run.admit(i, rate_wait(wait), shared).await {
                             held = Some(until);
                             break;
                         }
@@ -586,10 +591,10 @@ async fn process_batch(run: &PipelineRun, shared: &Shared, batch: Vec<Leased>) -
                         )),
                         RuntimeSink::External(sink) => match sink.as_amqp() {
                             // Confirms are this batch's own: never another worker's flush.
-                            Some(amqp) => match amqp.send(&output).await {
+                            Some(amqp) => match run.judge_publish(i, amqp.send(&output).await.map_err(|e| e.to_string()), shared) {
                                 Ok(c) => confirms.push((done.len(), i, c)),
-                                Err(e) => {
-                                    failed = Some((i, SinkFailure::passing(format!("sink `{}`: {e}", p.sink_name(i)))));
+                                Err(f) => {
+                                    failed = Some((i, f));
                                     break;
                                 }
                             },
@@ -635,20 +640,21 @@ async fn process_batch(run: &PipelineRun, shared: &Shared, batch: Vec<Leased>) -
             }
         }
     }
-    let mut refused: Vec<(usize, usize, String)> = Vec::new();
+    let mut refused: Vec<(usize, usize, SinkFailure)> = Vec::new();
     for (k, i, c) in confirms {
-        if let Err(e) = crate::amqp::publish::confirmed(c).await
+        let confirmed = crate::amqp::publish::confirmed(c).await.map_err(|e| e.to_string());
+        if let Err(f) = run.judge_publish(i, confirmed, shared)
             && !refused.iter().any(|(r, _, _)| *r == k)
         {
-            refused.push((k, i, format!("sink `{}`: {e}", p.sink_name(i))));
+            refused.push((k, i, f));
         }
     }
-    for (k, i, message) in refused {
+    for (k, i, f) in refused {
         // Still `Done` (not already a sink failure): the publish was refused after the fact.
         if matches!(settlements[k].outcome, Settle::Done { .. })
             && let Some((metadata, _)) = wrote_outside[k].clone()
         {
-            (settlements[k], counted[k]) = sink_failure(run, p, i, &batch[k], metadata, SinkFailure::passing(message));
+            (settlements[k], counted[k]) = sink_failure(run, p, i, &batch[k], metadata, f);
             wrote_outside[k] = None;
         }
     }

@@ -320,16 +320,34 @@ impl StateStore for PostgresStore {
         let q = format!("SELECT key, version FROM {}.entity_versions WHERE scope = $1 AND key = ANY($2) FOR UPDATE", self.schema);
         let known: HashMap<String, String> =
             tx.query(&q, &[&scope.as_ref(), &keys]).await.map_err(pg_error)?.into_iter().map(|r| (r.get(0), r.get(1))).collect();
-        let upsert = format!(
-            "INSERT INTO {}.entity_versions (scope, key, version, updated_at) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (scope, key) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
-            self.schema
+        let s = &self.schema;
+        let insert = format!(
+            "INSERT INTO {s}.entity_versions (scope, key, version, updated_at) VALUES ($1, $2, $3, $4) ON CONFLICT (scope, key) DO NOTHING"
         );
+        let update = format!("UPDATE {s}.entity_versions SET version = $3, updated_at = $4 WHERE scope = $1 AND key = $2");
+        let lock_one = format!("SELECT version FROM {s}.entity_versions WHERE scope = $1 AND key = $2 FOR UPDATE");
+        let mut known = known;
         for (k, v) in &versions {
-            if known.get(k).is_some_and(|old| crate::pipeline::compare_versions(v, old).is_le()) {
-                continue;
+            let later = |old: &String| crate::pipeline::compare_versions(v, old).is_gt();
+            match known.get(k) {
+                Some(old) if !later(old) => continue,
+                Some(_) => {
+                    tx.execute(&update, &[&scope.as_ref(), k, v, &now_micros()]).await.map_err(pg_error)?;
+                }
+                None => {
+                    // Another engine may insert the first version of this entity at the same
+                    // moment: then its row is locked and compared like the others.
+                    if tx.execute(&insert, &[&scope.as_ref(), k, v, &now_micros()]).await.map_err(pg_error)? == 0 {
+                        let old: String = tx.query_one(&lock_one, &[&scope.as_ref(), k]).await.map_err(pg_error)?.get(0);
+                        if !later(&old) {
+                            known.insert(k.clone(), old);
+                            continue;
+                        }
+                        tx.execute(&update, &[&scope.as_ref(), k, v, &now_micros()]).await.map_err(pg_error)?;
+                    }
+                }
             }
-            tx.execute(&upsert, &[&scope.as_ref(), k, v, &now_micros()]).await.map_err(pg_error)?;
+            known.insert(k.clone(), v.clone());
         }
         tx.commit().await.map_err(pg_error)
     }
@@ -486,6 +504,16 @@ mod tests {
         assert_eq!(pg.record_exceptions(vec![again("r2", "m-9")]).await.unwrap(), 0, "one open record per message");
         pg.replay(ExceptionFilter { id: Some("r1".into()), ..Default::default() }).await.unwrap();
         assert_eq!(pg.record_exceptions(vec![again("r3", "m-9")]).await.unwrap(), 1);
+
+        // Two engines applying the first versions of the same entities at once: the later wins.
+        let scope: Arc<str> = Arc::from("race");
+        let entities: Vec<String> = (0..200).map(|i| format!("e{i}")).collect();
+        let of = |v: &str| entities.iter().map(|k| (k.clone(), v.to_string())).collect::<Vec<_>>();
+        let (x, y) = tokio::join!(pg.record_versions(scope.clone(), of("5")), b.record_versions(scope.clone(), of("3")));
+        x.unwrap();
+        y.unwrap();
+        let last = pg.last_versions(scope, entities.clone()).await.unwrap();
+        assert!(entities.iter().all(|k| last.get(k).map(String::as_str) == Some("5")), "{last:?}");
         pg.drop_schema().await.unwrap();
     }
 
