@@ -192,7 +192,11 @@ fn exceptions_over_rabbitmq_go_to_the_shared_store_and_replays_go_back_to_the_qu
         format!("bx{}x{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis());
     let store = format!("{pg}?schema=sy_{prefix}");
     let text = std::fs::read_to_string(repo().join("tests/runtime/sku/rt-sku-orders.yaml")).unwrap();
-    std::fs::write(dir.path().join("sku.yaml"), text.replace("queue: rt.sku.in", &format!("queue: {prefix}.sku.in"))).unwrap();
+    // Where each message came from, as the pipeline reads it: a replay must read the same.
+    let text = text
+        .replace("queue: rt.sku.in", &format!("queue: {prefix}.sku.in"))
+        .replace("      sku: $.sku\n", "      sku: $.sku\n      via: {template: \"{header.amqp.exchange}/{header.amqp.routing_key}\"}\n");
+    std::fs::write(dir.path().join("sku.yaml"), text).unwrap();
     std::fs::copy(repo().join("tests/runtime/sku/skus.csv"), dir.path().join("skus.csv")).unwrap();
     let sy = |machine: &str, broker: bool, args: &[&str]| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_switchyard"));
@@ -226,7 +230,10 @@ fn exceptions_over_rabbitmq_go_to_the_shared_store_and_replays_go_back_to_the_qu
     assert!(said.contains("total: 1 in = 1 routed + 0 exceptions"), "the replay came back through the queue: {said}");
     let out: Vec<serde_json::Value> = lines("b").lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!((out.len(), out[0]["id"].as_str(), out[0]["item_code"].as_str()), (1, Some("2"), Some("ITM-009")));
-    assert_eq!(lines("a").lines().count(), 1);
+    let first: Vec<serde_json::Value> = lines("a").lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0]["via"], format!("{prefix}.sku.in/"), "sent to the exchange with no routing key");
+    assert_eq!(out[0]["via"], first[0]["via"], "the replay reads the exchange and routing key it first came with");
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {

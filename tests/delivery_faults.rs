@@ -836,6 +836,10 @@ fn run_case(label: &str, transport: Transport, postgres: Option<&str>) -> Result
     if postgres.is_some() {
         let dead = scene.dead_lettered();
         assert!(dead.is_empty(), "{label}: with a shared store nothing goes to the dead-letter queue, yet {} did", dead.len());
+        // A refused order is refused on every delivery: none of its records is closed as delivered.
+        let out = scene.command(&["exceptions", "list", "--status", "superseded", "--format", "json"]).output().unwrap();
+        let closed: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        assert_eq!(closed.as_array().map(Vec::len), Some(0), "{label}: no record superseded: {closed}");
     }
     let left = scene.left();
 

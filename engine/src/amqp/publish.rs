@@ -37,6 +37,10 @@ pub mod headers {
     pub const FAILED_AT: &str = "x-switchyard-failed-at";
     /// On a message sent to a retry queue: when it first arrived (RFC 3339).
     pub const RECEIVED_AT: &str = "x-switchyard-received-at";
+    /// On a replayed message: the exchange and routing key it first came with (a pipeline reads
+    /// them as `amqp.exchange` and `amqp.routing_key`, as on its first delivery).
+    pub const FIRST_EXCHANGE: &str = "x-switchyard-first-exchange";
+    pub const FIRST_ROUTING_KEY: &str = "x-switchyard-first-routing-key";
     /// On a message sent again by `switchyard exceptions replay`: the record it replays.
     pub const REPLAY_OF: &str = "x-switchyard-replay-of";
 }

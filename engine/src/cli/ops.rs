@@ -696,7 +696,7 @@ pub enum ExceptionsCommand {
     List {
         #[command(flatten)]
         filter: FilterArgs,
-        /// open, replayed, discarded or all.
+        /// open, replayed, discarded, superseded (delivered after all, with a shared store) or all.
         #[arg(long, default_value = "open")]
         status: String,
         #[arg(long, value_enum, default_value = "human")]
@@ -759,8 +759,8 @@ fn parse_since(s: &str) -> Result<i64, String> {
 fn filter_of(f: &FilterArgs, id: Option<String>, status: Option<String>) -> Result<ExceptionFilter, String> {
     let status = match status.as_deref() {
         None | Some("all") => None,
-        Some(s @ ("open" | "replayed" | "discarded")) => Some(s.to_string()),
-        Some(other) => return Err(format!("--status `{other}`: expected open, replayed, discarded or all")),
+        Some(s @ ("open" | "replayed" | "discarded" | "superseded")) => Some(s.to_string()),
+        Some(other) => return Err(format!("--status `{other}`: expected open, replayed, discarded, superseded or all")),
     };
     Ok(ExceptionFilter {
         id,

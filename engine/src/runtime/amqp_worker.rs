@@ -360,6 +360,12 @@ fn transport_headers(d: &Delivery) -> BTreeMap<String, String> {
             }
         }
     }
+    // A replay: where it first came from, as a mapping or route saw it then.
+    for (from, to) in [(headers::FIRST_EXCHANGE, "amqp.exchange"), (headers::FIRST_ROUTING_KEY, "amqp.routing_key")] {
+        if let Some(v) = h.get(from).cloned() {
+            h.insert(to.into(), v);
+        }
+    }
     h
 }
 
@@ -367,7 +373,7 @@ fn transport_headers(d: &Delivery) -> BTreeMap<String, String> {
 /// properties and headers, without this delivery's attempt count.
 fn exception_row(record: ExceptionRecord, d: &Delivery) -> crate::store::ExceptionRow {
     let mut h = transport_headers(d);
-    for k in ["amqp.redelivered", "amqp.exchange", "x-delivery-count", headers::ATTEMPT, headers::RECEIVED_AT] {
+    for k in ["amqp.redelivered", "x-delivery-count", headers::ATTEMPT, headers::RECEIVED_AT] {
         h.remove(k);
     }
     let headers = serde_json::to_string(&h).unwrap_or_else(|_| "{}".into());
@@ -395,6 +401,11 @@ pub(super) async fn publish_replay(run: &PipelineRun, replay: &crate::store::Que
         props = props.with_app_id(crate::amqp::short_id(&v));
     }
     let mut table = FieldTable::default();
+    for (k, to) in [("amqp.exchange", headers::FIRST_EXCHANGE), ("amqp.routing_key", headers::FIRST_ROUTING_KEY)] {
+        if let Some(v) = saved.get(k) {
+            table.insert(to.into(), AMQPValue::LongString(LongString::from(v.clone())));
+        }
+    }
     for (k, v) in saved.into_iter().filter(|(k, _)| !k.starts_with("amqp.") && k != "replay_of") {
         table.insert(k.into(), AMQPValue::LongString(LongString::from(v)));
     }
@@ -575,9 +586,13 @@ async fn process_batch(
                         break;
                     }
                     let written = match sink.as_amqp() {
-                        Some(a) => run
-                            .judge_publish(i, a.send(&output).await.map_err(|e| e.to_string()), shared)
-                            .map(|c| item.confirms.push((Some(i), c))),
+                        Some(a) => match a.send(&output).await {
+                            Ok(c) => {
+                                item.confirms.push((Some(i), c));
+                                Ok(())
+                            }
+                            Err(e) => Err(run.publish_failed(i, e.to_string(), shared)),
+                        },
                         None => run.judge(i, sink.write(&output).await, shared).map(|()| item.outside.push(i)),
                     };
                     if let Err(f) = written {
@@ -782,6 +797,16 @@ async fn settle(
         && !last.delivery.acker.ack(BasicAckOptions { multiple: true }).await.map_err(lost)?
     {
         return Err(AmqpError::Lost("the channel closed before the batch was acknowledged".into()));
+    }
+    // Delivered again after an earlier delivery of it may have left an exception record.
+    if state.embedded().is_none() {
+        let again: Vec<String> = batch
+            .iter()
+            .filter(|i| i.failed.is_none() && i.held.is_none() && i.exception.is_none() && !matches!(i.counted, Counted::Exception(_)))
+            .filter(|i| i.delivery.redelivered || i.attempt > 1)
+            .filter_map(|i| i.metadata.as_ref().map(|m| m.message_id.clone()))
+            .collect();
+        super::worker::supersede(run, shared, again).await;
     }
     run.stats.retried.fetch_add(retried, Ordering::Relaxed);
     for item in batch {

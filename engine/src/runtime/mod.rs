@@ -228,15 +228,22 @@ impl SinkFailure {
 }
 
 impl PipelineRun {
-    /// What a RabbitMQ publish to sink `i` came to (sent, then confirmed), told to its circuit
-    /// breaker: a refusal or a return is a failure worth another try.
-    pub(crate) fn judge_publish<T>(&self, i: usize, result: Result<T, String>, shared: &Shared) -> Result<T, SinkFailure> {
-        match result {
-            Ok(v) => self.judge(i, Ok(()), shared).map(|()| v),
-            Err(message) => {
-                let e = crate::sink::SinkError::Delivery { message, transient: true, retry_after: None, status: None };
-                Err(self.judge(i, Err(e), shared).expect_err("a failure stays one"))
-            }
+    /// What a RabbitMQ publish to sink `i` came to once confirmed, told to its circuit breaker:
+    /// a refusal or a return is a failure worth another try. (A publish that could not even be
+    /// sent is told with [`Self::publish_failed`]; one sent is judged only by its confirm.)
+    pub(crate) fn judge_publish(&self, i: usize, confirmed: Result<(), String>, shared: &Shared) -> Result<(), SinkFailure> {
+        match confirmed {
+            Ok(()) => self.judge(i, Ok(()), shared),
+            Err(message) => Err(self.publish_failed(i, message, shared)),
+        }
+    }
+
+    /// A publish to sink `i` that failed, told to its circuit breaker.
+    pub(crate) fn publish_failed(&self, i: usize, message: String, shared: &Shared) -> SinkFailure {
+        let e = crate::sink::SinkError::Delivery { message, transient: true, retry_after: None, status: None };
+        match self.judge(i, Err(e), shared) {
+            Err(f) => f,
+            Ok(()) => SinkFailure::passing(format!("sink `{}`: the publish failed", self.pipeline.sink_name(i))),
         }
     }
 

@@ -53,8 +53,12 @@ async fn move_replays(shared: &Shared) -> Result<usize, String> {
     for r in &taken {
         let Some(run) = shared.runs.iter().find(|x| x.pipeline.name == r.pipeline) else { continue };
         if matches!(run.pipeline.source, SourceConfig::Amqp(_)) {
-            // One by one: a broker away leaves the rest for the next look.
-            super::amqp_worker::publish_replay(run, r).await.map_err(|e| format!("pipeline `{}`: {e}", r.pipeline))?;
+            // One by one: a broker away leaves the rest for the next look (those published
+            // before it are handed on, not published again).
+            if let Err(e) = super::amqp_worker::publish_replay(run, r).await {
+                let _ = shared.state.replays_handed(handed).await;
+                return Err(format!("pipeline `{}`: {e}", r.pipeline));
+            }
             handed.push(r.id);
         } else {
             local.push((run.replay_stream, stored(r)));

@@ -27,6 +27,9 @@ struct InCommit {
     to_record: Vec<(usize, store::KeyRecord)>,
     /// Entity versions delivered (to record) and held in hand (to let go), once it is done.
     versions: BatchVersions,
+    /// Messages delivered on a later delivery (by settlement index), whose exception records in
+    /// a shared store are closed once the commit is done.
+    superseding: Vec<(usize, String)>,
 }
 
 /// A lease on its way: where it started, and the batch with how many replays lead it.
@@ -160,8 +163,18 @@ pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<()
             if !*shutdown.borrow() && back_pressure.last.is_none() {
                 next = Some(lease(cursor.next_from()));
             }
+            // Delivered before, at least in part: with a shared store, an exception recorded then
+            // may be superseded now.
+            let again: Vec<(i64, String)> = if shared.state.embedded().is_none() {
+                batch.iter().filter(|l| l.attempts > 1).map(|l| (l.id, l.message_id.clone())).collect()
+            } else {
+                Vec::new()
+            };
             let Processed { mut settlements, mut counted, marks, keys, versions } = process_batch(&run, &shared, batch).await?;
+            let mut superseding = Vec::new();
             if shared.state.embedded().is_none() {
+                // Before the records are taken out of the settlements.
+                superseding = delivered_again(&settlements, &again);
                 record_shared_exceptions(&run, &shared, &mut settlements, &mut counted).await;
             }
             let to_record = if shared.state.embedded().is_some() { Vec::new() } else { take_keys(&mut settlements) };
@@ -182,6 +195,7 @@ pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<()
                 keys,
                 to_record,
                 versions,
+                superseding,
             });
             finish(&run, &shared, &mut pending, MAX_PENDING_COMMITS).await?;
             if let Some(pause) = pause {
@@ -241,7 +255,7 @@ impl BackPressure {
 /// Waits for commits until at most `keep` are pending, and counts what they did.
 async fn finish(run: &PipelineRun, shared: &Shared, pending: &mut VecDeque<InCommit>, keep: usize) -> Result<(), RunError> {
     while pending.len() > keep {
-        let InCommit { commit, counted, keys, to_record, versions } = pending.pop_front().expect("non-empty");
+        let InCommit { commit, counted, keys, to_record, versions, superseding } = pending.pop_front().expect("non-empty");
         let result = commit.await;
         let (delivered, in_hand) = versions;
         run.settle_versions(&*shared.state, if result.is_ok() { delivered } else { Vec::new() }, &in_hand).await;
@@ -261,6 +275,12 @@ async fn finish(run: &PipelineRun, shared: &Shared, pending: &mut VecDeque<InCom
                     tracing::warn!(pipeline = %run.pipeline.name, error = %e, "delivered, but the idempotency keys could not be recorded: a copy sent again would be delivered again")
                 }
             }
+        }
+        if let Ok(report) = &result
+            && !superseding.is_empty()
+        {
+            let ids: Vec<String> = superseding.into_iter().filter(|(i, _)| !report.lost_leases.contains(i)).map(|(_, m)| m).collect();
+            supersede(run, shared, ids).await;
         }
         run.release_keys(&keys);
         shared.in_flight.fetch_sub(counted.len() as i64, Ordering::SeqCst);
@@ -312,6 +332,40 @@ async fn record_shared_exceptions(run: &PipelineRun, shared: &Shared, settlement
         for i in at {
             settlements[i].outcome = Settle::GiveBack { visible_at };
             counted[i] = Counted::Held;
+        }
+    }
+}
+
+/// The messages of `again` (leased id, message id) that this batch settles without an exception.
+fn delivered_again(settlements: &[Settlement], again: &[(i64, String)]) -> Vec<(usize, String)> {
+    if again.is_empty() {
+        return Vec::new();
+    }
+    settlements
+        .iter()
+        .enumerate()
+        .filter_map(|(k, s)| match (&s.outcome, s.input) {
+            (Settle::Done { exceptions, .. }, Some((id, _))) if exceptions.is_empty() => {
+                again.iter().find(|(a, _)| *a == id).map(|(_, m)| (k, m.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Closes the open records of messages delivered after all (a shared store); a failure leaves
+/// them open, which is said.
+pub(super) async fn supersede(run: &PipelineRun, shared: &Shared, message_ids: Vec<String>) {
+    if message_ids.is_empty() {
+        return;
+    }
+    match shared.state.supersede_exceptions(run.pipeline.name.clone(), message_ids).await {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::info!(pipeline = %run.pipeline.name, records = n, "messages with an exception record were delivered on a later delivery: their records are closed as superseded")
+        }
+        Err(e) => {
+            tracing::warn!(pipeline = %run.pipeline.name, error = %e, "messages with an exception record were delivered on a later delivery, but their records could not be closed")
         }
     }
 }
@@ -591,10 +645,10 @@ async fn process_batch(run: &PipelineRun, shared: &Shared, batch: Vec<Leased>) -
                         )),
                         RuntimeSink::External(sink) => match sink.as_amqp() {
                             // Confirms are this batch's own: never another worker's flush.
-                            Some(amqp) => match run.judge_publish(i, amqp.send(&output).await.map_err(|e| e.to_string()), shared) {
+                            Some(amqp) => match amqp.send(&output).await {
                                 Ok(c) => confirms.push((done.len(), i, c)),
-                                Err(f) => {
-                                    failed = Some((i, f));
+                                Err(e) => {
+                                    failed = Some((i, run.publish_failed(i, e.to_string(), shared)));
                                     break;
                                 }
                             },
@@ -725,5 +779,34 @@ mod tests {
         assert_eq!(c.next_from(), 500, "a short batch ends it");
         c.leased(500, Some(700), true);
         assert_eq!(c.next_from(), 700);
+    }
+
+    #[test]
+    fn only_messages_delivered_again_supersede_their_records() {
+        let done = |id: i64, failed: bool| Settlement {
+            input: Some((id, 2)),
+            outcome: Settle::Done {
+                outputs: vec![],
+                exceptions: if failed {
+                    vec![ExceptionRow { record: crate::store::tests_record("x", "sink_failed"), headers: "{}".into(), replayable: true }]
+                } else {
+                    vec![]
+                },
+                key: None,
+            },
+        };
+        let settlements = vec![
+            done(1, false),
+            done(2, true),
+            Settlement { input: Some((3, 2)), outcome: Settle::Retry { visible_at: 0 } },
+            done(4, false),
+        ];
+        let again = vec![(1, "m1".to_string()), (2, "m2".to_string()), (3, "m3".to_string())];
+        assert_eq!(
+            delivered_again(&settlements, &again),
+            [(0, "m1".to_string())],
+            "delivered, not failed again nor retried; 4 was a first delivery"
+        );
+        assert!(delivered_again(&settlements, &[]).is_empty());
     }
 }

@@ -55,7 +55,7 @@ pub struct ExceptionFilter {
     pub reason: Option<String>,
     /// Failed at or after (µs since the epoch).
     pub since: Option<i64>,
-    /// `open`, `replayed`, `discarded`; any when `None`.
+    /// `open`, `replayed`, `discarded`, `superseded`; any when `None`.
     pub status: Option<String>,
     pub limit: Option<usize>,
 }
@@ -245,13 +245,13 @@ pub fn exception_exists(conn: &Connection, id: &str) -> StoreResult<bool> {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+pub(crate) mod tests {
     use super::super::queue::*;
     use super::super::tests::temp_store;
     use super::*;
     use crate::message::{ErrorDetail, OriginalPayload, Stage};
 
-    pub(in crate::store) fn record(id: &str, reason: &str) -> ExceptionRecord {
+    pub(crate) fn record(id: &str, reason: &str) -> ExceptionRecord {
         let now = chrono::Utc::now();
         ExceptionRecord {
             exception_id: id.into(),

@@ -23,6 +23,10 @@ pub use shared_exceptions::QueuedReplay;
 pub use state::*;
 pub use status::*;
 
+/// An exception record for tests elsewhere in the engine.
+#[cfg(test)]
+pub(crate) use admin::tests::record as tests_record;
+
 use rusqlite::Connection;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;

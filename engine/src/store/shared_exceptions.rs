@@ -180,13 +180,14 @@ impl PostgresStore {
     pub(super) async fn lease_replays(&self, pipelines: Vec<String>, limit: usize) -> StoreResult<Vec<QueuedReplay>> {
         let c = self.client().await?;
         let s = &self.schema;
+        // The server's clock, the same for every engine whatever theirs say.
+        let now = "(extract(epoch from clock_timestamp()) * 1000000)::bigint";
         let q = format!(
-            "UPDATE {s}.replays SET taken_until = $1 WHERE id IN (
-                 SELECT id FROM {s}.replays WHERE pipeline = ANY($2) AND taken_until < $3 ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED)
+            "UPDATE {s}.replays SET taken_until = {now} + $1 WHERE id IN (
+                 SELECT id FROM {s}.replays WHERE pipeline = ANY($2) AND taken_until < {now} ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED)
              RETURNING id, pipeline, exception_id, message_id, headers, body"
         );
-        let now = now_micros();
-        let rows = c.query(&q, &[&(now + REPLAY_LEASE_MICROS), &pipelines, &now, &(limit as i64)]).await.map_err(pg_error)?;
+        let rows = c.query(&q, &[&REPLAY_LEASE_MICROS, &pipelines, &(limit as i64)]).await.map_err(pg_error)?;
         let mut out: Vec<QueuedReplay> = rows
             .into_iter()
             .map(|r| QueuedReplay {
@@ -200,6 +201,15 @@ impl PostgresStore {
             .collect();
         out.sort_by_key(|r| r.id);
         Ok(out)
+    }
+
+    pub(super) async fn close_superseded(&self, pipeline: String, message_ids: Vec<String>) -> StoreResult<usize> {
+        let c = self.client().await?;
+        let q = format!(
+            "UPDATE {}.exceptions SET status = 'superseded', status_at = $1 WHERE pipeline = $2 AND message_id = ANY($3) AND status = 'open'",
+            self.schema
+        );
+        Ok(c.execute(&q, &[&now_micros(), &pipeline, &message_ids]).await.map_err(pg_error)? as usize)
     }
 
     pub(super) async fn forget_replays(&self, ids: Vec<i64>) -> StoreResult<()> {

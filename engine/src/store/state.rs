@@ -48,6 +48,10 @@ pub trait StateStore: Send + Sync {
     async fn take_replays(&self, pipelines: Vec<String>, limit: usize) -> StoreResult<Vec<QueuedReplay>>;
     /// Forgets replays once they are in an engine's queue.
     async fn replays_handed(&self, ids: Vec<i64>) -> StoreResult<()>;
+    /// Closes the open records of these messages as `superseded`: delivered after all, on a
+    /// later delivery. Nothing to do for the embedded store, which records an exception in the
+    /// commit that settles its message.
+    async fn supersede_exceptions(&self, pipeline: String, message_ids: Vec<String>) -> StoreResult<usize>;
 }
 
 #[async_trait]
@@ -108,6 +112,9 @@ impl StateStore for Store {
     }
     async fn replays_handed(&self, _ids: Vec<i64>) -> StoreResult<()> {
         Ok(())
+    }
+    async fn supersede_exceptions(&self, _pipeline: String, _message_ids: Vec<String>) -> StoreResult<usize> {
+        Ok(0)
     }
 }
 
@@ -316,8 +323,12 @@ impl StateStore for PostgresStore {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg_error)?;
         // The rows are locked while compared, so that engines recording at once keep the later.
+        // Rows are locked and inserted in key order, the same in every engine: no deadlock.
+        let mut versions = versions;
+        versions.sort_by(|a, b| a.0.cmp(&b.0));
         let keys: Vec<&str> = versions.iter().map(|(k, _)| k.as_str()).collect();
-        let q = format!("SELECT key, version FROM {}.entity_versions WHERE scope = $1 AND key = ANY($2) FOR UPDATE", self.schema);
+        let q =
+            format!("SELECT key, version FROM {}.entity_versions WHERE scope = $1 AND key = ANY($2) ORDER BY key FOR UPDATE", self.schema);
         let known: HashMap<String, String> =
             tx.query(&q, &[&scope.as_ref(), &keys]).await.map_err(pg_error)?.into_iter().map(|r| (r.get(0), r.get(1))).collect();
         let s = &self.schema;
@@ -368,6 +379,9 @@ impl StateStore for PostgresStore {
     }
     async fn replays_handed(&self, ids: Vec<i64>) -> StoreResult<()> {
         self.forget_replays(ids).await
+    }
+    async fn supersede_exceptions(&self, pipeline: String, message_ids: Vec<String>) -> StoreResult<usize> {
+        self.close_superseded(pipeline, message_ids).await
     }
 }
 
@@ -504,6 +518,10 @@ mod tests {
         assert_eq!(pg.record_exceptions(vec![again("r2", "m-9")]).await.unwrap(), 0, "one open record per message");
         pg.replay(ExceptionFilter { id: Some("r1".into()), ..Default::default() }).await.unwrap();
         assert_eq!(pg.record_exceptions(vec![again("r3", "m-9")]).await.unwrap(), 1);
+        // Delivered on a later delivery after all: its open record is closed.
+        assert_eq!(pg.supersede_exceptions("p".into(), vec!["m-9".into(), "m-none".into()]).await.unwrap(), 1);
+        let r3 = pg.exceptions(ExceptionFilter { id: Some("r3".into()), ..Default::default() }).await.unwrap();
+        assert_eq!(r3[0].status, "superseded");
 
         // Two engines applying the first versions of the same entities at once: the later wins.
         let scope: Arc<str> = Arc::from("race");
