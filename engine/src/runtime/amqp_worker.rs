@@ -360,10 +360,14 @@ fn transport_headers(d: &Delivery) -> BTreeMap<String, String> {
             }
         }
     }
-    // A replay: where it first came from, as a mapping or route saw it then.
-    for (from, to) in [(headers::FIRST_EXCHANGE, "amqp.exchange"), (headers::FIRST_ROUTING_KEY, "amqp.routing_key")] {
-        if let Some(v) = h.get(from).cloned() {
-            h.insert(to.into(), v);
+    // Back from a retry queue or replayed (both come through the default exchange): where it
+    // first came from, as a mapping or route saw it then. Not taken from a message that came
+    // through a named exchange: a producer cannot pass for another exchange that way.
+    if d.exchange.as_str().is_empty() {
+        for (from, to) in [(headers::FIRST_EXCHANGE, "amqp.exchange"), (headers::FIRST_ROUTING_KEY, "amqp.routing_key")] {
+            if let Some(v) = h.get(from).cloned() {
+                h.insert(to.into(), v);
+            }
         }
     }
     h
@@ -685,6 +689,15 @@ async fn settle(
                 }
                 let mut h = item.delivery.properties.headers().clone().unwrap_or_default();
                 h.insert(headers::ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(item.attempt) + 1));
+                // Where it first came from, kept across its trips (back through the default
+                // exchange): routes and a later replay read that, not the retry queue.
+                for (key, v) in
+                    [(headers::FIRST_EXCHANGE, &item.delivery.exchange), (headers::FIRST_ROUTING_KEY, &item.delivery.routing_key)]
+                {
+                    if !h.contains_key(key) {
+                        h.insert(key.into(), AMQPValue::LongString(v.as_str().into()));
+                    }
+                }
                 // When it first arrived, kept across its trips (waits and exception records use it).
                 if !h.contains_key(headers::RECEIVED_AT) {
                     let at = item.metadata.as_ref().map_or_else(chrono::Utc::now, |m| m.received_at);

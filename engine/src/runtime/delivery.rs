@@ -121,8 +121,11 @@ pub enum BreakerState {
     Open {
         until: Instant,
     },
-    /// One probe is out; the others wait for its outcome.
-    HalfOpen,
+    /// One probe is out since then; the others wait for its outcome. A probe never judged (its
+    /// connection lost before its answer) gives way to another after `open_for`.
+    HalfOpen {
+        since: Instant,
+    },
 }
 
 impl BreakerState {
@@ -130,7 +133,7 @@ impl BreakerState {
         match self {
             BreakerState::Closed => "closed",
             BreakerState::Open { .. } => "open",
-            BreakerState::HalfOpen => "half-open",
+            BreakerState::HalfOpen { .. } => "half-open",
         }
     }
 }
@@ -166,11 +169,15 @@ impl CircuitBreaker {
         match g.0 {
             BreakerState::Closed => Gate::Open,
             BreakerState::Open { until } if Instant::now() >= until => {
-                g.0 = BreakerState::HalfOpen;
+                g.0 = BreakerState::HalfOpen { since: Instant::now() };
                 Gate::Open
             }
             BreakerState::Open { until } => Gate::Wait(until),
-            BreakerState::HalfOpen => Gate::Wait(Instant::now() + PROBE_WAIT),
+            BreakerState::HalfOpen { since } if since.elapsed() >= self.open_for => {
+                g.0 = BreakerState::HalfOpen { since: Instant::now() };
+                Gate::Open
+            }
+            BreakerState::HalfOpen { .. } => Gate::Wait(Instant::now() + PROBE_WAIT),
         }
     }
 
@@ -188,7 +195,7 @@ impl CircuitBreaker {
     pub fn failure(&self) -> Option<BreakerState> {
         let mut g = self.inner.lock().expect("breaker");
         g.1 = g.1.saturating_add(1);
-        let opens = matches!(g.0, BreakerState::HalfOpen) || (matches!(g.0, BreakerState::Closed) && g.1 >= self.failures_to_open);
+        let opens = matches!(g.0, BreakerState::HalfOpen { .. }) || (matches!(g.0, BreakerState::Closed) && g.1 >= self.failures_to_open);
         if opens {
             g.0 = BreakerState::Open { until: Instant::now() + self.open_for };
             return Some(g.0);
@@ -258,7 +265,7 @@ impl Delivery {
         let now = Instant::now();
         let breaker = self.breaker.as_ref().and_then(|b| match b.state() {
             BreakerState::Open { until } if until > now => Some(until),
-            BreakerState::HalfOpen => Some(now + PROBE_WAIT),
+            BreakerState::HalfOpen { since } if since.elapsed() < b.open_for => Some(now + PROBE_WAIT),
             _ => None,
         });
         breaker.into_iter().chain(self.rate.paused_until()).max()
@@ -412,13 +419,24 @@ mod tests {
         assert!(matches!(b.gate(), Gate::Wait(_)));
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(b.gate(), Gate::Open, "the probe");
-        assert_eq!(b.state(), BreakerState::HalfOpen);
+        assert!(matches!(b.state(), BreakerState::HalfOpen { .. }));
         assert!(matches!(b.gate(), Gate::Wait(_)), "one probe at a time");
         assert!(matches!(b.failure(), Some(BreakerState::Open { .. })), "a failed probe opens it again");
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(b.gate(), Gate::Open);
-        assert_eq!(b.success(), Some(BreakerState::HalfOpen));
+        assert!(matches!(b.success(), Some(BreakerState::HalfOpen { .. })));
         assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn a_probe_never_answered_gives_way_to_another() {
+        let b = CircuitBreaker::new(1, Duration::from_millis(50));
+        b.failure();
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(b.gate(), Gate::Open, "the probe, whose answer never comes");
+        assert!(matches!(b.gate(), Gate::Wait(_)));
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(b.gate(), Gate::Open, "after open_for, another probe");
     }
 
     #[test]
