@@ -877,15 +877,29 @@ fn a_downstream_pipeline_stops_duplicates_by_the_key_its_upstream_gave() {
     assert!(record["errors"][0]["message"].as_str().unwrap().contains("envelope.idempotency_key"), "{record}");
 }
 
+/// A PostgreSQL schema of a test's own, as a `--store` URL; `None` (with a `skipped:` line)
+/// without PostgreSQL.
+struct SharedStore {
+    url: String,
+}
+
+impl SharedStore {
+    fn new(tag: &str) -> Option<SharedStore> {
+        let url = switchyard::store::test_postgres_url()?;
+        let unique = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() % 1_000_000;
+        Some(SharedStore { url: format!("{url}?schema=sy_{tag}_{}_{unique}", std::process::id()) })
+    }
+
+    fn drop_schema(&self) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async { switchyard::store::PostgresStore::connect(&self.url).await.unwrap().drop_schema().await.unwrap() });
+    }
+}
+
 #[test]
 fn engines_with_their_own_data_directories_share_keys_through_postgresql() {
-    let Some(url) = switchyard::store::test_postgres_url() else { return };
-    let schema = format!(
-        "sy_cli_{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() % 1_000_000
-    );
-    let shared = format!("{url}?schema={schema}");
+    let Some(store) = SharedStore::new("cli") else { return };
+    let shared = store.url.clone();
     let tmp = tempfile::tempdir().unwrap();
     let (a, b, alone) = (tmp.path().join("a"), tmp.path().join("b"), tmp.path().join("alone"));
     let pipeline = &format!("{IDEM}/idem-orders.yaml");
@@ -915,19 +929,13 @@ fn engines_with_their_own_data_directories_share_keys_through_postgresql() {
     assert_eq!(refused.code, Some(1), "{}", refused.stderr);
     assert!(refused.stderr.contains("app:***@127.0.0.1:1") && !refused.stderr.contains("s3cret"), "{}", refused.stderr);
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(async { switchyard::store::PostgresStore::connect(&shared).await.unwrap().drop_schema().await.unwrap() });
+    store.drop_schema();
 }
 
 #[test]
 fn exception_records_of_several_engines_are_kept_listed_and_replayed_through_postgresql() {
-    let Some(url) = switchyard::store::test_postgres_url() else { return };
-    let schema = format!(
-        "sy_exc_{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() % 1_000_000
-    );
-    let shared = format!("{url}?schema={schema}");
+    let Some(store) = SharedStore::new("exc") else { return };
+    let shared = store.url.clone();
     let tmp = tempfile::tempdir().unwrap();
     let (a, b, desk) = (tmp.path().join("a"), tmp.path().join("b"), tmp.path().join("analyst"));
     let p = copy_fixture("sku", tmp.path());
@@ -972,8 +980,7 @@ fn exception_records_of_several_engines_are_kept_listed_and_replayed_through_pos
     let replayed = with_store(&desk, &["exceptions", "export", "--status", "replayed"]).ok("export");
     assert_eq!(replayed.stdout.lines().count(), 2, "{}", replayed.stdout);
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(async { switchyard::store::PostgresStore::connect(&shared).await.unwrap().drop_schema().await.unwrap() });
+    store.drop_schema();
 }
 
 const ORD: &str = "tests/runtime/ordering/ord-orders.yaml";

@@ -44,6 +44,26 @@ pub enum SinkConfig {
     Http(Box<HttpSinkConfig>),
 }
 
+impl SinkConfig {
+    /// Its `retry`, `circuit_breaker` and `rate_limit`, for the sinks that talk to a receiver.
+    pub fn delivery_config(&self) -> Option<crate::runtime::delivery::DeliveryConfig<'_>> {
+        use crate::runtime::delivery::DeliveryConfig;
+        match self {
+            SinkConfig::Http(h) => Some(DeliveryConfig {
+                retry: h.retry.as_ref(),
+                circuit_breaker: h.circuit_breaker.as_ref(),
+                rate_limit: h.rate_limit.as_ref(),
+            }),
+            SinkConfig::Amqp(a) => Some(DeliveryConfig {
+                retry: a.retry.as_ref(),
+                circuit_breaker: a.circuit_breaker.as_ref(),
+                rate_limit: a.rate_limit.as_ref(),
+            }),
+            SinkConfig::File(_) | SinkConfig::Stdout(_) | SinkConfig::Queue(_) => None,
+        }
+    }
+}
+
 /// A validate step, picked by `type:`.
 #[derive(Debug, Clone, JsonSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]

@@ -727,31 +727,10 @@ impl Pipeline {
                 {
                     http_targets.insert(name.clone(), Arc::new(t));
                 }
-                use crate::runtime::delivery::{Delivery, DeliveryConfig};
-                deliveries.push(Arc::new(match &s {
-                    SinkConfig::Http(h) => Delivery::build(
-                        &DeliveryConfig {
-                            retry: h.retry.as_ref(),
-                            circuit_breaker: h.circuit_breaker.as_ref(),
-                            rate_limit: h.rate_limit.as_ref(),
-                        },
-                        &format!("sinks.{name}"),
-                        runtime.max_attempts,
-                        cx,
-                        &mut diags,
-                    ),
-                    SinkConfig::Amqp(a) => Delivery::build(
-                        &DeliveryConfig {
-                            retry: a.retry.as_ref(),
-                            circuit_breaker: a.circuit_breaker.as_ref(),
-                            rate_limit: a.rate_limit.as_ref(),
-                        },
-                        &format!("sinks.{name}"),
-                        runtime.max_attempts,
-                        cx,
-                        &mut diags,
-                    ),
-                    _ => Delivery::plain(runtime.max_attempts),
+                use crate::runtime::delivery::Delivery;
+                deliveries.push(Arc::new(match s.delivery_config() {
+                    Some(c) => Delivery::build(&c, &format!("sinks.{name}"), runtime.max_attempts, cx, &mut diags),
+                    None => Delivery::plain(runtime.max_attempts),
                 }));
                 if let SinkConfig::Queue(q) = &s {
                     check_queue_name(&q.queue, &format!("sinks.{name}.queue"), cx, &mut diags);

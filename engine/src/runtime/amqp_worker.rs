@@ -561,14 +561,10 @@ async fn process_batch(
         match outcome {
             Outcome::Failed(record) => {
                 tracing::info!(pipeline = %p.name, correlation_id = %record.correlation_id, reason = %record.reason, stage = record.stage.as_str(), "message sent to exceptions");
-                item.counted = Counted::Exception(record.reason.clone());
-                if shared.state.embedded().is_none() {
-                    item.exception = Some(exception_row(*record, &item.delivery));
-                } else {
-                    match dead_letter(&session.publish, plan, &item.delivery, &record).await {
-                        Ok(c) => item.confirms.push((None, c)),
-                        Err(e) => item.failed = Some(e.to_string()),
-                    }
+                match to_exceptions(&*shared.state, &session.publish, plan, &mut item, *record).await {
+                    Ok(Some(c)) => item.confirms.push((None, c)),
+                    Ok(None) => {}
+                    Err(e) => item.failed = Some(e.to_string()),
                 }
             }
             Outcome::Routed { output, sinks } => {
@@ -723,12 +719,10 @@ async fn settle(
                     }
                     None => p.failure_record(&to_raw(&item.delivery, item.attempt), stage, failure),
                 };
-                item.counted = Counted::Exception(record.reason.clone());
-                if state.embedded().is_none() {
-                    item.exception = Some(exception_row(record, &item.delivery));
-                    continue;
+                match to_exceptions(state, publisher, plan, item, record).await? {
+                    Some(c) => c,
+                    None => continue,
                 }
-                dead_letter(publisher, plan, &item.delivery, &record).await?
             }
         };
         second.push((retry.is_some() && !item.parked, confirm));
@@ -815,11 +809,11 @@ async fn settle(
     if state.embedded().is_none() {
         let again: Vec<String> = batch
             .iter()
-            .filter(|i| i.failed.is_none() && i.held.is_none() && i.exception.is_none() && !matches!(i.counted, Counted::Exception(_)))
+            .filter(|i| i.failed.is_none() && i.held.is_none() && !matches!(i.counted, Counted::Exception(_)))
             .filter(|i| i.delivery.redelivered || i.attempt > 1)
             .filter_map(|i| i.metadata.as_ref().map(|m| m.message_id.clone()))
             .collect();
-        super::worker::supersede(run, shared, again).await;
+        run.supersede(shared, again).await;
     }
     run.stats.retried.fetch_add(retried, Ordering::Relaxed);
     for item in batch {
@@ -833,6 +827,24 @@ async fn settle(
         }
     }
     Ok(())
+}
+
+/// Sends a failed delivery to the exception store, counted as an exception: with a shared store
+/// its record is kept in the item, to be written there before the ack; else the message goes to
+/// the dead-letter queue, whose confirm is returned.
+async fn to_exceptions(
+    state: &dyn crate::store::StateStore,
+    publisher: &Publisher,
+    plan: &SourcePlan,
+    item: &mut InBatch,
+    record: ExceptionRecord,
+) -> Result<Option<Confirm>, AmqpError> {
+    item.counted = Counted::Exception(record.reason.clone());
+    if state.embedded().is_none() {
+        item.exception = Some(exception_row(record, &item.delivery));
+        return Ok(None);
+    }
+    dead_letter(publisher, plan, &item.delivery, &record).await.map(Some)
 }
 
 /// Publishes the original message to the dead-letter queue, with why it failed in its headers.

@@ -247,6 +247,24 @@ impl PipelineRun {
         }
     }
 
+    /// Closes the open records of messages delivered after all, on a later delivery (a shared
+    /// store); a failure leaves them open, which is said.
+    pub(crate) async fn supersede(&self, shared: &Shared, message_ids: Vec<String>) {
+        if message_ids.is_empty() {
+            return;
+        }
+        let name = &self.pipeline.name;
+        match shared.state.supersede_exceptions(name.clone(), message_ids).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(pipeline = %name, records = n, "messages with an exception record were delivered on a later delivery: their records are closed as superseded")
+            }
+            Err(e) => {
+                tracing::warn!(pipeline = %name, error = %e, "messages with an exception record were delivered on a later delivery, but their records could not be closed")
+            }
+        }
+    }
+
     /// The delivery settings of sink `i` (those of the version started: breaker and limiter
     /// state lives across reloads).
     pub(crate) fn delivery(&self, i: usize) -> &delivery::Delivery {

@@ -121,7 +121,7 @@ fn wiring(p: &Pipeline) -> String {
             SinkConfig::Queue(q) => format!("{name}=queue {} {:?} {:?}", q.queue.value, q.format, q.max_depth),
             SinkConfig::File(f) => format!("{name}=file {} {:?}", f.path.value, f.format),
             SinkConfig::Stdout(o) => format!("{name}=stdout {:?}", o.format),
-            SinkConfig::Amqp(a) => format!("{name}=amqp {:?} {:?} {:?}", a.retry, a.circuit_breaker, a.rate_limit),
+            SinkConfig::Amqp(_) => format!("{name}=amqp {:?}", s.delivery_config()),
             SinkConfig::Http(h) => format!("{name}=http {}", h.wiring()),
         })
         .collect();

@@ -49,6 +49,7 @@ async fn move_replays(shared: &Shared) -> Result<usize, String> {
     }
     let mut handed = Vec::new();
     let mut local: Vec<(store::StreamId, NewMessage)> = Vec::new();
+    let mut local_ids = Vec::new();
     let mut woken = Vec::new();
     for r in &taken {
         let Some(run) = shared.runs.iter().find(|x| x.pipeline.name == r.pipeline) else { continue };
@@ -62,11 +63,11 @@ async fn move_replays(shared: &Shared) -> Result<usize, String> {
             handed.push(r.id);
         } else {
             local.push((run.replay_stream, stored(r)));
+            local_ids.push(r.id);
             woken.push(run.input_queue.clone());
         }
     }
     if !local.is_empty() {
-        let ids: Vec<i64> = taken.iter().filter(|r| !handed.contains(&r.id)).map(|r| r.id).collect();
         shared
             .store
             .submit(move |c| {
@@ -77,7 +78,7 @@ async fn move_replays(shared: &Shared) -> Result<usize, String> {
             })
             .await
             .map_err(|e| e.to_string())?;
-        handed.extend(ids);
+        handed.extend(local_ids);
         // Workers wait on their input queue; replays lead their next batch.
         for q in &woken {
             shared.store.wake(q);

@@ -280,7 +280,7 @@ async fn finish(run: &PipelineRun, shared: &Shared, pending: &mut VecDeque<InCom
             && !superseding.is_empty()
         {
             let ids: Vec<String> = superseding.into_iter().filter(|(i, _)| !report.lost_leases.contains(i)).map(|(_, m)| m).collect();
-            supersede(run, shared, ids).await;
+            run.supersede(shared, ids).await;
         }
         run.release_keys(&keys);
         shared.in_flight.fetch_sub(counted.len() as i64, Ordering::SeqCst);
@@ -351,23 +351,6 @@ fn delivered_again(settlements: &[Settlement], again: &[(i64, String)]) -> Vec<(
             _ => None,
         })
         .collect()
-}
-
-/// Closes the open records of messages delivered after all (a shared store); a failure leaves
-/// them open, which is said.
-pub(super) async fn supersede(run: &PipelineRun, shared: &Shared, message_ids: Vec<String>) {
-    if message_ids.is_empty() {
-        return;
-    }
-    match shared.state.supersede_exceptions(run.pipeline.name.clone(), message_ids).await {
-        Ok(0) => {}
-        Ok(n) => {
-            tracing::info!(pipeline = %run.pipeline.name, records = n, "messages with an exception record were delivered on a later delivery: their records are closed as superseded")
-        }
-        Err(e) => {
-            tracing::warn!(pipeline = %run.pipeline.name, error = %e, "messages with an exception record were delivered on a later delivery, but their records could not be closed")
-        }
-    }
 }
 
 fn exception_row(record: ExceptionRecord, leased: &Leased) -> ExceptionRow {
