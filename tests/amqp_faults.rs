@@ -25,6 +25,9 @@ const MESSAGES: u64 = 10_000;
 const UNLUCKY: u64 = (MESSAGES - 1) / 97 + 1;
 /// Each scenario gives up waiting after this long.
 const LIMIT: Duration = Duration::from_secs(120);
+/// Messages per second the fault scenes' consumer takes: 10,000 take about 7 s, so each fault
+/// finds messages still waiting (unpaced, a fast run could drain the queue between two looks).
+const PACE: u32 = 1500;
 const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// Scenarios that close every connection or restart the broker take this for writing; the others
@@ -176,8 +179,9 @@ struct Scene {
 }
 
 impl Scene {
-    /// `prefetch` and `batch` slow the consumer down so faults land while messages flow.
-    fn new(name: &str, prefetch: u32, batch: u32) -> Scene {
+    /// `prefetch` and `batch` make the consumer work in small steps; `rate` (messages per
+    /// second) paces it, so that faults land while messages flow however fast the machine is.
+    fn new(name: &str, prefetch: u32, batch: u32, rate: Option<u32>) -> Scene {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
         let prefix = format!("amqp-faults.{name}.{}.{nanos}", std::process::id());
         let dir = tempfile::tempdir().unwrap();
@@ -185,7 +189,11 @@ impl Scene {
         std::fs::write(dir.path().join("producer.yaml"), fixture("producer.yaml")).unwrap();
         let consumer = fixture("consumer.yaml")
             .replace("prefetch: 200", &format!("prefetch: {prefetch}"))
-            .replace("batch_size: 100", &format!("batch_size: {batch}"));
+            .replace("batch_size: 100", &format!("batch_size: {batch}"))
+            .replace(
+                "concurrency: 1}",
+                &rate.map_or("concurrency: 1}".to_string(), |r| format!("concurrency: 1, rate_limit: {{rate: {r}/s}}}}")),
+            );
         std::fs::write(dir.path().join("consumer.yaml"), consumer).unwrap();
         let lines: String = (0..MESSAGES).map(|i| format!("{{\"seq\": {i}}}\n")).collect();
         std::fs::write(dir.path().join("in.ndjson"), lines).unwrap();
@@ -448,7 +456,7 @@ fn conformance_every_message_written_or_dead_lettered_once() {
         return;
     }
     let _shared = pause_broker_tests();
-    let scene = Scene::new("conformance", 200, 100);
+    let scene = Scene::new("conformance", 200, 100, None);
     let started = Instant::now();
     scene.feed_all();
     assert_eq!(depth(&[scene.work()]), Some(MESSAGES), "the feed put every message in the queue");
@@ -471,14 +479,14 @@ fn broker_faults_lose_no_message() {
     let _alone = BROKER.write().unwrap_or_else(|e| e.into_inner());
 
     // b. close_all_connections, three times while messages flow.
-    let dup = through_faults(&Scene::new("close", 10, 5), &[8_500, 6_000, 3_500], |scene, _engine, left| {
+    let dup = through_faults(&Scene::new("close", 10, 5, Some(PACE)), &[8_500, 6_000, 3_500], |scene, _engine, left| {
         rabbitmqctl(&["close_all_connections", "amqp_faults test"]);
         println!("close: closed every connection with {left} message(s) in the queue, {} written", written(&[scene.done("c1")]));
     });
     println!("close: {dup} duplicate(s)");
 
     // c. stop_app, 2 s, start_app while messages flow.
-    let dup = through_faults(&Scene::new("restart", 10, 5), &[7_000], |scene, _engine, left| {
+    let dup = through_faults(&Scene::new("restart", 10, 5, Some(PACE)), &[7_000], |scene, _engine, left| {
         let _back = BrokerBack;
         rabbitmqctl(&["stop_app"]);
         println!("restart: broker application stopped with {left} message(s) in the queue, {} written", written(&[scene.done("c1")]));
@@ -518,7 +526,7 @@ fn sigkill_consumer_loses_no_message() {
         return;
     }
     let _shared = pause_broker_tests();
-    let dup = through_faults(&Scene::new("sigkill", 10, 5), &[8_500, 6_000, 3_500], |scene, engine, left| {
+    let dup = through_faults(&Scene::new("sigkill", 10, 5, Some(PACE)), &[8_500, 6_000, 3_500], |scene, engine, left| {
         engine.sigkill();
         println!("sigkill: killed with {left} message(s) in the queue, {} written", written(&[scene.done("c1")]));
         *engine = scene.consumer("c1");
@@ -534,7 +542,7 @@ fn competing_consumers_share_the_work() {
     }
     let _shared = pause_broker_tests();
     for k in [2usize, 3] {
-        let scene = Scene::new(&format!("compete{k}"), 20, 10);
+        let scene = Scene::new(&format!("compete{k}"), 20, 10, None);
         let started = Instant::now();
         let names: Vec<String> = (1..=k).map(|i| format!("c{i}")).collect();
         let mut engines: Vec<Engine> = names.iter().map(|n| scene.consumer(n)).collect();

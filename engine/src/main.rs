@@ -68,6 +68,9 @@ enum Command {
         /// Default: the embedded store in the data directory.
         #[arg(long, env = "SWITCHYARD_STORE", hide_env_values = true)]
         store: Option<String>,
+        /// Where the HTTP server for `http` sources listens (only when a pipeline has one).
+        #[arg(long, env = "SWITCHYARD_LISTEN", default_value = switchyard::runtime::http_server::DEFAULT_LISTEN)]
+        listen: std::net::SocketAddr,
     },
     /// Send messages to a queue: each file (JSON: one message; NDJSON: one per line; CSV: one per
     /// row), or standard input as NDJSON.
@@ -371,7 +374,7 @@ fn write_junit(results: &[testing::FileResult], path: &PathBuf) -> Result<(), Bo
     Ok(())
 }
 
-fn cmd_run(paths: Vec<PathBuf>, once: bool, data_dir: PathBuf, state: Option<String>) -> ExitCode {
+fn cmd_run(paths: Vec<PathBuf>, once: bool, data_dir: PathBuf, state: Option<String>, listen: std::net::SocketAddr) -> ExitCode {
     let paths = default_paths(paths);
     let loaded = match load_paths(&paths) {
         Ok(l) => l,
@@ -383,7 +386,11 @@ fn cmd_run(paths: Vec<PathBuf>, once: bool, data_dir: PathBuf, state: Option<Str
         return ExitCode::from(1);
     }
     eprint!("{}", render(&loaded.warnings));
-    cli::ops::run(loaded.pipelines, paths, once, data_dir, state.filter(|s| !s.trim().is_empty()))
+    cli::ops::run(
+        loaded.pipelines,
+        paths,
+        cli::ops::RunFlags { once, data_dir, state_store: state.filter(|s| !s.trim().is_empty()), listen },
+    )
 }
 
 fn main() -> ExitCode {
@@ -400,7 +407,7 @@ fn main() -> ExitCode {
         Command::Validate { paths, format } => cmd_validate(paths, format),
         Command::Test { paths, junit } => cmd_test(paths, junit),
         Command::Topology { paths } => cmd_topology(paths),
-        Command::Run { paths, once, data_dir, store } => cmd_run(paths, once, data_dir, store),
+        Command::Run { paths, once, data_dir, store, listen } => cmd_run(paths, once, data_dir, store, listen),
         Command::Status { format, data_dir } => cli::ops::status(format, data_dir),
         Command::Keys { command, data_dir, store } => cli::ops::keys(command, data_dir, store.filter(|s| !s.trim().is_empty())),
         Command::Send { queue, files, format, data_dir } => cli::ops::send(queue, files, format, data_dir),

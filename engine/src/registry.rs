@@ -8,7 +8,7 @@ use crate::config::yaml::{Node, NodeValue};
 use crate::config::{DiagCode, Diagnostic, PathPart, SourceFile, parse_node};
 use crate::map::MapStepConfig;
 use crate::sink::{file::FileSinkConfig, http::HttpSinkConfig, queue::QueueSinkConfig, stdout::StdoutSinkConfig};
-use crate::source::{file::FileSourceConfig, queue::QueueSourceConfig, stdin::StdinSourceConfig};
+use crate::source::{file::FileSourceConfig, http::HttpSourceConfig, queue::QueueSourceConfig, stdin::StdinSourceConfig};
 use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use std::marker::PhantomData;
@@ -25,6 +25,9 @@ pub enum SourceConfig {
     Queue(QueueSourceConfig),
     /// A RabbitMQ queue (needs `broker:`): manual acknowledgements, retries, a dead-letter queue.
     Amqp(AmqpSourceConfig),
+    /// Requests partners POST to a path of the engine's HTTP server (webhooks), answered `202`
+    /// once stored; authenticated by HMAC signature, API key or bearer token.
+    Http(Box<HttpSourceConfig>),
 }
 
 /// A sink, picked by `type:`.
@@ -87,13 +90,14 @@ fn p<T: DeserializeOwned>(node: &Node, file: &SourceFile, prefix: &[PathPart]) -
 
 impl Tagged for SourceConfig {
     const WHAT: &'static str = "source";
-    const TYPES: &'static [&'static str] = &["file", "stdin", "queue", "amqp"];
+    const TYPES: &'static [&'static str] = &["file", "stdin", "queue", "amqp", "http"];
     fn parse_type(ty: &str, node: &Node, file: &SourceFile, prefix: &[PathPart]) -> Result<Self, Vec<Diagnostic>> {
         Ok(match ty {
             "file" => SourceConfig::File(p(node, file, prefix)?),
             "stdin" => SourceConfig::Stdin(p(node, file, prefix)?),
             "queue" => SourceConfig::Queue(p(node, file, prefix)?),
             "amqp" => SourceConfig::Amqp(p(node, file, prefix)?),
+            "http" => SourceConfig::Http(Box::new(p(node, file, prefix)?)),
             _ => unreachable!("checked against TYPES"),
         })
     }

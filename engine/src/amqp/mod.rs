@@ -75,6 +75,49 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// How often a wait on the broker looks at the connection.
+const LIVENESS_CHECK: Duration = Duration::from_millis(250);
+/// How long a wait on the broker may go unanswered on a connection that looks up and that the
+/// broker does not block (a memory or disk alarm blocks publishers for as long as it lasts).
+const ANSWER_LIMIT: Duration = Duration::from_secs(30);
+
+/// Waits for `fut`, a wait on the broker, unless the connection is lost first. lapin can leave
+/// such a wait pending for ever when the broker closes the connection (amqp-rs/lapin#409), so
+/// the connection's status is looked at every 250 ms, and a wait unanswered for 30 s while the
+/// connection is not blocked counts as a lost connection too: what is in hand is then
+/// delivered again by the broker, never dropped.
+pub async fn unless_lost<F: std::future::Future>(status: &lapin::ConnectionStatus, what: &str, fut: F) -> Result<F::Output, AmqpError> {
+    use futures_util::FutureExt;
+    let mut fut = std::pin::pin!(fut);
+    // Most waits are answered at once: no timer for those.
+    if let Some(out) = fut.as_mut().now_or_never() {
+        return Ok(out);
+    }
+    let started = std::time::Instant::now();
+    let mut unblocked_since = started;
+    loop {
+        tokio::select! {
+            out = fut.as_mut() => return Ok(out),
+            _ = tokio::time::sleep(LIVENESS_CHECK) => {
+                if !status.connected() {
+                    return Err(AmqpError::Lost(format!("the connection closed while {what}")));
+                }
+                if status.blocked() {
+                    unblocked_since = std::time::Instant::now();
+                } else if unblocked_since.elapsed() > ANSWER_LIMIT {
+                    return Err(AmqpError::Lost(format!("no answer from the broker in {} s while {what}", ANSWER_LIMIT.as_secs())));
+                }
+            }
+        }
+    }
+}
+
+/// Closes a connection given up on, without waiting long for the broker's answer (a closed
+/// socket may never give one).
+async fn close_quietly(connection: &lapin::Connection) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), connection.close(320, "reconnecting".into())).await;
+}
+
 /// A live connection with its publishing channel (in confirm mode).
 #[derive(Clone)]
 pub struct Session {
@@ -133,7 +176,7 @@ impl Broker {
         }
         if let Some(old) = guard.take() {
             // Whatever is left of it goes; its unacknowledged deliveries return to their queues.
-            let _ = old.connection.close(320, "reconnecting".into()).await;
+            close_quietly(&old.connection).await;
         }
         let s = self.connect().await?;
         *guard = Some(s.clone());
@@ -180,7 +223,7 @@ impl Broker {
         if guard.as_ref().is_some_and(|s| s.generation == generation)
             && let Some(old) = guard.take()
         {
-            let _ = old.connection.close(320, "reconnecting".into()).await;
+            close_quietly(&old.connection).await;
         }
     }
 
@@ -192,18 +235,21 @@ impl Broker {
         uri.query.connection_timeout.get_or_insert(5_000);
         let props = ConnectionProperties::default().with_connection_name(self.name.clone().into());
         let connection = Connection::connect_uri(uri, props).await.map_err(|e| fail(lapin_message(&e)))?;
-        self.topology.declare(&connection).await?;
-        let publish = connection.create_channel().await.map_err(|e| fail(lapin_message(&e)))?;
-        publish.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| fail(lapin_message(&e)))?;
+        let status = connection.status().clone();
+        unless_lost(&status, "declaring the topology", self.topology.declare(&connection)).await??;
+        let publish = unless_lost(&status, "opening a channel", connection.create_channel()).await?.map_err(|e| fail(lapin_message(&e)))?;
+        unless_lost(&status, "opening a channel", publish.confirm_select(ConfirmSelectOptions::default()))
+            .await?
+            .map_err(|e| fail(lapin_message(&e)))?;
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         tracing::info!(broker = %self.shown, name = %self.name, "connected to RabbitMQ");
-        Ok(Session { connection: Arc::new(connection), publish: Arc::new(publish::Publisher::new(publish)), generation })
+        Ok(Session { connection: Arc::new(connection), publish: Arc::new(publish::Publisher::new(publish, status)), generation })
     }
 
     /// Closes the connection at the end of a run.
     pub async fn close(&self) {
         if let Some(s) = self.session.lock().await.take() {
-            let _ = s.connection.close(200, "switchyard stopping".into()).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.connection.close(200, "switchyard stopping".into())).await;
         }
     }
 }

@@ -187,6 +187,7 @@ type Published = (PublishKey, PublisherConfirm, tokio::sync::oneshot::Sender<Res
 /// CPU on every message.)
 pub struct Publisher {
     channel: Channel,
+    connection: lapin::ConnectionStatus,
     order: tokio::sync::Mutex<()>,
     collector: tokio::sync::mpsc::UnboundedSender<Published>,
 }
@@ -196,10 +197,15 @@ impl Publisher {
         self.channel.status().connected()
     }
 
-    pub fn new(channel: Channel) -> Publisher {
+    /// The status of the connection it publishes on.
+    pub fn connection(&self) -> &lapin::ConnectionStatus {
+        &self.connection
+    }
+
+    pub fn new(channel: Channel, connection: lapin::ConnectionStatus) -> Publisher {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(collect(rx));
-        Publisher { channel, order: tokio::sync::Mutex::new(()), collector: tx }
+        tokio::spawn(collect(rx, connection.clone()));
+        Publisher { channel, connection, order: tokio::sync::Mutex::new(()), collector: tx }
     }
 
     /// Publishes one message; its confirm is awaited later, with others (pipelined). A message
@@ -222,17 +228,14 @@ impl Publisher {
         };
         // Held until the confirm is queued, so that the collector sees publish order.
         let _order = self.order.lock().await;
-        let confirm = self
-            .channel
-            .basic_publish(
-                super::short_name(exchange, "exchange name")?,
-                super::short_name(routing_key, "routing key")?,
-                BasicPublishOptions { mandatory, ..Default::default() },
-                body,
-                properties,
-            )
-            .await
-            .map_err(|e| AmqpError::Lost(lapin_message(&e)))?;
+        let publish = self.channel.basic_publish(
+            super::short_name(exchange, "exchange name")?,
+            super::short_name(routing_key, "routing key")?,
+            BasicPublishOptions { mandatory, ..Default::default() },
+            body,
+            properties,
+        );
+        let confirm = super::unless_lost(&self.connection, "publishing", publish).await?.map_err(|e| AmqpError::Lost(lapin_message(&e)))?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let key = (message_id, exchange.to_string(), routing_key.to_string());
         self.collector.send((key, confirm, tx)).map_err(|_| AmqpError::Lost("the publisher stopped".into()))?;
@@ -272,11 +275,12 @@ enum Resolved {
 
 /// The collector: confirms in publish order; before answering one, every confirm already
 /// resolved is looked at too, for returned messages it may carry for others.
-async fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<Published>) {
+async fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<Published>, connection: lapin::ConnectionStatus) {
     use futures_util::FutureExt;
     let mut queue: std::collections::VecDeque<(Published, Option<Resolved>)> = std::collections::VecDeque::new();
     // Returns not yet matched to their publish, by key (with how many).
     let mut returned: std::collections::HashMap<PublishKey, (usize, AmqpError)> = std::collections::HashMap::new();
+    let mut lost: Option<String> = None;
     fn harvest(result: lapin::Result<Confirmation>, returned: &mut std::collections::HashMap<PublishKey, (usize, AmqpError)>) -> Resolved {
         let (resolved, message) = match result {
             Ok(Confirmation::Ack(m)) => (Resolved::Ack, m),
@@ -301,8 +305,22 @@ async fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<Published>) {
         }
         let front = queue.front_mut().expect("non-empty");
         if front.1.is_none() {
-            let result = (&mut front.0.1).await;
-            front.1 = Some(harvest(result, &mut returned));
+            // Once the connection is found lost, the confirms still unanswered fail at once.
+            let answer = match &lost {
+                None => super::unless_lost(&connection, "waiting for a publisher confirm", &mut front.0.1).await,
+                Some(why) => (&mut front.0.1).now_or_never().ok_or_else(|| AmqpError::Lost(why.clone())),
+            };
+            front.1 = Some(match answer {
+                Ok(result) => harvest(result, &mut returned),
+                Err(e) => {
+                    let why = match e {
+                        AmqpError::Lost(why) => why,
+                        other => other.to_string(),
+                    };
+                    lost = Some(why.clone());
+                    Resolved::Failed(why)
+                }
+            });
         }
         for ((_, confirm, _), resolved) in queue.iter_mut().skip(1) {
             if resolved.is_none() {

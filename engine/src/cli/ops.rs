@@ -114,18 +114,25 @@ fn progress_line(summaries: &[Summary]) -> String {
         .join(" | ")
 }
 
-pub fn run(
-    pipelines: Vec<switchyard::pipeline::Pipeline>,
-    paths: Vec<PathBuf>,
-    once: bool,
-    data_dir: PathBuf,
-    state_store: Option<String>,
-) -> ExitCode {
+/// `switchyard run`'s options.
+pub struct RunFlags {
+    pub once: bool,
+    pub data_dir: PathBuf,
+    pub state_store: Option<String>,
+    pub listen: std::net::SocketAddr,
+}
+
+pub fn run(pipelines: Vec<switchyard::pipeline::Pipeline>, paths: Vec<PathBuf>, flags: RunFlags) -> ExitCode {
+    let RunFlags { once, data_dir, state_store, listen } = flags;
     let durability = match durability() {
         Ok(d) => d,
         Err(c) => return c,
     };
     let versions: Vec<(String, PathBuf)> = pipelines.iter().map(|p| (p.version.clone(), p.file.clone())).collect();
+    let endpoints: Vec<String> = pipelines
+        .iter()
+        .filter_map(|p| p.http_source.as_ref().map(|e| format!("  {}: POST http://{listen}{} ({})", p.name, e.path, e.describe_auth())))
+        .collect();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -147,13 +154,14 @@ pub fn run(
         });
     }
     let shared = state_store.is_some();
-    let runtime = match Runtime::open(pipelines, RunOptions { data_dir: data_dir.clone(), once, durability, state_store }) {
-        Ok(r) => std::sync::Arc::new(r.with_reloader(Reloader::new(paths, |said| eprintln!("switchyard: {said}")))),
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(1);
-        }
-    };
+    let runtime =
+        match Runtime::open(pipelines, RunOptions { data_dir: data_dir.clone(), once, durability, state_store, listen: Some(listen) }) {
+            Ok(r) => std::sync::Arc::new(r.with_reloader(Reloader::new(paths, |said| eprintln!("switchyard: {said}")))),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(1);
+            }
+        };
     let result = rt.block_on(async {
         let mut helpers = Vec::new();
         if !once {
@@ -162,6 +170,9 @@ pub fn run(
                 versions.len(),
                 runtime.store().path().display()
             );
+            for e in &endpoints {
+                eprintln!("{e}");
+            }
             eprintln!("  from another terminal: `switchyard queues`, `switchyard exceptions list`, `switchyard send QUEUE FILE`");
             eprintln!("  a changed mapping, table or schema is loaded again while running");
             let r = runtime.clone();

@@ -218,6 +218,20 @@ pub fn parse_float(t: &str) -> Option<f64> {
 /// Where `${VAR}` values come from: the process environment, or a map in tests.
 pub trait Env {
     fn var(&self, name: &str) -> Option<String>;
+
+    /// The text of the file named by `${file:PATH}` (a mounted secret), without its final line
+    /// break; the error says why it cannot be read, never what it holds.
+    fn file(&self, path: &str) -> Result<String, String> {
+        match std::fs::read_to_string(path) {
+            Ok(mut text) => {
+                let kept = text.trim_end_matches(['\n', '\r']).len();
+                text.truncate(kept);
+                Ok(text)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Err("it is not UTF-8 text".to_string()),
+            Err(e) => Err(e.kind().to_string()),
+        }
+    }
 }
 
 pub struct ProcessEnv;
@@ -283,36 +297,45 @@ pub fn interpolate(text: &str, env: &dyn Env) -> Result<Option<String>, Vec<EnvP
             Some((n, d)) => (n, Some(d)),
             None => (inner, None),
         };
-        let name = name.strip_prefix("env:").unwrap_or(name);
-        let valid = !name.is_empty()
-            && name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !valid {
-            problems.push(EnvProblem {
-                offset: consumed + i,
-                len: close + 1,
-                message: format!("`${{{inner}}}` is not a valid variable reference"),
-                hint: Some("names are letters, digits and `_`; write `${NAME}` or `${NAME:-default}`".to_string()),
-            });
+        // The value, or what to say when there is none (and no default).
+        let found = if let Some(path) = name.strip_prefix("file:") {
+            env.file(path).map_err(|why| {
+                (
+                    format!("the secret file `{path}` cannot be read: {why}"),
+                    "give a path the engine can read (absolute, or relative to where it runs), or a default: `${file:PATH:-value}`"
+                        .to_string(),
+                )
+            })
         } else {
-            // As in the shell, `:-` applies when the variable is unset or empty.
-            match (env.var(name).filter(|v| !v.is_empty() || default.is_none()), default) {
-                (Some(v), _) => out.push_str(&v),
-                (None, Some(d)) => match interpolate(d, env) {
-                    Ok(sub) => out.push_str(sub.as_deref().unwrap_or(d)),
-                    Err(inner) => problems.extend(
-                        inner
-                            .into_iter()
-                            .map(|p| EnvProblem { offset: consumed + i + 2 + name_len(inner_text(after)) + 2 + p.offset, ..p }),
-                    ),
-                },
-                (None, None) => problems.push(EnvProblem {
+            let name = name.strip_prefix("env:").unwrap_or(name);
+            let valid = !name.is_empty()
+                && name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                problems.push(EnvProblem {
                     offset: consumed + i,
                     len: close + 1,
-                    message: format!("environment variable `{name}` is not set"),
-                    hint: Some(format!("set {name}, or give a default: `${{{name}:-value}}`")),
-                }),
+                    message: format!("`${{{inner}}}` is not a valid variable reference"),
+                    hint: Some("names are letters, digits and `_`; write `${NAME}` or `${NAME:-default}`".to_string()),
+                });
+                rest = &after[close + 1..];
+                consumed += i + close + 1;
+                continue;
             }
+            // As in the shell, `:-` applies when the variable is unset or empty.
+            env.var(name).filter(|v| !v.is_empty() || default.is_none()).ok_or_else(|| {
+                (format!("environment variable `{name}` is not set"), format!("set {name}, or give a default: `${{{name}:-value}}`"))
+            })
+        };
+        match (found, default) {
+            (Ok(v), _) => out.push_str(&v),
+            (Err(_), Some(d)) => match interpolate(d, env) {
+                Ok(sub) => out.push_str(sub.as_deref().unwrap_or(d)),
+                Err(inner) => problems.extend(
+                    inner.into_iter().map(|p| EnvProblem { offset: consumed + i + 2 + name_len(inner_text(after)) + 2 + p.offset, ..p }),
+                ),
+            },
+            (Err((message, hint)), None) => problems.push(EnvProblem { offset: consumed + i, len: close + 1, message, hint: Some(hint) }),
         }
         rest = &after[close + 1..];
         consumed += i + close + 1;
@@ -638,6 +661,22 @@ mod tests {
         let errs = load("a: \"\\u00e9\\t${NOPE1}\"\nb: 'it''s ${NOPE2}'\n").unwrap_err();
         assert_eq!((errs[0].span.line, errs[0].span.column), (1, 13));
         assert_eq!((errs[1].span.line, errs[1].span.column), (2, 11));
+    }
+
+    #[test]
+    fn file_references_read_a_mounted_secret_and_never_show_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("token");
+        std::fs::write(&secret, "s3cr3t-value\n").unwrap();
+        let text = format!("auth: \"Bearer ${{file:{}}}\"\nother: ${{file:{}/none:-fallback}}\n", secret.display(), dir.path().display());
+        let n = load(&text).unwrap();
+        assert_eq!(n.get("auth").unwrap().as_str(), Some("Bearer s3cr3t-value"));
+        assert_eq!(n.get("auth").unwrap().shown(), Some(format!("Bearer ${{file:{}}}", secret.display()).as_str()));
+        assert_eq!(n.get("other").unwrap().as_str(), Some("fallback"));
+        let errs = load(&format!("auth: ${{file:{}/missing}}\n", dir.path().display())).unwrap_err();
+        assert_eq!(errs[0].code, DiagCode::UnsetVariable);
+        assert!(errs[0].message.contains("cannot be read: entity not found"), "{}", errs[0].message);
+        assert_eq!((errs[0].span.line, errs[0].span.column), (1, 7));
     }
 
     #[test]

@@ -474,6 +474,8 @@ pub struct Pipeline {
     pub sinks: Vec<(String, SinkConfig)>,
     /// RabbitMQ, when the source or a sink is `amqp`.
     pub broker: Option<BrokerPlan>,
+    /// The `http` source, compiled.
+    pub http_source: Option<Arc<crate::source::http::HttpEndpoint>>,
     /// The `http` sinks by name, compiled.
     pub http_targets: IndexMap<String, Arc<HttpTarget>>,
     /// Per sink (as `sinks`): retry policy, circuit breaker and rate limit. The runtime keeps
@@ -677,6 +679,12 @@ impl Pipeline {
         if let Some(SourceConfig::Queue(q)) = &source {
             check_queue_name(&q.queue, "source.queue", cx, &mut diags);
         }
+        let http_source = match &source {
+            Some(SourceConfig::Http(h)) => {
+                crate::source::http::HttpEndpoint::build(h, config.channel.as_deref(), cx, &mut diags).map(Arc::new)
+            }
+            _ => None,
+        };
         let runtime = RuntimeSettings::build(&config.runtime, cx, &mut diags);
         let mut broker = config.broker.as_ref().map(|b| {
             let source = match &source {
@@ -862,6 +870,7 @@ impl Pipeline {
             sinks,
             broker,
             http_targets,
+            http_source,
             deliveries,
             correlation,
             idempotency_key,
@@ -902,6 +911,37 @@ impl Pipeline {
         }
     }
 
+    /// The correlation id the pipeline's `envelope.correlation_id` gives this input, if any.
+    fn configured_correlation(&self, input: &Doc, meta: &Metadata) -> Option<String> {
+        let scope = Scope::root(input);
+        let correlation = match &self.correlation {
+            Correlation::Generated => None,
+            Correlation::Path(p) => p.first(scope).and_then(|v| match v {
+                Doc::String(s) => Some(s.to_string()),
+                Doc::Number(n) => Some(n.to_string()),
+                _ => None,
+            }),
+            Correlation::Header(h) => meta.headers.get(h).cloned(),
+            Correlation::Template(t) => t.render(scope, &crate::map::StepInput::new(meta, Document::Input)),
+        };
+        correlation.filter(|c| !c.is_empty())
+    }
+
+    /// What a source that answers its sender (the `http` source) knows before the message is
+    /// processed: its message id and correlation id, as processing will see them (they are
+    /// set on `raw`), and, when `validate_now`, the validate steps' verdict on it.
+    pub fn admit(&self, raw: &mut RawMessage, input: &Doc, validate_now: bool) -> Result<(), Failure> {
+        let meta = self.metadata(raw);
+        raw.correlation_id = Some(self.configured_correlation(input, &meta).unwrap_or(meta.correlation_id));
+        raw.message_id = Some(meta.message_id);
+        if validate_now {
+            for check in &self.validate {
+                check.check(input)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Processes one message. Bad data never errors: it comes back as [`Outcome::Failed`].
     pub fn process(&self, raw: RawMessage) -> Outcome {
         let mut meta = self.metadata(&raw);
@@ -920,17 +960,7 @@ impl Pipeline {
         };
         // Envelope: correlation id and idempotency key come from the input as received.
         let scope = Scope::root(&input);
-        let correlation = match &self.correlation {
-            Correlation::Generated => None,
-            Correlation::Path(p) => p.first(scope).and_then(|v| match v {
-                Doc::String(s) => Some(s.to_string()),
-                Doc::Number(n) => Some(n.to_string()),
-                _ => None,
-            }),
-            Correlation::Header(h) => raw.headers.get(h).cloned(),
-            Correlation::Template(t) => t.render(scope, &crate::map::StepInput::new(&meta, Document::Input)),
-        };
-        if let Some(c) = correlation.filter(|c| !c.is_empty()) {
+        if let Some(c) = self.configured_correlation(&input, &meta) {
             meta.correlation_id = c;
         }
         if let Some(t) = &self.idempotency_key {

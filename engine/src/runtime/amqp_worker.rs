@@ -8,6 +8,7 @@
 use super::{Counted, OrderAction, PipelineRun, RunError, Shared, Verdict, process_guarded};
 use crate::amqp::publish::{Confirm, Publisher, confirmed, headers};
 use crate::amqp::topology::SourcePlan;
+use crate::amqp::unless_lost;
 use crate::amqp::{AmqpError, Broker, Session, lapin_message};
 use crate::message::{ErrorDetail, ExceptionRecord, Failure, RawMessage, Stage, reason};
 use crate::pipeline::{Duplicates, Outcome, Pipeline};
@@ -33,6 +34,8 @@ const MAX_HELD_PAUSE: Duration = Duration::from_secs(5);
 const BATCHES_IN_FLIGHT: usize = 2;
 /// With `--once`: the queue counts as drained after this long without a delivery.
 const ONCE_IDLE: Duration = Duration::from_millis(300);
+/// How often an idle consumer looks at its connection.
+const LIVENESS_CHECK: Duration = Duration::from_millis(500);
 
 /// One delivery and what became of it.
 struct InBatch {
@@ -107,18 +110,17 @@ async fn consume(
     stop: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), AmqpError> {
     let lost = |e: lapin::Error| AmqpError::Lost(lapin_message(&e));
-    let channel = session.connection.create_channel().await.map_err(lost)?;
-    channel.basic_qos(plan.prefetch, BasicQosOptions::default()).await.map_err(lost)?;
+    let status = session.connection.status();
+    let channel = unless_lost(status, "opening a channel", session.connection.create_channel()).await?.map_err(lost)?;
+    unless_lost(status, "setting the prefetch", channel.basic_qos(plan.prefetch, BasicQosOptions::default())).await?.map_err(lost)?;
     let tag = format!("switchyard-{}-{}-{}", run.pipeline.name, std::process::id(), session.generation);
-    let mut consumer = channel
-        .basic_consume(
-            crate::amqp::short_name(&plan.queue, "queue name")?,
-            crate::amqp::short_id(&tag),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(lost)?;
+    let subscribe = channel.basic_consume(
+        crate::amqp::short_name(&plan.queue, "queue name")?,
+        crate::amqp::short_id(&tag),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    );
+    let mut consumer = unless_lost(status, "subscribing", subscribe).await?.map_err(lost)?;
     tracing::info!(pipeline = %run.pipeline.name, queue = %plan.queue, broker = %broker.shown_url(), "consuming");
     let batch_size = run.pipeline.runtime.batch_size;
     let mut in_flight: VecDeque<tokio::task::JoinHandle<Result<(), AmqpError>>> = VecDeque::new();
@@ -132,12 +134,22 @@ async fn consume(
         let first = tokio::select! {
             d = consumer.next() => d,
             _ = stop.changed() => continue,
+            // lapin may not end the consumer when the broker closes the connection (amqp-rs/lapin#409).
+            _ = tokio::time::sleep(LIVENESS_CHECK), if !shared.once => {
+                if !status.connected() {
+                    break Err(AmqpError::Lost("the connection closed".into()));
+                }
+                continue;
+            }
             _ = tokio::time::sleep(ONCE_IDLE), if shared.once => {
                 while in_flight.front().is_some_and(|h| h.is_finished()) {
                     let done = in_flight.pop_front().expect("non-empty");
                     done.await.map_err(|e| AmqpError::Lost(e.to_string()))??;
                 }
-                if in_flight.is_empty() && shared.others_done().await.unwrap_or(false) && drained(&channel, plan).await? {
+                if !status.connected() {
+                    break Err(AmqpError::Lost("the connection closed".into()));
+                }
+                if in_flight.is_empty() && shared.others_done().await.unwrap_or(false) && unless_lost(status, "looking at the queues", drained(&channel, plan)).await?? {
                     break Ok(());
                 }
                 continue;
@@ -229,8 +241,13 @@ async fn consume(
         }
     }
     if result.is_ok() {
-        let _ = channel.basic_cancel(crate::amqp::short_id(&tag), BasicCancelOptions::default()).await;
-        let _ = channel.close(200, "stopping".into()).await;
+        let _ = unless_lost(
+            status,
+            "cancelling the consumer",
+            channel.basic_cancel(crate::amqp::short_id(&tag), BasicCancelOptions::default()),
+        )
+        .await;
+        let _ = unless_lost(status, "closing the channel", channel.close(200, "stopping".into())).await;
     }
     result
 }
@@ -795,13 +812,16 @@ async fn settle(
     // Held back: back to the queue, ahead of the ack that covers the rest of the batch.
     let lost = |e: lapin::Error| AmqpError::Lost(lapin_message(&e));
     for item in batch.iter().filter(|i| i.held.is_some()) {
-        if !item.delivery.acker.nack(BasicNackOptions { multiple: false, requeue: true }).await.map_err(lost)? {
+        let nack = item.delivery.acker.nack(BasicNackOptions { multiple: false, requeue: true });
+        if !unless_lost(publisher.connection(), "giving a message back", nack).await?.map_err(lost)? {
             return Err(AmqpError::Lost("the channel closed before a held-back message was given back".into()));
         }
     }
     // `false`: the channel is gone, the broker delivers the batch again.
     if let Some(last) = batch.iter().rev().find(|i| i.held.is_none())
-        && !last.delivery.acker.ack(BasicAckOptions { multiple: true }).await.map_err(lost)?
+        && !unless_lost(publisher.connection(), "acknowledging", last.delivery.acker.ack(BasicAckOptions { multiple: true }))
+            .await?
+            .map_err(lost)?
     {
         return Err(AmqpError::Lost("the channel closed before the batch was acknowledged".into()));
     }

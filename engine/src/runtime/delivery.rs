@@ -332,9 +332,10 @@ impl Delivery {
     }
 }
 
-impl RateLimit {
-    /// Checks and builds a `rate_limit:` (at `at`).
-    pub fn build(r: &RateLimitConfig, at: &str, cx: &BuildContext, diags: &mut Diags) -> Option<RateLimit> {
+impl RateLimitConfig {
+    /// Checks it (at `at`): governor's quota, and the rate as said in summaries.
+    pub fn quota(&self, at: &str, cx: &BuildContext, diags: &mut Diags) -> Option<(governor::Quota, String)> {
+        let r = self;
         let Some((n, per)) = parse_rate(&r.rate.value) else {
             diags.push(
                 cx.diag(DiagCode::InvalidValue, r.rate.span, &format!("{at}.rate"), format!("`{}` is not a rate", r.rate.shown()))
@@ -354,11 +355,15 @@ impl RateLimit {
         let quota = governor::Quota::with_period(per_cell.max(Duration::from_nanos(1)))
             .expect("a positive period")
             .allow_burst(std::num::NonZeroU32::new(burst).expect("at least 1"));
-        Some(RateLimit {
-            limiter: Some(governor::RateLimiter::direct(quota)),
-            paused_until: Mutex::new(None),
-            described: format!("{} (burst {burst})", r.rate.value.trim()),
-        })
+        Some((quota, format!("{} (burst {burst})", r.rate.value.trim())))
+    }
+}
+
+impl RateLimit {
+    /// Checks and builds a `rate_limit:` (at `at`).
+    pub fn build(r: &RateLimitConfig, at: &str, cx: &BuildContext, diags: &mut Diags) -> Option<RateLimit> {
+        let (quota, described) = r.quota(at, cx, diags)?;
+        Some(RateLimit { limiter: Some(governor::RateLimiter::direct(quota)), paused_until: Mutex::new(None), described })
     }
 
     /// Waits for a token up to `inline_wait`; past it, says until when to hold back.

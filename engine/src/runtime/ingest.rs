@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 const CHUNK: usize = 1000;
 /// Ingestion waits while the inbox holds this many messages: reading ahead of the workers
 /// without limit would only grow the store.
-const INBOX_HIGH_WATER: i64 = 20_000;
+pub(super) const INBOX_HIGH_WATER: i64 = 20_000;
 
 pub(super) struct Ingester {
     run: Arc<PipelineRun>,
@@ -142,7 +142,7 @@ impl Ingester {
                 Kind::Files { path: crate::build::normalize(&run.pipeline.dir.join(&c.path.value)), config: c.clone() }
             }
             SourceConfig::Stdin(c) => Kind::Stdin(c.clone()),
-            SourceConfig::Queue(_) | SourceConfig::Amqp(_) => return None,
+            SourceConfig::Queue(_) | SourceConfig::Amqp(_) | SourceConfig::Http(_) => return None,
         };
         Some(Ingester { run, shared, kind })
     }
@@ -487,7 +487,7 @@ struct FileRead<'a> {
     new: &'a (dyn Fn(i64, bool, Progress) -> Checkpoint + Sync),
 }
 
-fn to_inbox(run: &PipelineRun, messages: Vec<RawMessage>) -> Settlement {
+pub(super) fn to_inbox(run: &PipelineRun, messages: Vec<RawMessage>) -> Settlement {
     let outputs = messages
         .into_iter()
         .map(|mut m| {

@@ -10,6 +10,7 @@
 mod amqp_worker;
 pub mod delivery;
 pub mod envelope;
+pub mod http_server;
 mod ingest;
 mod reload;
 mod replays;
@@ -47,6 +48,8 @@ pub enum RunError {
     State(StoreError),
     #[error("cannot use the data directory {}: {source}", path.display())]
     DataDir { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Http(String),
 }
 
 /// How to run.
@@ -59,6 +62,8 @@ pub struct RunOptions {
     pub durability: Durability,
     /// Where shared state lives: a `postgres://` URL, or `None` for the embedded store.
     pub state_store: Option<String>,
+    /// Where the HTTP server listens for the `http` sources (default 127.0.0.1:8080).
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// What one pipeline did in this run. `received = routed + exceptions + duplicates`; a message
@@ -431,6 +436,7 @@ impl PipelineRun {
                     format!("{} (via {})", crate::build::normalize(&p.dir.join(&f.path.value)).display(), self.input_queue)
                 }
                 SourceConfig::Stdin(_) => format!("standard input (via {})", self.input_queue),
+                SourceConfig::Http(h) => format!("POST {} (via {})", h.path.value.trim(), self.input_queue),
                 SourceConfig::Amqp(a) => format!(
                     "RabbitMQ queue {} at {}",
                     a.queue.value,
@@ -938,6 +944,15 @@ impl Runtime {
             }
         };
         let (id, lock) = OwnerLock::acquire(&self.opts.data_dir, &self.store)?;
+        // The `http` sources are served by a continuous run; `--once` processes what is stored.
+        let server = if self.opts.once {
+            if self.runs.iter().any(|r| r.pipeline.http_source.is_some()) {
+                tracing::info!("run --once does not take HTTP requests: it processes the messages already stored");
+            }
+            None
+        } else {
+            http_server::HttpServer::bind(self.opts.listen, &self.runs).await?
+        };
         // With `once`, the run stops itself through this second signal.
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut outer = shutdown.clone();
@@ -974,6 +989,9 @@ impl Runtime {
             } else {
                 tasks.spawn(replays::take_up(shared.clone(), false));
             }
+        }
+        if let Some(server) = server {
+            tasks.spawn(server.serve(shared.clone()));
         }
         for run in &self.runs {
             if let Some(ingester) = ingest::Ingester::for_pipeline(run.clone(), shared.clone()) {

@@ -113,6 +113,8 @@ fn wiring(p: &Pipeline) -> String {
         SourceConfig::File(f) => format!("file {} {:?} {:?}", p.dir.join(&f.path.value).display(), f.format, f.pattern),
         SourceConfig::Stdin(s) => format!("stdin {:?}", s.format),
         SourceConfig::Amqp(a) => format!("amqp {}", a.queue.value),
+        // Its path is where the server routes; its auth and limits may change on reload.
+        SourceConfig::Http(h) => format!("http {}", h.path.value.trim()),
     };
     let sinks: Vec<String> = p
         .sinks

@@ -1,8 +1,10 @@
 //! Sources: where messages come from. A source hands over each message with an acknowledgement
 //! handle; the runtime acknowledges only after the message's outputs or its exception record are
-//! written. Kinds (see `registry.rs`): `file` (a file or folder of JSON, NDJSON or CSV), `stdin`.
+//! written. Kinds (see `registry.rs`): `file` (a file or folder of JSON, NDJSON or CSV), `stdin`,
+//! `queue`, `amqp` and `http` (partners POST to the engine's server).
 
 pub mod file;
+pub mod http;
 pub mod queue;
 pub mod stdin;
 

@@ -1,0 +1,301 @@
+//! The engine's HTTP server: one POST path per pipeline with an `http` source.
+//!
+//! A request is answered only once its fate is known: `202` with the message and correlation
+//! ids once the message is committed to the pipeline's inbox (what the sender may then forget),
+//! or a problem (RFC 9457 `application/problem+json`) saying why nothing was stored: `401`
+//! unauthenticated, `413` too large, `429` over the partner's rate (with `Retry-After`), `400`
+//! not JSON, `422` failing the validate steps (with `reject_invalid`), `503` while the inbox is
+//! full or the engine stops. Credentials never reach the stored message, a log or an answer.
+
+use super::ingest::{INBOX_HIGH_WATER, to_inbox};
+use super::{PipelineRun, RunError, Shared};
+use crate::doc::Doc;
+use crate::message::RawMessage;
+use crate::source::http::{AuthFailure, HttpEndpoint};
+use crate::store;
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+/// Where the server listens when `--listen` is not given.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+
+/// A bound server, ready to serve.
+pub(super) struct HttpServer {
+    listener: tokio::net::TcpListener,
+    routes: HashMap<String, Arc<PipelineRun>>,
+}
+
+/// A problem answered to the sender: status, a short kind, what happened, and per-pointer errors.
+struct Problem {
+    status: StatusCode,
+    kind: &'static str,
+    title: &'static str,
+    detail: String,
+    errors: Vec<(String, String)>,
+    retry_after: Option<u64>,
+}
+
+impl Problem {
+    fn new(status: StatusCode, kind: &'static str, title: &'static str, detail: impl Into<String>) -> Problem {
+        Problem { status, kind, title, detail: detail.into(), errors: Vec::new(), retry_after: None }
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let mut body = serde_json::json!({
+            "type": format!("urn:switchyard:problem:{}", self.kind),
+            "title": self.title,
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+        });
+        if !self.errors.is_empty() {
+            body["errors"] =
+                self.errors.into_iter().map(|(pointer, detail)| serde_json::json!({"pointer": pointer, "detail": detail})).collect();
+        }
+        let mut r = (self.status, body.to_string()).into_response();
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        if let Some(s) = self.retry_after {
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        r
+    }
+}
+
+impl HttpServer {
+    /// Binds `addr` when some pipeline has an `http` source; two pipelines on one path are an
+    /// error said at start.
+    pub async fn bind(addr: Option<SocketAddr>, runs: &[Arc<PipelineRun>]) -> Result<Option<HttpServer>, RunError> {
+        let mut routes: HashMap<String, Arc<PipelineRun>> = HashMap::new();
+        for run in runs {
+            let Some(endpoint) = &run.pipeline.http_source else { continue };
+            if let Some(other) = routes.insert(endpoint.path.clone(), run.clone()) {
+                return Err(RunError::Http(format!(
+                    "pipelines {} and {} both take POST {}; give each its own `source.path`",
+                    other.pipeline.name, run.pipeline.name, endpoint.path
+                )));
+            }
+        }
+        if routes.is_empty() {
+            return Ok(None);
+        }
+        let addr = addr.unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("a valid address"));
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            RunError::Http(format!("cannot listen on {addr}: {e}; choose another address with --listen (or SWITCHYARD_LISTEN)"))
+        })?;
+        Ok(Some(HttpServer { listener, routes }))
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// Serves until the engine stops; requests in progress are finished first.
+    pub async fn serve(self, shared: Arc<Shared>) -> Result<(), RunError> {
+        let addr = self.local_addr();
+        for (path, run) in &self.routes {
+            if let Some(e) = &run.pipeline.http_source {
+                tracing::info!(pipeline = %run.pipeline.name, url = %format!("http://{}{path}", addr.map(|a| a.to_string()).unwrap_or_default()), auth = %e.describe_auth(), "taking POST requests");
+            }
+        }
+        let state = Arc::new(ServerState { routes: self.routes, shared: shared.clone() });
+        let app = axum::Router::new().fallback(handle).with_state(state);
+        let mut stop = shared.shutdown.clone();
+        axum::serve(self.listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(async move {
+                while !*stop.borrow() {
+                    if stop.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+            .await
+            .map_err(|e| RunError::Http(format!("the HTTP server stopped: {e}")))
+    }
+}
+
+struct ServerState {
+    routes: HashMap<String, Arc<PipelineRun>>,
+    shared: Arc<Shared>,
+}
+
+async fn handle(
+    State(state): State<Arc<ServerState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let Some(run) = state.routes.get(uri.path()) else {
+        return Problem::new(StatusCode::NOT_FOUND, "not-found", "Not Found", format!("nothing takes requests at {}", uri.path()))
+            .into_response();
+    };
+    if method != Method::POST {
+        let mut r = Problem::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method-not-allowed",
+            "Method Not Allowed",
+            format!("{} takes POST only", uri.path()),
+        )
+        .into_response();
+        r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return r;
+    }
+    match take(&state.shared, run, peer, uri.path(), &headers, body).await {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+/// The request's way in; `Err` is an answer that stored nothing.
+async fn take(
+    shared: &Shared,
+    run: &PipelineRun,
+    peer: SocketAddr,
+    path: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, Response> {
+    let pipeline = run.current();
+    let Some(endpoint) = pipeline.http_source.clone() else {
+        return Err(
+            Problem::new(StatusCode::NOT_FOUND, "not-found", "Not Found", format!("nothing takes requests at {path}")).into_response()
+        );
+    };
+    if *shared.shutdown.borrow() {
+        return Err(unavailable("the engine is stopping; send it again in a moment"));
+    }
+    let body = read_body(&endpoint, headers, body).await?;
+    let partner = endpoint.authenticate(headers, &body).map_err(|f| {
+        tracing::warn!(pipeline = %pipeline.name, peer = %peer, path, why = %f.detail(), "request refused: not authenticated");
+        let kind = match f {
+            AuthFailure::Missing(_) => "credentials-missing",
+            AuthFailure::Invalid(_) => "credentials-invalid",
+        };
+        let mut r = Problem::new(StatusCode::UNAUTHORIZED, kind, "Unauthorized", f.detail()).into_response();
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Switchyard"));
+        r
+    })?;
+    let partner = endpoint
+        .partner_header
+        .as_ref()
+        .and_then(|h| headers.get(h))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or(partner)
+        .unwrap_or_else(|| peer.ip().to_string());
+    if let Some(limiter) = &endpoint.limiter
+        && let Err(not_until) = limiter.check_key(&partner)
+    {
+        use governor::clock::Clock;
+        let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+        let mut p = Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            "Too Many Requests",
+            format!(
+                "more than {} for partner `{partner}`; send it again after the Retry-After delay",
+                endpoint.rate_described.as_deref().unwrap_or("")
+            ),
+        );
+        p.retry_after = Some(wait.as_secs_f64().ceil().max(1.0) as u64);
+        return Err(p.into_response());
+    }
+    let input = Doc::parse_bytes(&body).map_err(|e| {
+        let mut p = Problem::new(StatusCode::BAD_REQUEST, "invalid-json", "Bad Request", "the body is not valid JSON");
+        p.errors.push((String::new(), format!("not valid JSON: {e}")));
+        p.into_response()
+    })?;
+    let mut raw = RawMessage {
+        headers: kept_headers(&endpoint, headers, path, &partner),
+        origin: Some(format!("POST {path} from {}", peer.ip())),
+        received_at: Some(chrono::Utc::now()),
+        ..RawMessage::json(body.to_vec())
+    };
+    if let Err(f) = pipeline.admit(&mut raw, &input, endpoint.reject_invalid) {
+        let mut p = Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation-failed",
+            "Unprocessable Content",
+            format!("the message fails the pipeline's validation ({}); fix it and send it again", f.reason),
+        );
+        p.errors = f.errors.iter().map(|e| (e.pointer.clone(), e.message.clone())).collect();
+        return Err(p.into_response());
+    }
+    let (message_id, correlation_id) = (raw.message_id.clone().unwrap_or_default(), raw.correlation_id.clone().unwrap_or_default());
+    let stream = run.stream;
+    let items = vec![to_inbox(run, vec![raw])];
+    let stored = shared
+        .store
+        .submit(move |c| {
+            if store::pending(c, &[stream])? >= INBOX_HIGH_WATER {
+                return Ok(false);
+            }
+            store::settle(c, &items, None, &[])?;
+            Ok(true)
+        })
+        .await;
+    match stored {
+        Ok(true) => {}
+        Ok(false) => return Err(unavailable("the pipeline's inbox is full; send it again in a moment")),
+        Err(e) => {
+            tracing::error!(pipeline = %pipeline.name, error = %e, "a request could not be stored");
+            return Err(unavailable("the message could not be stored; send it again"));
+        }
+    }
+    run.stats.ingested.fetch_add(1, Ordering::Relaxed);
+    shared.store.wake(&run.input_queue);
+    let body = serde_json::json!({"status": "accepted", "message_id": message_id, "correlation_id": correlation_id});
+    let mut r = (StatusCode::ACCEPTED, axum::Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&correlation_id) {
+        r.headers_mut().insert("x-correlation-id", v);
+    }
+    Ok(r)
+}
+
+fn unavailable(detail: &str) -> Response {
+    let mut p = Problem::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service Unavailable", detail);
+    p.retry_after = Some(5);
+    p.into_response()
+}
+
+/// The body, up to the endpoint's limit: a larger one is refused without reading it all.
+async fn read_body(endpoint: &HttpEndpoint, headers: &HeaderMap, body: Body) -> Result<Bytes, Response> {
+    let too_large = || {
+        Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body-too-large",
+            "Content Too Large",
+            format!("the body is larger than the {} bytes this endpoint takes", endpoint.max_body),
+        )
+        .into_response()
+    };
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > endpoint.max_body) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, endpoint.max_body).await.map_err(|_| too_large())
+}
+
+/// The request's headers as the pipeline reads them (`http.<name>`, lowercase), credentials
+/// left out; with the path and the partner.
+fn kept_headers(endpoint: &HttpEndpoint, headers: &HeaderMap, path: &str, partner: &str) -> BTreeMap<String, String> {
+    let mut kept = BTreeMap::new();
+    for (name, value) in headers {
+        if endpoint.is_credential(name) {
+            continue;
+        }
+        if let Ok(v) = value.to_str() {
+            kept.insert(format!("http.{}", name.as_str()), v.to_string());
+        }
+    }
+    kept.insert("http.path".to_string(), path.to_string());
+    kept.insert("http.partner".to_string(), partner.to_string());
+    kept
+}
