@@ -333,3 +333,114 @@ async fn a_message_held_back_by_an_open_circuit_is_not_written_to_its_other_sink
         assert!(written <= attempted, "{id}: written to the audit file {written} times, attempted at the ERP {attempted} times:\n{audit}");
     }
 }
+
+/// A token endpoint and an ERP behind it: tokens `tok-1`, `tok-2`, ... for the right client id
+/// and secret only; the ERP takes the newest token and, after its third order, revokes every
+/// token issued so far (as an issuer does when a key rotates).
+#[derive(Clone, Default)]
+struct OAuthErp {
+    issued: Arc<std::sync::atomic::AtomicU32>,
+    revoked_up_to: Arc<std::sync::atomic::AtomicU32>,
+    token_requests: Arc<Mutex<Vec<(HeaderMap, String)>>>,
+    orders: Arc<Mutex<Vec<(String, u16, String)>>>,
+}
+
+const CLIENT_SECRET: &str = "cs-9f8e7d-test";
+
+impl OAuthErp {
+    async fn start(&self) -> String {
+        use axum::response::IntoResponse;
+        use std::sync::atomic::Ordering::SeqCst;
+        async fn token(State(s): State<OAuthErp>, headers: HeaderMap, body: String) -> axum::response::Response {
+            s.token_requests.lock().unwrap().push((headers.clone(), body.clone()));
+            use base64::Engine as _;
+            let expected =
+                format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("switchyard-tests:{CLIENT_SECRET}")));
+            let form_ok = body.contains("grant_type=client_credentials") && body.contains("scope=erp.orders.write");
+            if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(expected.as_str()) || !form_ok {
+                return (StatusCode::UNAUTHORIZED, axum::Json(serde_json::json!({"error": "invalid_client"}))).into_response();
+            }
+            let n = s.issued.fetch_add(1, SeqCst) + 1;
+            axum::Json(serde_json::json!({"access_token": format!("tok-{n}"), "token_type": "Bearer", "expires_in": 3600})).into_response()
+        }
+        async fn order(State(s): State<OAuthErp>, uri: Uri, headers: HeaderMap) -> StatusCode {
+            let id = uri.path().trim_start_matches("/orders/").to_string();
+            let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+            let n: u32 = auth.strip_prefix("Bearer tok-").and_then(|n| n.parse().ok()).unwrap_or(0);
+            let code = if n == 0 || n <= s.revoked_up_to.load(SeqCst) { 401 } else { 204 };
+            let mut orders = s.orders.lock().unwrap();
+            orders.push((id, code, auth));
+            if orders.iter().filter(|(_, c, _)| *c == 204).count() == 3 && s.revoked_up_to.load(SeqCst) == 0 {
+                s.revoked_up_to.store(s.issued.load(SeqCst), SeqCst);
+            }
+            StatusCode::from_u16(code).unwrap()
+        }
+        let app = Router::new()
+            .route("/oauth2/token", axum::routing::post(token))
+            .route("/orders/{id}", axum::routing::put(order))
+            .with_state(self.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        base
+    }
+}
+
+fn run_stdin(pipeline: &'static str, env: Vec<(&'static str, String)>, data: &Path, input: String) -> std::process::Output {
+    use std::io::Write;
+    let mut c = switchyard(&["run", pipeline, "--once", "--data-dir"]);
+    c.arg(data);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let mut child = c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oauth2_tokens_are_cached_and_fetched_again_when_the_erp_answers_401() {
+    let erp = OAuthErp::default();
+    let base = erp.start().await;
+    let data = tempfile::tempdir().unwrap();
+    let orders: String = (1..=6).map(|i| format!("{{\"order_id\": \"{i}\"}}\n")).collect();
+    let env = vec![("ERP_URL", base.clone()), ("ERP_CLIENT_SECRET", CLIENT_SECRET.to_string())];
+    let path = data.path().to_path_buf();
+    let out = tokio::task::spawn_blocking(move || run_stdin("tests/http/erp-oauth.yaml", env, &path, orders)).await.unwrap();
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(said.contains("total: 6 in = 6 routed + 0 exceptions"), "{said}");
+
+    let orders = erp.orders.lock().unwrap().clone();
+    let delivered: Vec<&str> = orders.iter().filter(|(_, c, _)| *c == 204).map(|(id, ..)| id.as_str()).collect();
+    assert_eq!(delivered.len(), 6, "each order once: {orders:?}");
+    let refused: Vec<&(String, u16, String)> = orders.iter().filter(|(_, c, _)| *c == 401).collect();
+    assert_eq!(refused.len(), 1, "one request met the revoked token: {orders:?}");
+    assert_eq!(refused[0].2, "Bearer tok-1");
+    assert!(
+        orders.iter().filter(|(_, c, _)| *c == 204).take(3).all(|(.., a)| a == "Bearer tok-1"),
+        "the first token is cached: {orders:?}"
+    );
+    assert!(orders.iter().filter(|(_, c, _)| *c == 204).skip(3).all(|(.., a)| a == "Bearer tok-2"), "then the new one: {orders:?}");
+    assert_eq!(erp.token_requests.lock().unwrap().len(), 2, "one token, then one more after the 401");
+    for secret in [CLIENT_SECRET, "tok-1", "tok-2"] {
+        assert!(!said.contains(secret), "`{secret}` in the engine's output: {said}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_client_secret_sends_no_order_and_the_failure_names_the_issuers_error() {
+    let erp = OAuthErp::default();
+    let base = erp.start().await;
+    let data = tempfile::tempdir().unwrap();
+    let env = vec![("ERP_URL", base.clone()), ("ERP_CLIENT_SECRET", "wrong-secret".to_string())];
+    let path = data.path().to_path_buf();
+    let out = tokio::task::spawn_blocking(move || run_stdin("tests/http/erp-oauth.yaml", env, &path, "{\"order_id\": \"1\"}\n".into()))
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(said.contains("cannot get an OAuth2 token from") && said.contains("invalid_client"), "{said}");
+    assert!(said.contains("total: 1 in = 0 routed + 1 exceptions"), "after its attempts the order is an exception: {said}");
+    assert!(!said.contains("wrong-secret"), "{said}");
+    assert!(erp.orders.lock().unwrap().is_empty(), "no order is sent without a token");
+}

@@ -61,6 +61,20 @@ impl<'a> BuildContext<'a> {
         self.file.span_at(value.line, value.column + usize::from(quoted) + column.saturating_sub(1), len.max(1))
     }
 
+    /// A secret (a key, a password, a token): read from the environment or a mounted file,
+    /// never written out in a pipeline file, which lives in git.
+    pub fn secret(&self, s: &Spanned<String>, key_path: &str) -> Result<String, Diagnostic> {
+        if s.value.is_empty() {
+            return Err(self.diag(DiagCode::InvalidValue, s.span, key_path, "the secret is empty").expected("e.g. `${env:ERP_TOKEN}`"));
+        }
+        if s.written.is_none() {
+            return Err(self.diag(DiagCode::InvalidValue, s.span, key_path, "a secret is written in the pipeline file").hint(
+                "pipeline files are versioned in git: read it from the environment or a mounted file, `${env:NAME}` or `${file:/run/secrets/NAME}`",
+            ));
+        }
+        Ok(s.value.clone())
+    }
+
     /// A referenced file that must exist.
     pub fn existing_file(&self, p: &Spanned<String>, key_path: &str, what: &str) -> Result<PathBuf, Diagnostic> {
         let path = self.resolve(&p.value);

@@ -101,6 +101,10 @@ pub struct HttpSinkConfig {
     /// `Idempotency-Key`): the receiver can then drop a delivery it already took.
     #[serde(default)]
     pub idempotency_header: Option<Spanned<String>>,
+    /// How the sink authenticates: `bearer:`, `basic:` or `oauth2:` (client credentials, the
+    /// token cached and fetched again before it expires or when the receiver answers 401).
+    #[serde(default)]
+    pub auth: Option<Spanned<super::http_auth::HttpSinkAuthConfig>>,
     /// Attempts, backoff and which answers are worth another try.
     #[serde(default)]
     pub retry: Option<crate::runtime::delivery::RetryConfig>,
@@ -118,9 +122,10 @@ impl HttpSinkConfig {
     pub fn wiring(&self) -> String {
         let headers: Vec<(&str, &str)> = self.headers.iter().map(|(k, v)| (k.as_str(), v.value.as_str())).collect();
         format!(
-            "{:?} {} {headers:?} {:?} {:?} {:?} {:?} {:?} {:?}",
+            "{:?} {} {headers:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
             self.method,
             self.url.value,
+            self.auth.as_ref().map(|a| format!("{:?}", a.value)),
             self.timeout.as_ref().map(|t| &t.value),
             self.format,
             self.idempotency_header.as_ref().map(|h| &h.value),
@@ -148,6 +153,7 @@ pub struct HttpTarget {
     timeout: Duration,
     format: OutputFormat,
     idempotency_header: HeaderName,
+    auth: Option<super::http_auth::SinkAuth>,
 }
 
 impl std::fmt::Debug for HttpTarget {
@@ -223,6 +229,8 @@ impl HttpTarget {
             };
             let hint = if MANAGED_HEADERS.contains(&header.as_str()) {
                 Some("the HTTP client sets it for each request; leave this header out")
+            } else if header == reqwest::header::AUTHORIZATION && c.auth.is_some() {
+                Some("`auth:` sets the Authorization header; leave this header out")
             } else if header == idempotency_header || header == headers::CORRELATION_ID {
                 Some(
                     "the idempotency key and the correlation id go with every message; leave this header out (`idempotency_header:` names the key's header)",
@@ -254,8 +262,10 @@ impl HttpTarget {
             };
             extra.push((header, name.clone(), source));
         }
+        let auth = c.auth.as_ref().and_then(|a| super::http_auth::SinkAuth::build(a, at, cx, &mut diags));
         match url {
             Some(url) if diags.is_empty() => Ok(HttpTarget {
+                auth,
                 method: c.method.unwrap_or_default(),
                 url,
                 url_shown: without_secrets(&c.url.value),
@@ -508,12 +518,36 @@ impl Sink for HttpSink {
     async fn write(&self, output: &Output) -> Result<(), SinkError> {
         let t = &*self.target;
         let url = t.url_for(output)?;
-        let headers = t.headers_for(output)?;
+        let mut headers = t.headers_for(output)?;
         let shown = without_secrets(url.as_str());
-        let sent = self.client.request(t.method.to_reqwest(), url).headers(headers).body(t.format.render(output)).send().await;
-        let mut response = match sent {
-            Ok(r) => r,
-            Err(e) => return Err(t.transport_error(&shown, e)),
+        let body = t.format.render(output);
+        // With OAuth2, a 401 may mean the token was revoked or expired early: one more try with
+        // a new token.
+        let mut tries_left = 2;
+        let mut response = loop {
+            tries_left -= 1;
+            let credentials = match &t.auth {
+                Some(a) => {
+                    let v = a.header(&self.client).await?;
+                    headers.insert(reqwest::header::AUTHORIZATION, v.clone());
+                    Some(v)
+                }
+                None => None,
+            };
+            let sent = self.client.request(t.method.to_reqwest(), url.clone()).headers(headers.clone()).body(body.clone()).send().await;
+            let response = match sent {
+                Ok(r) => r,
+                Err(e) => return Err(t.transport_error(&shown, e)),
+            };
+            if response.status() == StatusCode::UNAUTHORIZED
+                && tries_left > 0
+                && let (Some(a), Some(used)) = (&t.auth, &credentials)
+                && a.rejected(used).await
+            {
+                tracing::info!(url = %shown, "the receiver answered 401: fetching a new OAuth2 token and sending again");
+                continue;
+            }
+            break response;
         };
         let status = response.status();
         if status.is_success() {
@@ -593,6 +627,23 @@ mod tests {
             SinkError::Delivery { message, transient, retry_after, status } => (*transient, *retry_after, *status, message),
             other => panic!("not a delivery error: {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn bearer_and_basic_credentials_are_sensitive_headers_and_literal_secrets_are_refused() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::new();
+        let bearer = target("    url: https://erp.example.com/o\n    auth: {bearer: \"${ERP_TOKEN}\"}\n");
+        let v = bearer.auth.as_ref().unwrap().header(&client).await.unwrap();
+        assert_eq!((v.to_str().unwrap(), v.is_sensitive()), ("Bearer s3cret-token", true));
+        let basic = target("    url: https://erp.example.com/o\n    auth: {basic: {username: erp, password: \"${ERP_TOKEN}\"}}\n");
+        let v = basic.auth.as_ref().unwrap().header(&client).await.unwrap();
+        assert_eq!(v.to_str().unwrap(), "Basic ZXJwOnMzY3JldC10b2tlbg==", "base64 of erp:s3cret-token");
+        assert!(format!("{basic:?}").find("s3cret").is_none());
+        let refused = problems("    url: https://erp.example.com/o\n    auth: {bearer: written-out}\n");
+        assert_eq!(refused, [(DiagCode::InvalidValue, "sinks.erp.auth.bearer".to_string(), 13, 20)]);
+        let both = problems("    url: https://erp.example.com/o\n    headers: {Authorization: x}\n    auth: {bearer: \"${ERP_TOKEN}\"}\n");
+        assert_eq!(both[0].0, DiagCode::Conflict);
     }
 
     #[test]

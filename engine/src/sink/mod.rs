@@ -3,6 +3,7 @@
 
 pub mod file;
 pub mod http;
+pub mod http_auth;
 pub mod queue;
 pub mod stdout;
 

@@ -310,23 +310,8 @@ fn header_name(h: &Spanned<String>, at: &str, cx: &BuildContext, diags: &mut Dia
     }
 }
 
-/// A secret as bytes. One written out in the file (not `${env:...}` or `${file:...}`) is
-/// refused: pipeline files live in git.
 fn secret(s: &Spanned<String>, at: &str, cx: &BuildContext, diags: &mut Diags) -> Option<Vec<u8>> {
-    if s.value.is_empty() {
-        diags.push(
-            cx.diag(DiagCode::InvalidValue, s.span, at, "the secret is empty").expected("a secret, e.g. `${env:SHOPIFY_WEBHOOK_SECRET}`"),
-        );
-        return None;
-    }
-    if s.written.is_none() {
-        diags.push(
-            cx.diag(DiagCode::InvalidValue, s.span, at, "a secret is written in the pipeline file")
-                .hint("pipeline files are versioned in git: read it from the environment or a mounted file, `${env:NAME}` or `${file:/run/secrets/NAME}`"),
-        );
-        return None;
-    }
-    Some(s.value.as_bytes().to_vec())
+    diags.take(cx.secret(s, at)).map(String::into_bytes)
 }
 
 fn build_auth(auth: &Spanned<HttpAuthConfig>, channel: Option<&str>, cx: &BuildContext, diags: &mut Diags) -> Option<Auth> {
