@@ -28,6 +28,9 @@ pub enum SourceConfig {
     /// Requests partners POST to a path of the engine's HTTP server (webhooks), answered `202`
     /// once stored; authenticated by HMAC signature, API key or bearer token.
     Http(Box<HttpSourceConfig>),
+    /// A channel's API polled on a schedule for what changed since the stored cursor, page
+    /// after page (Amazon SP-API orders, Shopify orders).
+    HttpPoll(Box<crate::source::poll::HttpPollSourceConfig>),
 }
 
 /// A sink, picked by `type:`.
@@ -90,7 +93,7 @@ fn p<T: DeserializeOwned>(node: &Node, file: &SourceFile, prefix: &[PathPart]) -
 
 impl Tagged for SourceConfig {
     const WHAT: &'static str = "source";
-    const TYPES: &'static [&'static str] = &["file", "stdin", "queue", "amqp", "http"];
+    const TYPES: &'static [&'static str] = &["file", "stdin", "queue", "amqp", "http", "http_poll"];
     fn parse_type(ty: &str, node: &Node, file: &SourceFile, prefix: &[PathPart]) -> Result<Self, Vec<Diagnostic>> {
         Ok(match ty {
             "file" => SourceConfig::File(p(node, file, prefix)?),
@@ -98,6 +101,7 @@ impl Tagged for SourceConfig {
             "queue" => SourceConfig::Queue(p(node, file, prefix)?),
             "amqp" => SourceConfig::Amqp(p(node, file, prefix)?),
             "http" => SourceConfig::Http(Box::new(p(node, file, prefix)?)),
+            "http_poll" => SourceConfig::HttpPoll(Box::new(p(node, file, prefix)?)),
             _ => unreachable!("checked against TYPES"),
         })
     }

@@ -476,6 +476,8 @@ pub struct Pipeline {
     pub broker: Option<BrokerPlan>,
     /// The `http` source, compiled.
     pub http_source: Option<Arc<crate::source::http::HttpEndpoint>>,
+    /// The `http_poll` source, compiled.
+    pub poll_source: Option<Arc<crate::source::poll::PollPlan>>,
     /// The `http` sinks by name, compiled.
     pub http_targets: IndexMap<String, Arc<HttpTarget>>,
     /// Per sink (as `sinks`): retry policy, circuit breaker and rate limit. The runtime keeps
@@ -685,6 +687,10 @@ impl Pipeline {
             }
             _ => None,
         };
+        let poll_source = match &source {
+            Some(SourceConfig::HttpPoll(c)) => crate::source::poll::PollPlan::build(c, cx, &mut diags).map(Arc::new),
+            _ => None,
+        };
         let runtime = RuntimeSettings::build(&config.runtime, cx, &mut diags);
         let mut broker = config.broker.as_ref().map(|b| {
             let source = match &source {
@@ -871,6 +877,7 @@ impl Pipeline {
             broker,
             http_targets,
             http_source,
+            poll_source,
             deliveries,
             correlation,
             idempotency_key,
@@ -1032,8 +1039,11 @@ impl Pipeline {
 
     /// The exception record of an input the source could not read: the input stays where it is.
     pub fn source_failure(&self, e: &crate::source::SourceError) -> ExceptionRecord {
-        let crate::source::SourceError::Read { path, .. } = e;
-        let raw = RawMessage { origin: Some(path.display().to_string()), attempt: 1, ..Default::default() };
+        let origin = match e {
+            crate::source::SourceError::Read { path, .. } => path.display().to_string(),
+            crate::source::SourceError::Poll(_) => String::new(),
+        };
+        let raw = RawMessage { origin: Some(origin).filter(|o| !o.is_empty()), attempt: 1, ..Default::default() };
         self.failure_record(&raw, Stage::Source, Failure::one(reason::UNREADABLE_INPUT, ErrorDetail::input("", e.to_string())))
     }
 

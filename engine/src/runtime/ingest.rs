@@ -15,6 +15,7 @@ use super::{PipelineRun, RunError, Shared};
 use crate::message::{ExceptionRecord, RawMessage};
 use crate::registry::SourceConfig;
 use crate::source::file::{FileSourceConfig, NdjsonLines, format_of, list_files, split};
+use crate::source::poll::{MAX_PAGES, PollCursor, PollPlan, advance};
 use crate::source::stdin::StdinSourceConfig;
 use crate::source::{Format, SourceError};
 use crate::store::{self, Checkpoint, CheckpointWrite, ExceptionRow, NewMessage, Settle, Settlement, StoreError, Target};
@@ -41,6 +42,7 @@ pub(super) struct Ingester {
 enum Kind {
     Files { config: FileSourceConfig, path: PathBuf },
     Stdin(StdinSourceConfig),
+    Poll(Arc<crate::source::poll::PollPlan>),
 }
 
 /// How far into a file a reader got: bytes read and their hash.
@@ -142,6 +144,7 @@ impl Ingester {
                 Kind::Files { path: crate::build::normalize(&run.pipeline.dir.join(&c.path.value)), config: c.clone() }
             }
             SourceConfig::Stdin(c) => Kind::Stdin(c.clone()),
+            SourceConfig::HttpPoll(_) => Kind::Poll(run.pipeline.poll_source.clone()?),
             SourceConfig::Queue(_) | SourceConfig::Amqp(_) | SourceConfig::Http(_) => return None,
         };
         Some(Ingester { run, shared, kind })
@@ -151,6 +154,7 @@ impl Ingester {
         let result = match &self.kind {
             Kind::Files { config, path } => self.files(config, path).await,
             Kind::Stdin(config) => self.stdin(config).await,
+            Kind::Poll(plan) => self.poll(plan).await,
         };
         self.shared.ingesting.fetch_sub(1, Ordering::SeqCst);
         result
@@ -463,6 +467,101 @@ impl Ingester {
         Ok(())
     }
 
+    /// Polls every `every` (once with `--once`); a failed poll is said and tried at the next.
+    async fn poll(&self, plan: &PollPlan) -> Result<(), RunError> {
+        let p = &self.run.pipeline;
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::builder()
+            .timeout(plan.timeout)
+            .redirect(reqwest::redirect::Policy::limited(5))
+            .user_agent(concat!("switchyard/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| RunError::Source {
+                pipeline: p.name.clone(),
+                source: SourceError::Poll(format!("cannot start the HTTP client for GET {}: {e}", plan.shown)),
+            })?;
+        let mut shutdown = self.shared.shutdown.clone();
+        let mut failures = 0u32;
+        loop {
+            if self.stopping() {
+                return Ok(());
+            }
+            match self.poll_once(plan, &client).await {
+                Ok((taken, skipped)) => {
+                    if failures > 0 {
+                        tracing::warn!(pipeline = %p.name, url = %plan.shown, "polling works again");
+                    }
+                    failures = 0;
+                    tracing::info!(pipeline = %p.name, url = %plan.shown, taken, skipped, "polled");
+                }
+                Err(PollError::Store(e)) => return Err(e),
+                Err(PollError::Source(why)) => {
+                    failures += 1;
+                    if failures == 1 || failures.is_multiple_of(10) {
+                        tracing::error!(pipeline = %p.name, error = %why, failures, "a poll failed; nothing from it is stored, the next poll asks again from the same cursor");
+                    }
+                }
+            }
+            if self.shared.once {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(plan.every) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    /// One poll: every page from the stored cursor, then the records and the new cursor in one
+    /// commit. Returns the records taken and those skipped as already taken.
+    async fn poll_once(&self, plan: &PollPlan, client: &reqwest::Client) -> Result<(usize, usize), PollError> {
+        let (name, key) = (self.run.pipeline.name.clone(), plan.shown.clone());
+        let stored = {
+            let (name, key) = (name.clone(), key.clone());
+            self.shared.store.submit(move |c| store::poll_cursor(c, &name, &key)).await.map_err(|e| PollError::Store(e.into()))?
+        };
+        let cursor = stored
+            .map_or_else(|| PollCursor { value: plan.start.clone(), at_value: vec![] }, |(value, at_value)| PollCursor { value, at_value });
+        let mut url = plan.first_url(&cursor.value);
+        let (mut messages, mut taken, mut skipped) = (Vec::new(), Vec::new(), 0);
+        for n in 1..=MAX_PAGES {
+            let (page, link) = get_page(client, plan, url.clone()).await.map_err(PollError::Source)?;
+            let found = plan.records(&page, &cursor);
+            skipped += found.skipped;
+            if found.unkeyed > 0 {
+                tracing::warn!(pipeline = %name, url = %plan.shown, records = found.unkeyed, "records without a cursor value or an id: taken, but the next poll may send them again");
+            }
+            for (body, value, id) in found.records {
+                let mut headers = std::collections::BTreeMap::new();
+                headers.insert("http.poll_url".to_string(), plan.shown.clone());
+                messages.push(RawMessage { headers, origin: Some(format!("GET {} page {n}", plan.shown)), ..RawMessage::json(body) });
+                taken.push((value, id));
+            }
+            match plan.next_url(&page, link.as_deref()) {
+                Some(next) if n < MAX_PAGES => url = next,
+                Some(_) => {
+                    tracing::warn!(pipeline = %name, url = %plan.shown, pages = MAX_PAGES, "stopped after the most pages one poll reads; the next poll goes on from the cursor")
+                }
+                None => break,
+            }
+        }
+        let next = advance(&cursor, &taken);
+        let count = messages.len();
+        self.wait_for_room().await.map_err(PollError::Store)?;
+        let items = vec![to_inbox(&self.run, messages)];
+        self.shared
+            .store
+            .submit(move |c| {
+                store::settle(c, &items, None, &[])?;
+                store::save_poll_cursor(c, &name, &key, &next.value, &next.at_value)
+            })
+            .await
+            .map_err(|e| PollError::Store(e.into()))?;
+        self.run.stats.ingested.fetch_add(count as u64, Ordering::Relaxed);
+        self.shared.store.wake(&self.run.input_queue);
+        Ok((count, skipped))
+    }
+
     async fn wait_for_room(&self) -> Result<(), RunError> {
         loop {
             let stream = self.run.stream;
@@ -473,6 +572,52 @@ impl Ingester {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+enum PollError {
+    /// The channel's API: said, and asked again at the next poll.
+    Source(String),
+    Store(RunError),
+}
+
+/// One page: GET with the source's headers and credentials (a 401 with OAuth2 fetches a new
+/// token and asks once more), the body as JSON and the `Link` header.
+async fn get_page(client: &reqwest::Client, plan: &PollPlan, url: reqwest::Url) -> Result<(crate::doc::Doc, Option<String>), String> {
+    let mut tries_left = 2;
+    let response = loop {
+        tries_left -= 1;
+        let mut headers = plan.headers();
+        let credentials = match &plan.auth {
+            Some(a) => {
+                let v = a.header(client).await.map_err(|e| e.to_string())?;
+                headers.insert(reqwest::header::AUTHORIZATION, v.clone());
+                Some(v)
+            }
+            None => None,
+        };
+        let r = client
+            .get(url.clone())
+            .headers(headers)
+            .send()
+            .await
+            .map_err(|e| format!("GET {}: the request failed ({})", plan.shown, e.without_url()))?;
+        if r.status() == reqwest::StatusCode::UNAUTHORIZED
+            && tries_left > 0
+            && let (Some(a), Some(used)) = (&plan.auth, &credentials)
+            && a.rejected(used).await
+        {
+            continue;
+        }
+        break r;
+    };
+    let status = response.status();
+    let link = response.headers().get(reqwest::header::LINK).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let body = response.bytes().await.map_err(|e| format!("GET {}: the answer could not be read ({})", plan.shown, e.without_url()))?;
+    if !status.is_success() {
+        return Err(format!("GET {} answered {status}: {}", plan.shown, crate::sink::http::excerpt(&body)));
+    }
+    let page = crate::doc::Doc::parse_bytes(&body).map_err(|e| format!("GET {}: the answer is not JSON ({e})", plan.shown))?;
+    Ok((page, link))
 }
 
 /// One file to read, and how its checkpoints are made.

@@ -437,6 +437,9 @@ impl PipelineRun {
                 }
                 SourceConfig::Stdin(_) => format!("standard input (via {})", self.input_queue),
                 SourceConfig::Http(h) => format!("POST {} (via {})", h.path.value.trim(), self.input_queue),
+                SourceConfig::HttpPoll(_) => {
+                    format!("GET {} (via {})", p.poll_source.as_ref().map(|s| s.shown.clone()).unwrap_or_default(), self.input_queue)
+                }
                 SourceConfig::Amqp(a) => format!(
                     "RabbitMQ queue {} at {}",
                     a.queue.value,

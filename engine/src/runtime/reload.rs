@@ -115,6 +115,8 @@ fn wiring(p: &Pipeline) -> String {
         SourceConfig::Amqp(a) => format!("amqp {}", a.queue.value),
         // Its path is where the server routes; its auth and limits may change on reload.
         SourceConfig::Http(h) => format!("http {}", h.path.value.trim()),
+        // The poller keeps the plan it started with: any change needs a restart.
+        SourceConfig::HttpPoll(h) => format!("http_poll {h:?}"),
     };
     let sinks: Vec<String> = p
         .sinks

@@ -5,6 +5,7 @@
 
 pub mod file;
 pub mod http;
+pub mod poll;
 pub mod queue;
 pub mod stdin;
 
@@ -49,6 +50,8 @@ pub struct Incoming {
 pub enum SourceError {
     #[error("cannot read {}: {source}", path.display())]
     Read { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Poll(String),
 }
 
 /// A running source. Contract: `next` returns `None` when a bounded source is exhausted; bad

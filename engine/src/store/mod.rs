@@ -166,6 +166,16 @@ CREATE TABLE IF NOT EXISTS sink_offsets (
     path TEXT PRIMARY KEY,
     length INTEGER NOT NULL
 );
+-- Where each `http_poll` source is: the greatest cursor value taken, and the ids of the records
+-- at it (a JSON array); written in the commit that stores the records it covers.
+CREATE TABLE IF NOT EXISTS poll_cursors (
+    pipeline TEXT NOT NULL,
+    source TEXT NOT NULL,
+    cursor TEXT NOT NULL,
+    at_cursor TEXT NOT NULL,
+    polled_at INTEGER NOT NULL,
+    PRIMARY KEY (pipeline, source)
+);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '2');
 "#;
 

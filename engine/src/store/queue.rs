@@ -434,6 +434,25 @@ pub fn reclaim(conn: &Connection, owner: i64) -> StoreResult<usize> {
 }
 
 /// The checkpoints of a pipeline's files.
+/// The stored cursor of a pipeline's `http_poll` source: value and the ids at it.
+pub fn poll_cursor(conn: &Connection, pipeline: &str, source: &str) -> StoreResult<Option<(String, Vec<String>)>> {
+    let row: Option<(String, String)> = conn
+        .prepare_cached("SELECT cursor, at_cursor FROM poll_cursors WHERE pipeline = ?1 AND source = ?2")?
+        .query_row(params![pipeline, source], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    Ok(row.map(|(c, at)| (c, serde_json::from_str(&at).unwrap_or_default())))
+}
+
+/// Records a poll's cursor; call in the transaction that stores the records it covers.
+pub fn save_poll_cursor(conn: &Connection, pipeline: &str, source: &str, cursor: &str, at_cursor: &[String]) -> StoreResult<()> {
+    conn.prepare_cached(
+        "INSERT INTO poll_cursors (pipeline, source, cursor, at_cursor, polled_at) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (pipeline, source) DO UPDATE SET cursor = ?3, at_cursor = ?4, polled_at = ?5",
+    )?
+    .execute(params![pipeline, source, cursor, serde_json::to_string(at_cursor).unwrap_or_default(), now_micros()])?;
+    Ok(())
+}
+
 pub fn checkpoints(conn: &Connection, pipeline: &str) -> StoreResult<HashMap<String, Checkpoint>> {
     let rows = conn
         .prepare_cached("SELECT path, size, modified, records, complete, content_hash FROM file_checkpoints WHERE pipeline = ?1")?
