@@ -49,24 +49,9 @@ async fn run_once_delivers_every_order_to_a_real_receiver() {
 
     let data = tempfile::tempdir().unwrap();
     let orders = "{\"order_id\": \"1001\", \"total\": \"21.67\"}\n{\"order_id\": \"1002\", \"total\": \"5.00\"}\n{\"order_id\": \"A/7\", \"total\": \"1.00\"}\n";
-    let run = {
-        let (base, data) = (base.clone(), data.path().to_path_buf());
-        tokio::task::spawn_blocking(move || {
-            use std::io::Write;
-            let mut child = switchyard(&["run", PIPELINE, "--once", "--data-dir"])
-                .arg(&data)
-                .env("ERP_URL", &base)
-                .env("ERP_TOKEN", "t0ken")
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            child.stdin.take().unwrap().write_all(orders.as_bytes()).unwrap();
-            child.wait_with_output().unwrap()
-        })
-    };
-    let out = run.await.unwrap();
+    let env = vec![("ERP_URL", base.clone()), ("ERP_TOKEN", "t0ken".to_string())];
+    let d = data.path().to_path_buf();
+    let out = tokio::task::spawn_blocking(move || run_stdin(&[PIPELINE], env, &d, orders.to_string())).await.unwrap();
     let summary = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{summary}");
     assert!(summary.contains(&format!("PUT {base}/orders/{{$.order_id}}")), "the summary names where the sink sends: {summary}");
@@ -386,9 +371,11 @@ impl OAuthErp {
     }
 }
 
-fn run_stdin(pipeline: &'static str, env: Vec<(&'static str, String)>, data: &Path, input: String) -> std::process::Output {
+/// `switchyard run PIPELINES --once` with `input` on its standard input.
+fn run_stdin(pipelines: &[&str], env: Vec<(&'static str, String)>, data: &Path, input: String) -> std::process::Output {
     use std::io::Write;
-    let mut c = switchyard(&["run", pipeline, "--once", "--data-dir"]);
+    let mut c = switchyard(&["run"]);
+    c.args(pipelines).args(["--once", "--data-dir"]);
     c.arg(data);
     for (k, v) in env {
         c.env(k, v);
@@ -406,7 +393,7 @@ async fn oauth2_tokens_are_cached_and_fetched_again_when_the_erp_answers_401() {
     let orders: String = (1..=6).map(|i| format!("{{\"order_id\": \"{i}\"}}\n")).collect();
     let env = vec![("ERP_URL", base.clone()), ("ERP_CLIENT_SECRET", CLIENT_SECRET.to_string())];
     let path = data.path().to_path_buf();
-    let out = tokio::task::spawn_blocking(move || run_stdin("tests/http/erp-oauth.yaml", env, &path, orders)).await.unwrap();
+    let out = tokio::task::spawn_blocking(move || run_stdin(&["tests/http/erp-oauth.yaml"], env, &path, orders)).await.unwrap();
     let said = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(0), "{said}");
     assert!(said.contains("total: 6 in = 6 routed + 0 exceptions"), "{said}");
@@ -435,7 +422,7 @@ async fn a_refused_client_secret_sends_no_order_and_the_failure_names_the_issuer
     let data = tempfile::tempdir().unwrap();
     let env = vec![("ERP_URL", base.clone()), ("ERP_CLIENT_SECRET", "wrong-secret".to_string())];
     let path = data.path().to_path_buf();
-    let out = tokio::task::spawn_blocking(move || run_stdin("tests/http/erp-oauth.yaml", env, &path, "{\"order_id\": \"1\"}\n".into()))
+    let out = tokio::task::spawn_blocking(move || run_stdin(&["tests/http/erp-oauth.yaml"], env, &path, "{\"order_id\": \"1\"}\n".into()))
         .await
         .unwrap();
     let said = String::from_utf8_lossy(&out.stderr).to_string();
@@ -443,4 +430,75 @@ async fn a_refused_client_secret_sends_no_order_and_the_failure_names_the_issuer
     assert!(said.contains("total: 1 in = 0 routed + 1 exceptions"), "after its attempts the order is an exception: {said}");
     assert!(!said.contains("wrong-secret"), "{said}");
     assert!(erp.orders.lock().unwrap().is_empty(), "no order is sent without a token");
+}
+
+/// An ERP that numbers the sales orders it takes (`SO-1`, `SO-2`, ...; the same number again for
+/// an idempotency key it has seen) and a marketplace that records acknowledgements.
+#[derive(Clone, Default)]
+struct ErpAndMarketplace {
+    numbers: Arc<Mutex<Vec<(String, String)>>>,
+    acks: Arc<Mutex<Vec<(String, HeaderMap, Value)>>>,
+}
+
+impl ErpAndMarketplace {
+    async fn start(&self) -> String {
+        use axum::response::IntoResponse;
+        async fn sales_order(State(s): State<ErpAndMarketplace>, headers: HeaderMap) -> axum::response::Response {
+            let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+            let mut numbers = s.numbers.lock().unwrap();
+            let (status, number) = match numbers.iter().find(|(k, _)| *k == key) {
+                Some((_, n)) => (StatusCode::OK, n.clone()),
+                None => {
+                    let n = format!("SO-{}", numbers.len() + 1);
+                    numbers.push((key, n.clone()));
+                    (StatusCode::CREATED, n)
+                }
+            };
+            (status, axum::Json(serde_json::json!({"number": number, "status": "open", "id": "6f1c"}))).into_response()
+        }
+        async fn ack(State(s): State<ErpAndMarketplace>, uri: Uri, headers: HeaderMap, body: Bytes) -> StatusCode {
+            s.acks.lock().unwrap().push((uri.path().to_string(), headers, serde_json::from_slice(&body).unwrap_or_default()));
+            StatusCode::NO_CONTENT
+        }
+        let app = Router::new()
+            .route("/salesOrders", axum::routing::post(sales_order))
+            .route("/orders/{id}/acknowledgement", axum::routing::post(ack))
+            .with_state(self.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        base
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_erps_answer_goes_on_to_the_acknowledgement_pipeline() {
+    let sides = ErpAndMarketplace::default();
+    let base = sides.start().await;
+    let data = tempfile::tempdir().unwrap();
+    let orders: String = ["1001", "1002", "1003"].iter().map(|i| format!("{{\"order_id\": \"{i}\", \"total\": \"9.99\"}}\n")).collect();
+    let env = vec![("ERP_URL", base.clone()), ("MARKETPLACE_URL", base.clone()), ("MARKETPLACE_TOKEN", "mk-token-3e1".to_string())];
+    let d = data.path().to_path_buf();
+    let pipelines = ["tests/http/erp-post.yaml", "tests/http/channel-ack.yaml"];
+    let out = tokio::task::spawn_blocking(move || run_stdin(&pipelines, env, &d, orders)).await.unwrap();
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(said.contains("total: 6 in = 6 routed + 0 exceptions"), "3 posted, 3 acknowledged: {said}");
+    assert!(!said.contains("mk-token-3e1"), "{said}");
+
+    let numbers = sides.numbers.lock().unwrap().clone();
+    assert_eq!(numbers.len(), 3, "each order posted once: {numbers:?}");
+    let mut acks = sides.acks.lock().unwrap().clone();
+    acks.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(acks.len(), 3);
+    for (path, headers, body) in &acks {
+        let id = path.trim_start_matches("/orders/").trim_end_matches("/acknowledgement");
+        let key = format!("shopify:{id}");
+        let number = &numbers.iter().find(|(k, _)| *k == key).expect("posted").1;
+        assert_eq!(body["erp_document_number"], number.as_str(), "the ack carries the ERP's number for this order: {body}");
+        assert_eq!(body["erp_status"], "open");
+        assert_eq!(body["order_id"], id);
+        assert_eq!(headers.get("authorization").unwrap(), "Bearer mk-token-3e1");
+        assert_eq!(headers.get("x-correlation-id").unwrap().to_str().unwrap(), key, "the correlation id travels through both pipelines");
+    }
 }

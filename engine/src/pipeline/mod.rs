@@ -478,6 +478,9 @@ pub struct Pipeline {
     pub http_source: Option<Arc<crate::source::http::HttpEndpoint>>,
     /// The `http_poll` source, compiled.
     pub poll_source: Option<Arc<crate::source::poll::PollPlan>>,
+    /// Per sink (as `sinks`): where the record goes next once an `http` sink's receiver answered
+    /// (its `reply.to`).
+    pub reply_to: Vec<Option<usize>>,
     /// The `http` sinks by name, compiled.
     pub http_targets: IndexMap<String, Arc<HttpTarget>>,
     /// Per sink (as `sinks`): retry policy, circuit breaker and rate limit. The runtime keeps
@@ -781,6 +784,37 @@ impl Pipeline {
                 sinks.push((name.clone(), s));
             }
         }
+        // `reply.to` of an http sink: another declared sink.
+        let mut reply_to = vec![None; sinks.len()];
+        for (i, (name, s)) in sinks.iter().enumerate() {
+            let SinkConfig::Http(h) = s else { continue };
+            let Some(r) = &h.reply else { continue };
+            match sinks.iter().position(|(n, _)| *n == r.to.value) {
+                Some(j) if j != i => reply_to[i] = Some(j),
+                Some(_) => diags.push(
+                    cx.diag(
+                        DiagCode::Conflict,
+                        r.to.span,
+                        &format!("sinks.{name}.reply.to"),
+                        "the reply goes back to the sink that sent it",
+                    )
+                    .hint("name another sink, e.g. a queue that an acknowledgement pipeline reads"),
+                ),
+                None => {
+                    let names: Vec<&str> = sinks.iter().map(|(n, _)| n.as_str()).collect();
+                    let mut d = cx.diag(
+                        DiagCode::UndeclaredSink,
+                        r.to.span,
+                        &format!("sinks.{name}.reply.to"),
+                        format!("no sink is named `{}`", r.to.shown()),
+                    );
+                    if let Some(s) = crate::config::diag::suggestion(&r.to.value, names.iter().copied()) {
+                        d = d.hint(s);
+                    }
+                    diags.push(d.expected(crate::config::diag::one_of(&names)));
+                }
+            }
+        }
         if config.sinks.is_empty() {
             diags.push(
                 cx.diag(DiagCode::MissingKey, config.sinks.span, "sinks", "the pipeline declares no sinks")
@@ -876,6 +910,7 @@ impl Pipeline {
             sinks,
             broker,
             http_targets,
+            reply_to,
             http_source,
             poll_source,
             deliveries,

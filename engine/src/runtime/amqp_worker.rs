@@ -588,9 +588,14 @@ async fn process_batch(
                 if !matches!(item.counted, Counted::Duplicate(_)) {
                     item.counted = Counted::Routed(sinks.clone());
                 }
-                // Held before any sink is written, so that a hold never writes a sink twice.
-                item.held = sinks.iter().filter_map(|&i| run.delivery(i).would_hold()).max();
-                for &i in sinks.iter().filter(|_| item.held.is_none()) {
+                // Held before any sink is written, so that a hold never writes a sink twice (the
+                // sinks replies go on to included).
+                let replies_to = sinks.iter().filter_map(|&i| p.reply_to.get(i).copied().flatten());
+                item.held = sinks.iter().copied().chain(replies_to).filter_map(|i| run.delivery(i).would_hold()).max();
+                let mut todo: std::collections::VecDeque<(usize, Option<crate::message::Output>)> =
+                    if item.held.is_none() { sinks.iter().map(|&i| (i, None)).collect() } else { Default::default() };
+                while let Some((i, reply)) = todo.pop_front() {
+                    let output = reply.as_ref().unwrap_or(&output);
                     let RuntimeSink::External(sink) = &run.sinks[i] else {
                         item.failed =
                             Some(format!("sink `{}`: an embedded queue cannot be written from a RabbitMQ pipeline", p.sink_name(i)));
@@ -603,14 +608,22 @@ async fn process_batch(
                         break;
                     }
                     let written = match sink.as_amqp() {
-                        Some(a) => match a.send(&output).await {
+                        Some(a) => match a.send(output).await {
                             Ok(c) => {
                                 item.confirms.push((Some(i), c));
                                 Ok(())
                             }
                             Err(e) => Err(run.publish_failed(i, e.to_string(), shared)),
                         },
-                        None => run.judge(i, sink.write(&output).await, shared).map(|()| item.outside.push(i)),
+                        None => run.judge(i, sink.write_with_reply(output).await, shared).map(|reply| {
+                            item.outside.push(i);
+                            if let (Some(r), Some(to)) = (reply, p.reply_to.get(i).copied().flatten()) {
+                                if let Counted::Routed(counted) = &mut item.counted {
+                                    counted.push(to);
+                                }
+                                todo.push_back((to, Some(r)));
+                            }
+                        }),
                     };
                     if let Err(f) = written {
                         item.failed = Some(f.message);

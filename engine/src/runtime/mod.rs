@@ -304,18 +304,18 @@ impl PipelineRun {
 
     /// What a write to sink `i` says: the breaker and the receiver's pause learn from it, and a
     /// failure is classified by the sink's retry policy.
-    pub(crate) fn judge(&self, i: usize, result: Result<(), crate::sink::SinkError>, shared: &Shared) -> Result<(), SinkFailure> {
+    pub(crate) fn judge<T>(&self, i: usize, result: Result<T, crate::sink::SinkError>, shared: &Shared) -> Result<T, SinkFailure> {
         let d = self.delivery(i);
         let name = self.pipeline.sink_name(i);
         let e = match result {
-            Ok(()) => {
+            Ok(written) => {
                 if let Some(b) = &d.breaker
                     && let Some(was) = b.success()
                 {
                     tracing::info!(pipeline = %self.pipeline.name, sink = %name, was = was.name(), "circuit closed: the sink answers again");
                     self.record_status(i, None, shared);
                 }
-                return Ok(());
+                return Ok(written);
             }
             Err(e) => e,
         };

@@ -605,9 +605,18 @@ async fn process_batch(run: &PipelineRun, shared: &Shared, batch: Vec<Leased>) -
                 let mut failed: Option<(usize, SinkFailure)> = None;
                 let external = |i: &usize| matches!(run.sinks[*i], RuntimeSink::External(_));
                 // Held before any sink is written, so that a hold never writes a sink twice.
-                let mut held = sinks.iter().filter(|i| external(i)).filter_map(|&i| run.delivery(i).would_hold()).max();
+                // The sinks a reply goes on to count too: an order posted must not wait for its
+                // acknowledgement's sink (it would be posted again).
+                let replies_to = sinks.iter().filter_map(|&i| p.reply_to.get(i).copied().flatten());
+                let mut held = sinks.iter().copied().chain(replies_to).filter(external).filter_map(|i| run.delivery(i).would_hold()).max();
                 let mut wrote_one = false;
-                for &i in sinks.iter().filter(|_| held.is_none()) {
+                // The routed sinks, then the sinks replies go on to (`reply.to` of an http sink),
+                // each with the record the receiver's answer completed.
+                let mut todo: VecDeque<(usize, Option<crate::message::Output>)> =
+                    if held.is_none() { sinks.iter().map(|&i| (i, None)).collect() } else { VecDeque::new() };
+                let mut replied = Vec::new();
+                while let Some((i, reply)) = todo.pop_front() {
+                    let output = reply.as_ref().unwrap_or(&output);
                     if external(&i) {
                         // Once one sink has it, the others' rate limits are waited out here.
                         let wait = if wrote_one { HELD_AFTER_WRITE_WAIT } else { INLINE_RATE_WAIT };
@@ -623,20 +632,26 @@ async fn process_batch(run: &PipelineRun, shared: &Shared, batch: Vec<Leased>) -
                             NewMessage {
                                 message_id: output.metadata.message_id.clone(),
                                 headers: StoredHeaders::of_output(&output.metadata).to_json(),
-                                body: format.render(&output),
+                                body: format.render(output),
                             },
                         )),
                         RuntimeSink::External(sink) => match sink.as_amqp() {
                             // Confirms are this batch's own: never another worker's flush.
-                            Some(amqp) => match amqp.send(&output).await {
+                            Some(amqp) => match amqp.send(output).await {
                                 Ok(c) => confirms.push((done.len(), i, c)),
                                 Err(e) => {
                                     failed = Some((i, run.publish_failed(i, e.to_string(), shared)));
                                     break;
                                 }
                             },
-                            None => match run.judge(i, sink.write(&output).await, shared) {
-                                Ok(()) => outside.push(i),
+                            None => match run.judge(i, sink.write_with_reply(output).await, shared) {
+                                Ok(reply) => {
+                                    outside.push(i);
+                                    if let (Some(r), Some(to)) = (reply, p.reply_to.get(i).copied().flatten()) {
+                                        replied.push(to);
+                                        todo.push_back((to, Some(r)));
+                                    }
+                                }
                                 Err(f) => {
                                     failed = Some((i, f));
                                     break;
@@ -652,7 +667,13 @@ async fn process_batch(run: &PipelineRun, shared: &Shared, batch: Vec<Leased>) -
                     }
                     (None, None) => (
                         Settlement { input, outcome: Settle::Done { outputs, exceptions: vec![], key } },
-                        count,
+                        match count {
+                            Counted::Routed(mut to) if !replied.is_empty() => {
+                                to.extend(replied);
+                                Counted::Routed(to)
+                            }
+                            other => other,
+                        },
                         Some((output.metadata, outside)),
                     ),
                     (None, Some((i, f))) => {

@@ -40,6 +40,8 @@ pub const EXCERPT_CHARS: usize = 300;
 /// A successful answer's body is read up to this many bytes, so that its connection can serve
 /// the next request; past it, the connection is dropped instead.
 const DRAIN_BYTES: usize = 64 * 1024;
+/// The most of a successful answer's body a `reply:` reads.
+const REPLY_BYTES: usize = 1024 * 1024;
 const USER_AGENT: &str = concat!("switchyard/", env!("CARGO_PKG_VERSION"));
 /// Headers the HTTP client owns.
 const MANAGED_HEADERS: &[&str] = &["host", "content-length", "transfer-encoding", "connection"];
@@ -101,6 +103,10 @@ pub struct HttpSinkConfig {
     /// `Idempotency-Key`): the receiver can then drop a delivery it already took.
     #[serde(default)]
     pub idempotency_header: Option<Spanned<String>>,
+    /// What the receiver's answer adds to the record, and the sink the record then goes to: e.g.
+    /// the ERP's sales order number, on to a queue that an acknowledgement pipeline reads.
+    #[serde(default)]
+    pub reply: Option<ReplyConfig>,
     /// How the sink authenticates: `bearer:`, `basic:` or `oauth2:` (client credentials, the
     /// token cached and fetched again before it expires or when the receiver answers 401).
     #[serde(default)]
@@ -136,6 +142,17 @@ impl HttpSinkConfig {
     }
 }
 
+/// `reply:` of an `http` sink.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplyConfig {
+    /// Field -> JSONPath into the answer's JSON body, e.g. `erp_document_number: $.number`. Each
+    /// is added to the record's top level (`null` when the answer does not have it).
+    pub fields: IndexMap<String, Spanned<String>>,
+    /// The sink of this pipeline the record goes to, with these fields, once the receiver took it.
+    pub to: Spanned<String>,
+}
+
 /// A header value: written out, or rendered from each message.
 enum HeaderSource {
     Fixed(HeaderValue),
@@ -154,6 +171,8 @@ pub struct HttpTarget {
     format: OutputFormat,
     idempotency_header: HeaderName,
     auth: Option<super::http_auth::SinkAuth>,
+    /// Fields read from a 2xx answer (`reply:`), and the sink the record then goes to.
+    reply: Option<(Vec<(String, crate::jsonpath::CompiledPath)>, String)>,
 }
 
 impl std::fmt::Debug for HttpTarget {
@@ -164,6 +183,28 @@ impl std::fmt::Debug for HttpTarget {
 }
 
 impl HttpTarget {
+    /// The sink its `reply:` sends the record on to.
+    pub fn reply_to(&self) -> Option<(&str, &str)> {
+        self.reply.as_ref().map(|(_, to)| (to.as_str(), self.url_shown.as_str()))
+    }
+
+    /// The record with the `reply:` fields read from the answer's body (`null` for each the
+    /// answer does not give, or when it is not JSON: the receiver took the message all the same).
+    fn replied(&self, output: &Output, body: &[u8]) -> Output {
+        let mut out = output.clone();
+        let Some((fields, _)) = &self.reply else { return out };
+        let answer = crate::doc::Doc::parse_bytes(body).unwrap_or(crate::doc::Doc::Null);
+        if let crate::doc::Doc::Object(record) = &mut out.payload {
+            for (name, path) in fields {
+                let value = path.first(Scope::root(&answer)).cloned().unwrap_or(crate::doc::Doc::Null);
+                record.insert(name.as_str(), value);
+            }
+        } else {
+            tracing::warn!(url = %self.url_shown, "the record is not an object: the reply's fields cannot be added to it");
+        }
+        out
+    }
+
     /// Checks the config and compiles its templates; `at` is the sink's key path, e.g. `sinks.erp`.
     pub fn build(c: &HttpSinkConfig, at: &str, cx: &BuildContext) -> Result<HttpTarget, Vec<Diagnostic>> {
         let mut diags = Vec::new();
@@ -263,9 +304,20 @@ impl HttpTarget {
             extra.push((header, name.clone(), source));
         }
         let auth = c.auth.as_ref().and_then(|a| super::http_auth::SinkAuth::build(a, at, cx, &mut diags));
+        let reply = c.reply.as_ref().map(|r| {
+            let fields: Vec<(String, crate::jsonpath::CompiledPath)> = r
+                .fields
+                .iter()
+                .filter_map(|(name, path)| {
+                    cx.jsonpath(path, &format!("{at}.reply.fields.{name}")).map_err(|d| diags.push(d)).ok().map(|p| (name.clone(), p))
+                })
+                .collect();
+            (fields, r.to.value.clone())
+        });
         match url {
             Some(url) if diags.is_empty() => Ok(HttpTarget {
                 auth,
+                reply,
                 method: c.method.unwrap_or_default(),
                 url,
                 url_shown: without_secrets(&c.url.value),
@@ -516,6 +568,27 @@ impl HttpSink {
 impl Sink for HttpSink {
     /// Sends the message and waits for the answer.
     async fn write(&self, output: &Output) -> Result<(), SinkError> {
+        self.send(output).await.map(|_| ())
+    }
+
+    async fn write_with_reply(&self, output: &Output) -> Result<Option<Output>, SinkError> {
+        self.send(output).await
+    }
+
+    /// Nothing to do: every write waited for its answer.
+    async fn flush(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!("{} {}", self.target.method.as_str(), self.target.url_shown)
+    }
+}
+
+impl HttpSink {
+    /// Sends the message and waits for the answer; with `reply:`, the record with the answer's
+    /// fields.
+    async fn send(&self, output: &Output) -> Result<Option<Output>, SinkError> {
         let t = &*self.target;
         let url = t.url_for(output)?;
         let mut headers = t.headers_for(output)?;
@@ -553,14 +626,18 @@ impl Sink for HttpSink {
         if status.is_success() {
             // Read what little there is so that the connection serves the next request; what
             // the body holds, or whether it arrives, does not change the delivery.
-            let mut read = 0;
+            let (mut body, mut read) = (Vec::new(), 0);
+            let keep = if t.reply.is_some() { REPLY_BYTES } else { 0 };
             while let Ok(Some(chunk)) = response.chunk().await {
                 read += chunk.len();
-                if read > DRAIN_BYTES {
+                if read <= keep {
+                    body.extend_from_slice(&chunk);
+                }
+                if read > DRAIN_BYTES.max(keep) {
                     break;
                 }
             }
-            return Ok(());
+            return Ok(t.reply.is_some().then(|| t.replied(output, &body)));
         }
         let header = |name| response.headers().get(name).and_then(|v: &HeaderValue| v.to_str().ok()).map(str::to_string);
         let retry_after = header(RETRY_AFTER).and_then(|v| parse_retry_after(&v, SystemTime::now()));
@@ -572,16 +649,7 @@ impl Sink for HttpSink {
                 _ => break,
             }
         }
-        answer(t.method.as_str(), &shown, status, retry_after, location.as_deref(), &excerpt(&body))
-    }
-
-    /// Nothing to do: every write waited for its answer.
-    async fn flush(&self) -> Result<(), SinkError> {
-        Ok(())
-    }
-
-    fn describe(&self) -> String {
-        format!("{} {}", self.target.method.as_str(), self.target.url_shown)
+        answer(t.method.as_str(), &shown, status, retry_after, location.as_deref(), &excerpt(&body)).map(|()| None)
     }
 }
 

@@ -91,6 +91,11 @@ impl SinkError {
 #[async_trait]
 pub trait Sink: Send + Sync {
     async fn write(&self, output: &Output) -> Result<(), SinkError>;
+    /// As `write`; a sink with a `reply:` gives back the record with what the receiver answered,
+    /// to go on to the reply's sink.
+    async fn write_with_reply(&self, output: &Output) -> Result<Option<Output>, SinkError> {
+        self.write(output).await.map(|()| None)
+    }
     async fn flush(&self) -> Result<(), SinkError>;
     /// Where the output goes, for summaries.
     fn describe(&self) -> String;
