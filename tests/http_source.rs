@@ -326,3 +326,92 @@ fn an_accepted_webhook_survives_a_crash_right_after_its_202() {
     answered.sort();
     assert_eq!(got, answered, "every message answered 202 is delivered, whether before or after the crash");
 }
+
+/// An ERP numbering sales orders (`SO-1`...) and a marketplace taking acknowledgements, on a
+/// thread of their own; returns the base URL.
+fn erp_and_marketplace() -> String {
+    use axum::http::StatusCode;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let n = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+            let app = axum::Router::new()
+                .route(
+                    "/salesOrders",
+                    axum::routing::post(move || {
+                        let k = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                        async move { (StatusCode::CREATED, axum::Json(serde_json::json!({"number": format!("SO-{k}")}))) }
+                    }),
+                )
+                .route("/orders/{id}/acknowledgement", axum::routing::post(|| async { StatusCode::NO_CONTENT }));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(format!("http://{}", listener.local_addr().unwrap())).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    rx.recv().unwrap()
+}
+
+#[test]
+fn the_status_api_says_where_an_order_is_from_webhook_to_acknowledgement() {
+    let base = erp_and_marketplace();
+    let data = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(data.path()).unwrap();
+    let port = free_port();
+    let log = std::fs::File::create(data.path().join("run.log")).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["run", "tests/http/tracked-orders.yaml", "tests/http/tracked-acks.yaml", "--data-dir"])
+        .arg(data.path())
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .current_dir(repo())
+        .env_remove("RUST_LOG")
+        .env("SHOPIFY_WEBHOOK_SECRET", SECRET)
+        .env("ERP_URL", &base)
+        .env("SWITCHYARD_STATUS_TOKEN", "status-token-7")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut engine = Engine { child: Some(child), data: data.path().to_path_buf(), base: format!("http://127.0.0.1:{port}") };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(engine.running() && Instant::now() < deadline, "the engine did not listen: {}", engine.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let api = engine.base.clone();
+    let good = r#"{"id": 77, "total": "12.50"}"#;
+    assert_eq!(post(&api, "/ingest/tracked/orders", &as_refs(&signed(SECRET, good)), good.as_bytes()).status, 202);
+    let bad = r#"{"id": 78, "total": "twelve"}"#;
+    assert_eq!(post(&api, "/ingest/tracked/orders", &as_refs(&signed(SECRET, bad)), bad.as_bytes()).status, 202);
+
+    let auth = [("Authorization", "Bearer status-token-7")];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let s = request("GET", &api, "/status/orders/shopify/77", &auth, b"");
+        if s.json["state"] == "acknowledged_to_channel" {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "not acknowledged within 30 s: {} {}", s.json, engine.log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let events: Vec<&str> = status.json["events"].as_array().unwrap().iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(events, ["received", "posted_to_erp", "acknowledged_to_channel"], "{}", status.json);
+    assert_eq!(status.json["correlation_id"], "shopify:77");
+    assert_eq!(status.json["events"][1]["erp_document_number"], "SO-1", "the ERP's number: {}", status.json);
+    assert_eq!(status.json["events"][1]["pipeline"], "tracked-orders");
+    assert_eq!(status.json["events"][2]["pipeline"], "tracked-acks");
+
+    let failed = request("GET", &api, "/status/shopify:78", &auth, b"");
+    assert_eq!(failed.json["state"], "failed", "{}", failed.json);
+    assert_eq!(failed.json["events"][1]["reason"], "schema_violation");
+    assert!(failed.json["events"][1]["exception_id"].is_string());
+    // The status API wants its token; an unknown order is a 404 problem.
+    assert_eq!(request("GET", &api, "/status/shopify:77", &[], b"").status, 401);
+    let unknown = request("GET", &api, "/status/orders/shopify/404404", &auth, b"");
+    assert_eq!((unknown.status, unknown.content_type.as_str()), (404, "application/problem+json"));
+    let said = engine.stop();
+    assert!(said.contains("total: 3 in = 2 routed + 1 exceptions"), "{said}");
+    assert_nowhere(data.path(), &[SECRET, "status-token-7"]);
+}

@@ -396,6 +396,11 @@ pub struct PipelineConfig {
     /// Orders events per entity: stale ones are dropped, early ones wait for their predecessor.
     #[serde(default)]
     pub ordering: Option<OrderingConfig>,
+    /// `true`: record where each message is, by correlation id (received, delivered with its
+    /// sinks' milestones, failed with its reason), for `GET /status/...` on the engine's HTTP
+    /// server. Events are kept 30 days.
+    #[serde(default)]
+    pub track: Option<bool>,
     /// Checks of the message as received.
     #[serde(default)]
     pub validate: Vec<Component<ValidateStepConfig>>,
@@ -492,6 +497,8 @@ pub struct Pipeline {
     pub idempotency: Option<Idempotency>,
     /// Event ordering, when declared.
     pub ordering: Option<Ordering>,
+    /// `track: true`: events for the status API.
+    pub track: bool,
     /// `runtime.rate_limit`: how fast messages are taken from the source. The runtime keeps the
     /// one of the version it started.
     pub source_rate: Option<Arc<crate::runtime::delivery::RateLimit>>,
@@ -911,6 +918,7 @@ impl Pipeline {
             broker,
             http_targets,
             reply_to,
+            track: config.track.unwrap_or(false),
             http_source,
             poll_source,
             deliveries,

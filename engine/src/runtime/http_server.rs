@@ -29,7 +29,12 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub(super) struct HttpServer {
     listener: tokio::net::TcpListener,
     routes: HashMap<String, Arc<PipelineRun>>,
+    /// `SWITCHYARD_STATUS_TOKEN`: the bearer token `GET /status/...` asks for, when set.
+    status_token: Option<Vec<u8>>,
 }
+
+/// The setting that protects the status API with a bearer token.
+pub const STATUS_TOKEN_SETTING: &str = "SWITCHYARD_STATUS_TOKEN";
 
 /// A problem answered to the sender: status, a short kind, what happened, and per-pointer errors.
 struct Problem {
@@ -82,14 +87,16 @@ impl HttpServer {
                 )));
             }
         }
-        if routes.is_empty() {
+        // The status API is served when a pipeline is tracked, even without an http source.
+        if routes.is_empty() && !runs.iter().any(|r| r.pipeline.track) {
             return Ok(None);
         }
         let addr = addr.unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("a valid address"));
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
             RunError::Http(format!("cannot listen on {addr}: {e}; choose another address with --listen (or SWITCHYARD_LISTEN)"))
         })?;
-        Ok(Some(HttpServer { listener, routes }))
+        let status_token = std::env::var(STATUS_TOKEN_SETTING).ok().filter(|t| !t.is_empty()).map(String::into_bytes);
+        Ok(Some(HttpServer { listener, routes, status_token }))
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
@@ -104,7 +111,7 @@ impl HttpServer {
                 tracing::info!(pipeline = %run.pipeline.name, url = %format!("http://{}{path}", addr.map(|a| a.to_string()).unwrap_or_default()), auth = %e.describe_auth(), "taking POST requests");
             }
         }
-        let state = Arc::new(ServerState { routes: self.routes, shared: shared.clone() });
+        let state = Arc::new(ServerState { routes: self.routes, shared: shared.clone(), status_token: self.status_token });
         let app = axum::Router::new().fallback(handle).with_state(state);
         let mut stop = shared.shutdown.clone();
         axum::serve(self.listener, app.into_make_service_with_connect_info::<SocketAddr>())
@@ -123,6 +130,7 @@ impl HttpServer {
 struct ServerState {
     routes: HashMap<String, Arc<PipelineRun>>,
     shared: Arc<Shared>,
+    status_token: Option<Vec<u8>>,
 }
 
 async fn handle(
@@ -133,6 +141,9 @@ async fn handle(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    if let Some(rest) = uri.path().strip_prefix("/status/") {
+        return status(&state, &method, &headers, rest).await;
+    }
     let Some(run) = state.routes.get(uri.path()) else {
         return Problem::new(StatusCode::NOT_FOUND, "not-found", "Not Found", format!("nothing takes requests at {}", uri.path()))
             .into_response();
@@ -230,6 +241,10 @@ async fn take(
     }
     let (message_id, correlation_id) = (raw.message_id.clone().unwrap_or_default(), raw.correlation_id.clone().unwrap_or_default());
     let stream = run.stream;
+    let received = pipeline.track.then(|| {
+        let detail = serde_json::json!({"message_id": message_id, "partner": partner, "path": path});
+        store::TrackEvent::now(&correlation_id, &pipeline.name, "received", detail)
+    });
     let items = vec![to_inbox(run, vec![raw])];
     let stored = shared
         .store
@@ -238,6 +253,7 @@ async fn take(
                 return Ok(false);
             }
             store::settle(c, &items, None, &[])?;
+            store::record_tracking(c, received.as_slice())?;
             Ok(true)
         })
         .await;
@@ -257,6 +273,68 @@ async fn take(
         r.headers_mut().insert("x-correlation-id", v);
     }
     Ok(r)
+}
+
+/// `GET /status/{correlation id}`, or `GET /status/orders/{channel}/{id}` for the correlation id
+/// `{channel}:{id}` (as the reference pipelines build it): where the message is, from the events
+/// of tracked pipelines, oldest first; `state` is the latest.
+async fn status(state: &ServerState, method: &Method, headers: &HeaderMap, rest: &str) -> Response {
+    if *method != Method::GET {
+        let mut r =
+            Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method Not Allowed", "the status API takes GET only")
+                .into_response();
+        r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET"));
+        return r;
+    }
+    if let Some(token) = &state.status_token {
+        use subtle::ConstantTimeEq;
+        let given = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()).unwrap_or_default();
+        let ok = given.len() > 7 && given[..7].eq_ignore_ascii_case(b"bearer ") && bool::from(given[7..].trim_ascii().ct_eq(token));
+        if !ok {
+            let mut r =
+                Problem::new(StatusCode::UNAUTHORIZED, "credentials-invalid", "Unauthorized", "the status API needs its bearer token")
+                    .into_response();
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return r;
+        }
+    }
+    let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().to_string();
+    let id = match rest.strip_prefix("orders/").and_then(|r| r.split_once('/')) {
+        Some((channel, id)) if !channel.is_empty() && !id.is_empty() => format!("{}:{}", decode(channel), decode(id)),
+        _ => decode(rest),
+    };
+    let key = id.clone();
+    let events = match state.shared.store.submit(move |c| store::tracking_of(c, &key)).await {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(error = %e, "the status API cannot read the store");
+            return unavailable("the store cannot be read now");
+        }
+    };
+    let Some(last) = events.last() else {
+        return Problem::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "Not Found",
+            format!("nothing is known of `{id}`: not received by a tracked pipeline (`track: true`), or older than 30 days"),
+        )
+        .into_response();
+    };
+    let time = |at: i64| chrono::DateTime::from_timestamp_micros(at).map(|t| crate::message::rfc3339::format(&t)).unwrap_or_default();
+    let list: Vec<serde_json::Value> = events
+        .iter()
+        .map(|e| {
+            let mut v = serde_json::json!({"at": time(e.at), "pipeline": e.pipeline, "event": e.event});
+            if let serde_json::Value::Object(detail) = &e.detail {
+                for (k, x) in detail {
+                    v[k] = x.clone();
+                }
+            }
+            v
+        })
+        .collect();
+    let body = serde_json::json!({"correlation_id": id, "state": last.event, "updated_at": time(last.at), "events": list});
+    (StatusCode::OK, axum::Json(body)).into_response()
 }
 
 fn unavailable(detail: &str) -> Response {

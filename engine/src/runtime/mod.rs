@@ -491,6 +491,22 @@ async fn purge_expired_keys(shared: Arc<Shared>) -> Result<(), RunError> {
     }
 }
 
+/// Forgets status events past their retention, at start and every hour.
+async fn purge_tracking(shared: Arc<Shared>) -> Result<(), RunError> {
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        match shared.store.submit(store::purge_tracking).await {
+            Ok(n) if n > 0 => tracing::debug!(events = n, "status events past their retention forgotten"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "old status events could not be purged; trying again in an hour"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
+            _ = shutdown.changed() => return Ok(()),
+        }
+    }
+}
+
 /// How long a message whose key is in hand (a copy being delivered) waits before it is looked
 /// at again.
 pub(crate) const KEY_IN_HAND_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
@@ -1025,6 +1041,9 @@ impl Runtime {
         }
         if self.runs.iter().any(|r| r.pipeline.idempotency.is_some()) {
             tasks.spawn(purge_expired_keys(shared.clone()));
+        }
+        if !self.opts.once && self.runs.iter().any(|r| r.pipeline.track) {
+            tasks.spawn(purge_tracking(shared.clone()));
         }
         if self.opts.once {
             let streams: Vec<StreamId> = self.runs.iter().flat_map(|r| [r.stream, r.replay_stream]).collect();

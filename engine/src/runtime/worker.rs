@@ -170,7 +170,7 @@ pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<()
             } else {
                 Vec::new()
             };
-            let Processed { mut settlements, mut counted, marks, keys, versions } = process_batch(&run, &shared, batch).await?;
+            let Processed { mut settlements, mut counted, marks, keys, versions, tracking } = process_batch(&run, &shared, batch).await?;
             let mut superseding = Vec::new();
             if shared.state.embedded().is_none() {
                 // Before the records are taken out of the settlements.
@@ -190,7 +190,11 @@ pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<()
                 .min()
                 .map(|at| Duration::from_micros((at - now_micros()).max(0) as u64).min(MAX_HELD_PAUSE));
             pending.push_back(InCommit {
-                commit: shared.store.submit(move |c| store::settle(c, &settlements, None, &marks)),
+                commit: shared.store.submit(move |c| {
+                    let report = store::settle(c, &settlements, None, &marks)?;
+                    store::record_tracking(c, &tracking)?;
+                    Ok(report)
+                }),
                 counted,
                 keys,
                 to_record,
@@ -417,6 +421,8 @@ struct Processed {
     /// Entity versions (key, version) delivered, to record once committed, and all those held
     /// in hand by this batch.
     versions: BatchVersions,
+    /// Status events (`track: true`), written in the batch's commit.
+    tracking: Vec<store::TrackEvent>,
 }
 
 impl Processed {
@@ -425,7 +431,7 @@ impl Processed {
         let settlements: Vec<Settlement> =
             batch.iter().map(|l| Settlement { input: Some((l.id, l.attempts)), outcome: Settle::GiveBack { visible_at } }).collect();
         let counted = vec![Counted::Retried; settlements.len()];
-        Processed { settlements, counted, marks: Vec::new(), keys: Vec::new(), versions: Default::default() }
+        Processed { settlements, counted, marks: Vec::new(), keys: Vec::new(), versions: Default::default(), tracking: Vec::new() }
     }
 }
 
@@ -535,6 +541,10 @@ async fn process_batch(run: &PipelineRun, shared: &Shared, batch: Vec<Leased>) -
     let mut wrote_outside: Vec<Option<(crate::message::Metadata, Vec<usize>)>> = Vec::with_capacity(batch.len());
     // RabbitMQ sinks: each publish's confirm, with its message (index) and sink, awaited below.
     let mut confirms: Vec<(usize, usize, crate::amqp::publish::Confirm)> = Vec::new();
+    // `track: true`: the milestones reached (per settlement index) and the correlation id of
+    // each routed message, turned into events once the batch's outcome is final.
+    let mut milestones: Vec<(usize, store::TrackEvent)> = Vec::new();
+    let mut routed_ids: Vec<(usize, String)> = Vec::new();
     for (((leased, outcome), verdict), order) in batch.iter().zip(outcomes).zip(verdicts).zip(orders) {
         let input = Some((leased.id, leased.attempts));
         let (settlement, count, outside) = match outcome {
@@ -647,6 +657,9 @@ async fn process_batch(run: &PipelineRun, shared: &Shared, batch: Vec<Leased>) -
                             None => match run.judge(i, sink.write_with_reply(output).await, shared) {
                                 Ok(reply) => {
                                     outside.push(i);
+                                    if p.track {
+                                        milestones.push((done.len(), milestone(p, i, output, reply.as_ref())));
+                                    }
                                     if let (Some(r), Some(to)) = (reply, p.reply_to.get(i).copied().flatten()) {
                                         replied.push(to);
                                         todo.push_back((to, Some(r)));
@@ -683,6 +696,11 @@ async fn process_batch(run: &PipelineRun, shared: &Shared, batch: Vec<Leased>) -
                 }
             }
         };
+        if p.track
+            && let Some((meta, _)) = &outside
+        {
+            routed_ids.push((done.len(), meta.correlation_id.clone()));
+        }
         settlements_push(&mut done, &mut counted, &mut wrote_outside, settlement, count, outside);
     }
     let mut settlements = done;
@@ -749,7 +767,56 @@ async fn process_batch(run: &PipelineRun, shared: &Shared, batch: Vec<Leased>) -
         }
     }
     run.settle_versions(state, Vec::new(), &not_out).await;
-    Ok(Processed { settlements, counted, marks, keys: held, versions: (delivered.clone(), delivered) })
+    let tracking = if p.track { track_events(p, &settlements, &counted, milestones, routed_ids) } else { Vec::new() };
+    Ok(Processed { settlements, counted, marks, keys: held, versions: (delivered.clone(), delivered), tracking })
+}
+
+/// The event of a delivery to sink `i` (an outside sink): its milestone (an http sink's
+/// `milestone:`, else `delivered`), with what the receiver answered (the `reply:` fields).
+fn milestone(p: &Pipeline, i: usize, output: &crate::message::Output, reply: Option<&crate::message::Output>) -> store::TrackEvent {
+    let name = p.sink_name(i);
+    let target = p.http_targets.get(name);
+    let mut detail = serde_json::json!({"sink": name});
+    if let (Some(t), Some(r)) = (target, reply) {
+        for field in t.reply_fields() {
+            detail[field] = r.payload.get(field).map(|v| v.to_json()).unwrap_or_default();
+        }
+    }
+    let event = target.and_then(|t| t.milestone.clone()).unwrap_or_else(|| "delivered".to_string());
+    store::TrackEvent::now(&output.metadata.correlation_id, &p.name, &event, detail)
+}
+
+/// The status events of a settled batch: each exception record's failure, and each delivered
+/// message's milestones (or `delivered` with its sinks). Retries and messages given back say
+/// nothing yet.
+fn track_events(
+    p: &Pipeline,
+    settlements: &[Settlement],
+    counted: &[Counted],
+    milestones: Vec<(usize, store::TrackEvent)>,
+    routed_ids: Vec<(usize, String)>,
+) -> Vec<store::TrackEvent> {
+    let mut events = Vec::new();
+    for (k, s) in settlements.iter().enumerate() {
+        let Settle::Done { exceptions, .. } = &s.outcome else { continue };
+        if !exceptions.is_empty() {
+            for row in exceptions {
+                let r = &row.record;
+                let first = r.errors.first().map(|e| e.message.clone()).unwrap_or_default();
+                let detail = serde_json::json!({"reason": r.reason, "stage": r.stage.as_str(), "message": first, "hint": r.hint, "exception_id": r.exception_id});
+                events.push(store::TrackEvent::now(&r.correlation_id, &p.name, "failed", detail));
+            }
+            continue;
+        }
+        let reached: Vec<&store::TrackEvent> = milestones.iter().filter(|(i, _)| *i == k).map(|(_, e)| e).collect();
+        if !reached.is_empty() {
+            events.extend(reached.into_iter().cloned());
+        } else if let (Some((_, id)), Counted::Routed(sinks)) = (routed_ids.iter().find(|(i, _)| *i == k), &counted[k]) {
+            let names: Vec<&str> = sinks.iter().map(|&i| p.sink_name(i)).collect();
+            events.push(store::TrackEvent::now(id, &p.name, "delivered", serde_json::json!({"sinks": names})));
+        }
+    }
+    events
 }
 
 fn settlements_push(

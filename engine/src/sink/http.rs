@@ -103,6 +103,10 @@ pub struct HttpSinkConfig {
     /// `Idempotency-Key`): the receiver can then drop a delivery it already took.
     #[serde(default)]
     pub idempotency_header: Option<Spanned<String>>,
+    /// What a delivery here means for the status API of a tracked pipeline, e.g. `posted_to_erp`,
+    /// `acknowledged_to_channel` (default `delivered`).
+    #[serde(default)]
+    pub milestone: Option<Spanned<String>>,
     /// What the receiver's answer adds to the record, and the sink the record then goes to: e.g.
     /// the ERP's sales order number, on to a queue that an acknowledgement pipeline reads.
     #[serde(default)]
@@ -173,6 +177,7 @@ pub struct HttpTarget {
     auth: Option<super::http_auth::SinkAuth>,
     /// Fields read from a 2xx answer (`reply:`), and the sink the record then goes to.
     reply: Option<(Vec<(String, crate::jsonpath::CompiledPath)>, String)>,
+    pub milestone: Option<String>,
 }
 
 impl std::fmt::Debug for HttpTarget {
@@ -183,6 +188,11 @@ impl std::fmt::Debug for HttpTarget {
 }
 
 impl HttpTarget {
+    /// The names of the fields its `reply:` reads.
+    pub fn reply_fields(&self) -> Vec<&str> {
+        self.reply.as_ref().map(|(f, _)| f.iter().map(|(n, _)| n.as_str()).collect()).unwrap_or_default()
+    }
+
     /// The sink its `reply:` sends the record on to.
     pub fn reply_to(&self) -> Option<(&str, &str)> {
         self.reply.as_ref().map(|(_, to)| (to.as_str(), self.url_shown.as_str()))
@@ -318,6 +328,7 @@ impl HttpTarget {
             Some(url) if diags.is_empty() => Ok(HttpTarget {
                 auth,
                 reply,
+                milestone: c.milestone.as_ref().map(|m| m.value.trim().to_string()).filter(|m| !m.is_empty()),
                 method: c.method.unwrap_or_default(),
                 url,
                 url_shown: without_secrets(&c.url.value),

@@ -15,6 +15,7 @@ mod queue;
 mod shared_exceptions;
 mod state;
 mod status;
+mod tracking;
 
 pub use admin::*;
 pub use keys::*;
@@ -22,6 +23,7 @@ pub use queue::*;
 pub use shared_exceptions::QueuedReplay;
 pub use state::*;
 pub use status::*;
+pub use tracking::*;
 
 /// An exception record for tests elsewhere in the engine.
 #[cfg(test)]
@@ -176,6 +178,16 @@ CREATE TABLE IF NOT EXISTS poll_cursors (
     polled_at INTEGER NOT NULL,
     PRIMARY KEY (pipeline, source)
 );
+-- Where each message of a tracked pipeline is, by correlation id (see store/tracking.rs).
+CREATE TABLE IF NOT EXISTS tracking (
+    correlation_id TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    pipeline TEXT NOT NULL,
+    event TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tracking_by_id ON tracking (correlation_id, at);
+CREATE INDEX IF NOT EXISTS tracking_by_time ON tracking (at);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '2');
 "#;
 
