@@ -355,25 +355,88 @@ fn erp_and_marketplace() -> String {
 
 #[test]
 fn the_status_api_says_where_an_order_is_from_webhook_to_acknowledgement() {
+    tracked_flow(&repo().join("tests/http"), None, None);
+}
+
+/// With a shared store (`--store postgres://...`) the events are there, for every engine.
+#[test]
+fn the_status_api_reads_a_shared_store() {
+    let Some(url) = switchyard::store::test_postgres_url() else { return };
+    let unique = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() % 1_000_000;
+    let store = format!("{url}?schema=sy_hs_{}_{unique}", std::process::id());
+    tracked_flow(&repo().join("tests/http"), None, Some(&store));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let pg = switchyard::store::PostgresStore::connect(&store).await.unwrap();
+        use switchyard::store::StateStore;
+        let events = pg.tracking_of("shopify:77".into()).await.unwrap();
+        let names: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
+        assert_eq!(names, ["received", "posted_to_erp", "acknowledged_to_channel"], "in PostgreSQL");
+        pg.drop_schema().await.unwrap();
+    });
+}
+
+/// The same over RabbitMQ (`SWITCHYARD_BROKER`): the acknowledgement pipeline is fed by the
+/// broker, and records its events too.
+#[test]
+fn the_status_api_follows_orders_through_rabbitmq_fed_pipelines() {
+    let url = std::env::var("SWITCHYARD_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    if std::net::TcpStream::connect_timeout(&"127.0.0.1:5672".parse().unwrap(), Duration::from_secs(2)).is_err() {
+        assert!(
+            std::env::var("SWITCHYARD_REQUIRE_BROKER").as_deref() != Ok("1"),
+            "no RabbitMQ at 127.0.0.1:5672 and SWITCHYARD_REQUIRE_BROKER=1"
+        );
+        println!("skipped: no RabbitMQ at 127.0.0.1:5672");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let prefix =
+        format!("hs{}x{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis());
+    for f in ["tracked-orders.yaml", "tracked-acks.yaml", "order.schema.json"] {
+        let text = std::fs::read_to_string(repo().join("tests/http").join(f)).unwrap();
+        std::fs::write(dir.path().join(f), text.replace("erp.tracked.confirmed", &format!("{prefix}.confirmed"))).unwrap();
+    }
+    tracked_flow(dir.path(), Some(&url), None);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await.unwrap();
+        let base = format!("{prefix}.confirmed.tracked-acks");
+        for q in [base.clone(), format!("{base}.retry.1s"), format!("{base}.retry.10s"), format!("{base}.retry.1m"), format!("{base}.dlq")]
+        {
+            let ch = conn.create_channel().await.unwrap();
+            let _ = ch.queue_delete(q.as_str().into(), lapin::options::QueueDeleteOptions::default()).await;
+        }
+        let ch = conn.create_channel().await.unwrap();
+        let _ = ch.exchange_delete(format!("{prefix}.confirmed").as_str().into(), lapin::options::ExchangeDeleteOptions::default()).await;
+    });
+}
+
+/// Runs tracked-orders.yaml and tracked-acks.yaml from `dir` (over RabbitMQ with `broker`), posts
+/// a good and a bad order, and follows both through the status API.
+fn tracked_flow(dir: &Path, broker: Option<&str>, store: Option<&str>) {
     let base = erp_and_marketplace();
     let data = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(data.path()).unwrap();
     let port = free_port();
     let log = std::fs::File::create(data.path().join("run.log")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["run", "tests/http/tracked-orders.yaml", "tests/http/tracked-acks.yaml", "--data-dir"])
+    let mut c = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    c.args(["run", "tracked-orders.yaml", "tracked-acks.yaml", "--data-dir"])
         .arg(data.path())
         .args(["--listen", &format!("127.0.0.1:{port}")])
-        .current_dir(repo())
+        .current_dir(dir)
         .env_remove("RUST_LOG")
+        .env_remove("SWITCHYARD_BROKER")
         .env("SHOPIFY_WEBHOOK_SECRET", SECRET)
         .env("ERP_URL", &base)
-        .env("SWITCHYARD_STATUS_TOKEN", "status-token-7")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+        .env("SWITCHYARD_STATUS_TOKEN", "status-token-7");
+    if let Some(url) = broker {
+        c.env("SWITCHYARD_BROKER", url);
+    }
+    match store {
+        Some(s) => c.env("SWITCHYARD_STORE", s),
+        None => c.env_remove("SWITCHYARD_STORE"),
+    };
+    let child = c.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap();
     let mut engine = Engine { child: Some(child), data: data.path().to_path_buf(), base: format!("http://127.0.0.1:{port}") };
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -413,5 +476,8 @@ fn the_status_api_says_where_an_order_is_from_webhook_to_acknowledgement() {
     assert_eq!((unknown.status, unknown.content_type.as_str()), (404, "application/problem+json"));
     let said = engine.stop();
     assert!(said.contains("total: 3 in = 2 routed + 1 exceptions"), "{said}");
+    if broker.is_some() {
+        assert!(said.contains("from RabbitMQ queue"), "the acknowledgements came over RabbitMQ: {said}");
+    }
     assert_nowhere(data.path(), &[SECRET, "status-token-7"]);
 }

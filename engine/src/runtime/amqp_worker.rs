@@ -65,6 +65,10 @@ struct InBatch {
     /// Its exception record, for a shared store: written there before the ack (instead of the
     /// dead-letter queue).
     exception: Option<crate::store::ExceptionRow>,
+    /// `track: true`: its status events so far (milestones reached, or its failure), written
+    /// before the ack.
+    tracked: bool,
+    track: Vec<crate::store::TrackEvent>,
 }
 
 pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<(), RunError> {
@@ -504,6 +508,8 @@ async fn process_batch(
             parked: false,
             metadata: None,
             exception: None,
+            tracked: p.track,
+            track: Vec::new(),
         };
         let outcome = match outcome {
             Err(until) => {
@@ -617,6 +623,9 @@ async fn process_batch(
                         },
                         None => run.judge(i, sink.write_with_reply(output).await, shared).map(|reply| {
                             item.outside.push(i);
+                            if p.track {
+                                item.track.push(super::worker::milestone(p, i, output, reply.as_ref()));
+                            }
                             if let (Some(r), Some(to)) = (reply, p.reply_to.get(i).copied().flatten()) {
                                 if let Counted::Routed(counted) = &mut item.counted {
                                     counted.push(to);
@@ -806,9 +815,33 @@ async fn settle(
             .await
             .map_err(|e| AmqpError::Lost(format!("the event versions cannot be recorded in {}: {e}", state.describe())))?;
     }
-    if !marks.is_empty() || !keys.is_empty() {
+    // Status events (`track: true`): failures, and milestones of what is delivered (or
+    // `delivered` with its sinks); nothing yet for what is retried or held back.
+    let mut tracking = Vec::new();
+    for item in batch.iter_mut().filter(|i| i.tracked && i.held.is_none()) {
+        let delivered = item.failed.is_none() && !matches!(item.counted, Counted::Exception(_));
+        if matches!(item.counted, Counted::Exception(_)) {
+            tracking.append(&mut item.track);
+        } else if delivered {
+            let has_milestone = item.track.iter().any(|e| e.event != "failed");
+            if has_milestone {
+                tracking.extend(item.track.drain(..).filter(|e| e.event != "failed"));
+            } else if let (Counted::Routed(sinks), Some(m)) = (&item.counted, &item.metadata) {
+                tracking.push(super::worker::delivered_event(&p, &m.correlation_id, sinks));
+            }
+        }
+    }
+    // With a shared store, the status events go there (before the ack; a failure is only said).
+    if state.embedded().is_none()
+        && !tracking.is_empty()
+        && let Err(e) = state.record_tracking(std::mem::take(&mut tracking)).await
+    {
+        tracing::warn!(pipeline = %p.name, error = %e, "the status events could not be recorded");
+    }
+    if !marks.is_empty() || !keys.is_empty() || !tracking.is_empty() {
         let twice = store
             .submit(move |c| {
+                crate::store::record_tracking(c, &tracking)?;
                 crate::store::record_marks(c, &marks)?;
                 let mut twice = 0;
                 for k in &keys {
@@ -873,6 +906,9 @@ async fn to_exceptions(
     record: ExceptionRecord,
 ) -> Result<Option<Confirm>, AmqpError> {
     item.counted = Counted::Exception(record.reason.clone());
+    if item.tracked {
+        item.track.push(super::worker::failed_event(&record));
+    }
     if state.embedded().is_none() {
         item.exception = Some(exception_row(record, &item.delivery));
         return Ok(None);

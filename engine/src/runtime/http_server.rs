@@ -241,11 +241,14 @@ async fn take(
     }
     let (message_id, correlation_id) = (raw.message_id.clone().unwrap_or_default(), raw.correlation_id.clone().unwrap_or_default());
     let stream = run.stream;
+    let shared_state = shared.state.embedded().is_none();
     let received = pipeline.track.then(|| {
         let detail = serde_json::json!({"message_id": message_id, "partner": partner, "path": path});
         store::TrackEvent::now(&correlation_id, &pipeline.name, "received", detail)
     });
     let items = vec![to_inbox(run, vec![raw])];
+    // The event goes in the commit with the embedded store; to the shared store after it.
+    let (in_commit, later) = if shared_state { (None, received) } else { (received, None) };
     let stored = shared
         .store
         .submit(move |c| {
@@ -253,7 +256,7 @@ async fn take(
                 return Ok(false);
             }
             store::settle(c, &items, None, &[])?;
-            store::record_tracking(c, received.as_slice())?;
+            store::record_tracking(c, in_commit.as_slice())?;
             Ok(true)
         })
         .await;
@@ -267,6 +270,11 @@ async fn take(
     }
     run.stats.ingested.fetch_add(1, Ordering::Relaxed);
     shared.store.wake(&run.input_queue);
+    if let Some(event) = later
+        && let Err(e) = shared.state.record_tracking(vec![event]).await
+    {
+        tracing::warn!(pipeline = %pipeline.name, error = %e, "stored, but the `received` event could not be recorded");
+    }
     let body = serde_json::json!({"status": "accepted", "message_id": message_id, "correlation_id": correlation_id});
     let mut r = (StatusCode::ACCEPTED, axum::Json(body)).into_response();
     if let Ok(v) = HeaderValue::from_str(&correlation_id) {
@@ -303,8 +311,7 @@ async fn status(state: &ServerState, method: &Method, headers: &HeaderMap, rest:
         Some((channel, id)) if !channel.is_empty() && !id.is_empty() => format!("{}:{}", decode(channel), decode(id)),
         _ => decode(rest),
     };
-    let key = id.clone();
-    let events = match state.shared.store.submit(move |c| store::tracking_of(c, &key)).await {
+    let events = match state.shared.state.tracking_of(id.clone()).await {
         Ok(e) => e,
         Err(e) => {
             tracing::error!(error = %e, "the status API cannot read the store");

@@ -495,7 +495,7 @@ async fn purge_expired_keys(shared: Arc<Shared>) -> Result<(), RunError> {
 async fn purge_tracking(shared: Arc<Shared>) -> Result<(), RunError> {
     let mut shutdown = shared.shutdown.clone();
     loop {
-        match shared.store.submit(store::purge_tracking).await {
+        match shared.state.purge_tracking().await {
             Ok(n) if n > 0 => tracing::debug!(events = n, "status events past their retention forgotten"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "old status events could not be purged; trying again in an hour"),

@@ -30,6 +30,9 @@ struct InCommit {
     /// Messages delivered on a later delivery (by settlement index), whose exception records in
     /// a shared store are closed once the commit is done.
     superseding: Vec<(usize, String)>,
+    /// Status events for a shared state store, written once the commit is done (the embedded
+    /// store writes them in the commit).
+    tracking: Vec<store::TrackEvent>,
 }
 
 /// A lease on its way: where it started, and the batch with how many replays lead it.
@@ -189,12 +192,16 @@ pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<()
                 })
                 .min()
                 .map(|at| Duration::from_micros((at - now_micros()).max(0) as u64).min(MAX_HELD_PAUSE));
+            // Status events: in the commit with the embedded store, after it with a shared one.
+            let (in_commit, shared_tracking) =
+                if shared.state.embedded().is_some() { (tracking, Vec::new()) } else { (Vec::new(), tracking) };
             pending.push_back(InCommit {
                 commit: shared.store.submit(move |c| {
                     let report = store::settle(c, &settlements, None, &marks)?;
-                    store::record_tracking(c, &tracking)?;
+                    store::record_tracking(c, &in_commit)?;
                     Ok(report)
                 }),
+                tracking: shared_tracking,
                 counted,
                 keys,
                 to_record,
@@ -259,7 +266,7 @@ impl BackPressure {
 /// Waits for commits until at most `keep` are pending, and counts what they did.
 async fn finish(run: &PipelineRun, shared: &Shared, pending: &mut VecDeque<InCommit>, keep: usize) -> Result<(), RunError> {
     while pending.len() > keep {
-        let InCommit { commit, counted, keys, to_record, versions, superseding } = pending.pop_front().expect("non-empty");
+        let InCommit { commit, counted, keys, to_record, versions, superseding, tracking } = pending.pop_front().expect("non-empty");
         let result = commit.await;
         let (delivered, in_hand) = versions;
         run.settle_versions(&*shared.state, if result.is_ok() { delivered } else { Vec::new() }, &in_hand).await;
@@ -279,6 +286,12 @@ async fn finish(run: &PipelineRun, shared: &Shared, pending: &mut VecDeque<InCom
                     tracing::warn!(pipeline = %run.pipeline.name, error = %e, "delivered, but the idempotency keys could not be recorded: a copy sent again would be delivered again")
                 }
             }
+        }
+        if result.is_ok()
+            && !tracking.is_empty()
+            && let Err(e) = shared.state.record_tracking(tracking).await
+        {
+            tracing::warn!(pipeline = %run.pipeline.name, error = %e, "delivered, but the status events could not be recorded");
         }
         if let Ok(report) = &result
             && !superseding.is_empty()
@@ -773,7 +786,12 @@ async fn process_batch(run: &PipelineRun, shared: &Shared, batch: Vec<Leased>) -
 
 /// The event of a delivery to sink `i` (an outside sink): its milestone (an http sink's
 /// `milestone:`, else `delivered`), with what the receiver answered (the `reply:` fields).
-fn milestone(p: &Pipeline, i: usize, output: &crate::message::Output, reply: Option<&crate::message::Output>) -> store::TrackEvent {
+pub(super) fn milestone(
+    p: &Pipeline,
+    i: usize,
+    output: &crate::message::Output,
+    reply: Option<&crate::message::Output>,
+) -> store::TrackEvent {
     let name = p.sink_name(i);
     let target = p.http_targets.get(name);
     let mut detail = serde_json::json!({"sink": name});
@@ -800,23 +818,30 @@ fn track_events(
     for (k, s) in settlements.iter().enumerate() {
         let Settle::Done { exceptions, .. } = &s.outcome else { continue };
         if !exceptions.is_empty() {
-            for row in exceptions {
-                let r = &row.record;
-                let first = r.errors.first().map(|e| e.message.clone()).unwrap_or_default();
-                let detail = serde_json::json!({"reason": r.reason, "stage": r.stage.as_str(), "message": first, "hint": r.hint, "exception_id": r.exception_id});
-                events.push(store::TrackEvent::now(&r.correlation_id, &p.name, "failed", detail));
-            }
+            events.extend(exceptions.iter().map(|row| failed_event(&row.record)));
             continue;
         }
         let reached: Vec<&store::TrackEvent> = milestones.iter().filter(|(i, _)| *i == k).map(|(_, e)| e).collect();
         if !reached.is_empty() {
             events.extend(reached.into_iter().cloned());
         } else if let (Some((_, id)), Counted::Routed(sinks)) = (routed_ids.iter().find(|(i, _)| *i == k), &counted[k]) {
-            let names: Vec<&str> = sinks.iter().map(|&i| p.sink_name(i)).collect();
-            events.push(store::TrackEvent::now(id, &p.name, "delivered", serde_json::json!({"sinks": names})));
+            events.push(delivered_event(p, id, sinks));
         }
     }
     events
+}
+
+/// The status event of an exception record.
+pub(super) fn failed_event(r: &crate::message::ExceptionRecord) -> store::TrackEvent {
+    let first = r.errors.first().map(|e| e.message.clone()).unwrap_or_default();
+    let detail = serde_json::json!({"reason": r.reason, "stage": r.stage.as_str(), "message": first, "hint": r.hint, "exception_id": r.exception_id});
+    store::TrackEvent::now(&r.correlation_id, &r.pipeline, "failed", detail)
+}
+
+/// The status event of a message delivered to sinks without milestones.
+pub(super) fn delivered_event(p: &Pipeline, correlation_id: &str, sinks: &[usize]) -> store::TrackEvent {
+    let names: Vec<&str> = sinks.iter().map(|&i| p.sink_name(i)).collect();
+    store::TrackEvent::now(correlation_id, &p.name, "delivered", serde_json::json!({"sinks": names}))
 }
 
 fn settlements_push(

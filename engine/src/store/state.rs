@@ -4,7 +4,8 @@
 //! (`SWITCHYARD_STORE=postgres://...`), for engines on several machines.
 
 use super::{
-    Disposition, ExceptionFilter, ExceptionRow, KeyRecord, QueuedReplay, Store, StoreError, StoreResult, StoredException, now_micros,
+    Disposition, ExceptionFilter, ExceptionRow, KeyRecord, QueuedReplay, Store, StoreError, StoreResult, StoredException, TrackEvent,
+    now_micros,
 };
 use async_trait::async_trait;
 use std::collections::{HashMap, HashSet};
@@ -52,6 +53,12 @@ pub trait StateStore: Send + Sync {
     /// later delivery. Nothing to do for the embedded store, which records an exception in the
     /// commit that settles its message.
     async fn supersede_exceptions(&self, pipeline: String, message_ids: Vec<String>) -> StoreResult<usize>;
+    /// Status events of tracked pipelines (the embedded store also writes them in its commits).
+    async fn record_tracking(&self, events: Vec<TrackEvent>) -> StoreResult<()>;
+    /// The status events of one correlation id, oldest first.
+    async fn tracking_of(&self, correlation_id: String) -> StoreResult<Vec<TrackEvent>>;
+    /// Forgets status events past their retention.
+    async fn purge_tracking(&self) -> StoreResult<usize>;
 }
 
 #[async_trait]
@@ -115,6 +122,15 @@ impl StateStore for Store {
     }
     async fn supersede_exceptions(&self, _pipeline: String, _message_ids: Vec<String>) -> StoreResult<usize> {
         Ok(0)
+    }
+    async fn record_tracking(&self, events: Vec<TrackEvent>) -> StoreResult<()> {
+        self.submit(move |c| super::record_tracking(c, &events)).await
+    }
+    async fn tracking_of(&self, correlation_id: String) -> StoreResult<Vec<TrackEvent>> {
+        self.submit(move |c| super::tracking_of(c, &correlation_id)).await
+    }
+    async fn purge_tracking(&self) -> StoreResult<usize> {
+        self.submit(super::purge_tracking).await
     }
 }
 
@@ -245,6 +261,16 @@ impl PostgresStore {
                  updated_at BIGINT NOT NULL,
                  PRIMARY KEY (scope, key)
              );
+             CREATE TABLE IF NOT EXISTS {s}.tracking (
+                 id BIGSERIAL PRIMARY KEY,
+                 correlation_id TEXT NOT NULL,
+                 at BIGINT NOT NULL,
+                 pipeline TEXT NOT NULL,
+                 event TEXT NOT NULL,
+                 detail TEXT NOT NULL
+             );
+             CREATE INDEX IF NOT EXISTS tracking_by_id ON {s}.tracking (correlation_id, at);
+             CREATE INDEX IF NOT EXISTS tracking_by_time ON {s}.tracking (at);
              {}",
             super::shared_exceptions::tables(s)
         ))
@@ -383,6 +409,45 @@ impl StateStore for PostgresStore {
     async fn supersede_exceptions(&self, pipeline: String, message_ids: Vec<String>) -> StoreResult<usize> {
         self.close_superseded(pipeline, message_ids).await
     }
+    async fn record_tracking(&self, events: Vec<TrackEvent>) -> StoreResult<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let c = self.client().await?;
+        let q = format!(
+            "INSERT INTO {}.tracking (correlation_id, at, pipeline, event, detail)
+             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[])",
+            self.schema
+        );
+        let ids: Vec<&str> = events.iter().map(|e| e.correlation_id.as_str()).collect();
+        let at: Vec<i64> = events.iter().map(|e| e.at).collect();
+        let pipelines: Vec<&str> = events.iter().map(|e| e.pipeline.as_str()).collect();
+        let names: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
+        let details: Vec<String> = events.iter().map(|e| e.detail.to_string()).collect();
+        c.execute(&q, &[&ids, &at, &pipelines, &names, &details]).await.map_err(pg_error)?;
+        Ok(())
+    }
+    async fn tracking_of(&self, correlation_id: String) -> StoreResult<Vec<TrackEvent>> {
+        let c = self.client().await?;
+        let q = format!("SELECT at, pipeline, event, detail FROM {}.tracking WHERE correlation_id = $1 ORDER BY at, id", self.schema);
+        let rows = c.query(&q, &[&correlation_id]).await.map_err(pg_error)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| TrackEvent {
+                correlation_id: correlation_id.clone(),
+                at: r.get(0),
+                pipeline: r.get(1),
+                event: r.get(2),
+                detail: serde_json::from_str(r.get::<_, &str>(3)).unwrap_or_default(),
+            })
+            .collect())
+    }
+    async fn purge_tracking(&self) -> StoreResult<usize> {
+        let c = self.client().await?;
+        let before = now_micros() - super::TRACKING_RETENTION.as_micros() as i64;
+        let n = c.execute(&format!("DELETE FROM {}.tracking WHERE at < $1", self.schema), &[&before]).await.map_err(pg_error)?;
+        Ok(n as usize)
+    }
 }
 
 /// For tests: the PostgreSQL of this machine (`SWITCHYARD_TEST_POSTGRES`, default
@@ -420,6 +485,25 @@ mod tests {
 
     /// What every implementation must do.
     async fn conformance(s: &dyn StateStore) {
+        // Status events: in the order they happened, per correlation id; old ones purged.
+        let event = |id: &str, at: i64, name: &str| TrackEvent {
+            correlation_id: id.into(),
+            at,
+            pipeline: "p".into(),
+            event: name.into(),
+            detail: serde_json::json!({"n": name}),
+        };
+        let now = now_micros();
+        let ancient = now - super::super::TRACKING_RETENTION.as_micros() as i64 - 1;
+        s.record_tracking(vec![event("x:1", now + 2, "posted"), event("x:1", now + 1, "received"), event("x:2", now, "received")])
+            .await
+            .unwrap();
+        s.record_tracking(vec![event("x:3", ancient, "received")]).await.unwrap();
+        let x1 = s.tracking_of("x:1".into()).await.unwrap();
+        assert_eq!(x1.iter().map(|e| e.event.as_str()).collect::<Vec<_>>(), ["received", "posted"]);
+        assert_eq!(x1[1].detail["n"], "posted");
+        assert_eq!(s.purge_tracking().await.unwrap(), 1);
+        assert!(s.tracking_of("x:3".into()).await.unwrap().is_empty());
         let later = now_micros() + 60_000_000;
         let keys = |ks: &[&str]| ks.iter().map(|k| k.to_string()).collect::<Vec<_>>();
         assert!(s.seen_keys(Arc::from("orders"), keys(&["a"])).await.unwrap().is_empty());
