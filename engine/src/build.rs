@@ -32,12 +32,19 @@ pub struct BuildContext<'a> {
     pub file: SourceFile,
     pub dir: PathBuf,
     pub shared: &'a Shared,
+    /// Problems that do not stop the pipeline (a secret taken from its default).
+    warnings: Mutex<Vec<Diagnostic>>,
 }
 
 impl<'a> BuildContext<'a> {
     pub fn new(file: SourceFile, shared: &'a Shared) -> Self {
         let dir = file.path.parent().map(Path::to_path_buf).unwrap_or_default();
-        BuildContext { file, dir, shared }
+        BuildContext { file, dir, shared, warnings: Mutex::new(Vec::new()) }
+    }
+
+    /// The warnings found while building, taken out.
+    pub fn take_warnings(&self) -> Vec<Diagnostic> {
+        std::mem::take(&mut *self.warnings.lock().expect("warnings"))
     }
 
     /// A context for another file (a field map referenced by a pipeline).
@@ -72,7 +79,39 @@ impl<'a> BuildContext<'a> {
                 "pipeline files are versioned in git: read it from the environment or a mounted file, `${env:NAME}` or `${file:/run/secrets/NAME}`",
             ));
         }
+        if let Some(name) = self.defaulted_reference(s.written.as_deref().unwrap_or_default()) {
+            self.warnings.lock().expect("warnings").push(
+                self.diag(DiagCode::InvalidValue, s.span, key_path, format!("the secret is the default written in the file: {name}"))
+                    .hint("fine for a demo; anyone who reads the file knows it: set the real one wherever this runs for real")
+                    .warning(),
+            );
+        }
         Ok(s.value.clone())
+    }
+
+    /// The first `${NAME:-default}` (or `${file:PATH:-default}`) of `written` whose default was
+    /// used: its variable is unset or empty, or its file cannot be read.
+    fn defaulted_reference(&self, written: &str) -> Option<String> {
+        let mut rest = written;
+        while let Some(start) = rest.find("${") {
+            let inner = &rest[start + 2..];
+            let end = inner.find('}')?;
+            let reference = &inner[..end];
+            if let Some((name, _)) = reference.split_once(":-") {
+                let unset = match name.strip_prefix("file:") {
+                    Some(path) => self.shared.env.file(path).is_err().then(|| format!("the file `{path}` cannot be read")),
+                    None => {
+                        let var = name.strip_prefix("env:").unwrap_or(name);
+                        self.shared.env.var(var).is_none_or(|v| v.is_empty()).then(|| format!("`{var}` is not set"))
+                    }
+                };
+                if unset.is_some() {
+                    return unset;
+                }
+            }
+            rest = &inner[end + 1..];
+        }
+        None
     }
 
     /// A referenced file that must exist.

@@ -188,13 +188,16 @@ type Published = (PublishKey, PublisherConfirm, tokio::sync::oneshot::Sender<Res
 pub struct Publisher {
     channel: Channel,
     connection: lapin::ConnectionStatus,
+    /// Set when a wait on the broker was given up (the connection looked up but did not answer):
+    /// the session is then dead whatever lapin says, and the next one connects again.
+    gave_up: Arc<std::sync::atomic::AtomicBool>,
     order: tokio::sync::Mutex<()>,
     collector: tokio::sync::mpsc::UnboundedSender<Published>,
 }
 
 impl Publisher {
     pub fn is_open(&self) -> bool {
-        self.channel.status().connected()
+        self.channel.status().connected() && !self.gave_up.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The status of the connection it publishes on.
@@ -204,8 +207,9 @@ impl Publisher {
 
     pub fn new(channel: Channel, connection: lapin::ConnectionStatus) -> Publisher {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(collect(rx, connection.clone()));
-        Publisher { channel, connection, order: tokio::sync::Mutex::new(()), collector: tx }
+        let gave_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        tokio::spawn(collect(rx, connection.clone(), gave_up.clone()));
+        Publisher { channel, connection, gave_up, order: tokio::sync::Mutex::new(()), collector: tx }
     }
 
     /// Publishes one message; its confirm is awaited later, with others (pipelined). A message
@@ -235,7 +239,10 @@ impl Publisher {
             body,
             properties,
         );
-        let confirm = super::unless_lost(&self.connection, "publishing", publish).await?.map_err(|e| AmqpError::Lost(lapin_message(&e)))?;
+        let confirm = super::unless_lost(&self.connection, "publishing", publish)
+            .await
+            .inspect_err(|_| self.gave_up.store(true, std::sync::atomic::Ordering::SeqCst))?
+            .map_err(|e| AmqpError::Lost(lapin_message(&e)))?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let key = (message_id, exchange.to_string(), routing_key.to_string());
         self.collector.send((key, confirm, tx)).map_err(|_| AmqpError::Lost("the publisher stopped".into()))?;
@@ -275,7 +282,11 @@ enum Resolved {
 
 /// The collector: confirms in publish order; before answering one, every confirm already
 /// resolved is looked at too, for returned messages it may carry for others.
-async fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<Published>, connection: lapin::ConnectionStatus) {
+async fn collect(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Published>,
+    connection: lapin::ConnectionStatus,
+    gave_up: Arc<std::sync::atomic::AtomicBool>,
+) {
     use futures_util::FutureExt;
     let mut queue: std::collections::VecDeque<(Published, Option<Resolved>)> = std::collections::VecDeque::new();
     // Returns not yet matched to their publish, by key (with how many).
@@ -318,6 +329,7 @@ async fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<Published>, connec
                         other => other.to_string(),
                     };
                     lost = Some(why.clone());
+                    gave_up.store(true, std::sync::atomic::Ordering::SeqCst);
                     Resolved::Failed(why)
                 }
             });

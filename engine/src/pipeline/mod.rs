@@ -796,7 +796,12 @@ impl Pipeline {
         for (i, (name, s)) in sinks.iter().enumerate() {
             let SinkConfig::Http(h) = s else { continue };
             let Some(r) = &h.reply else { continue };
+            let chained = |j: usize| matches!(&sinks[j].1, SinkConfig::Http(t) if t.reply.is_some());
             match sinks.iter().position(|(n, _)| *n == r.to.value) {
+                Some(j) if j != i && chained(j) => diags.push(
+                    cx.diag(DiagCode::Conflict, r.to.span, &format!("sinks.{name}.reply.to"), format!("`{}` has a `reply:` of its own", r.to.value))
+                        .hint("replies do not chain (two could send each other's answers for ever): send the reply to a queue, and let the next pipeline post it"),
+                ),
                 Some(j) if j != i => reply_to[i] = Some(j),
                 Some(_) => diags.push(
                     cx.diag(
@@ -904,7 +909,23 @@ impl Pipeline {
         if !diags.is_empty() {
             return Err(diags.0);
         }
-        let warnings = unknown_hint_reasons(config, &steps, cx);
+        let mut warnings = unknown_hint_reasons(config, &steps, cx);
+        warnings.extend(cx.take_warnings());
+        // A reply's sink that fails sends the whole message again, the receiver's request too:
+        // only an idempotency key lets the receiver know it.
+        if reply_to.iter().any(Option::is_some) && idempotency_key.is_none() {
+            for (name, s) in &sinks {
+                if let SinkConfig::Http(h) = s
+                    && let Some(r) = &h.reply
+                {
+                    warnings.push(
+                        cx.diag(DiagCode::MissingKey, r.to.span, &format!("sinks.{name}.reply"), "the pipeline has no `envelope.idempotency_key`")
+                            .hint("if the reply's sink fails, the message is sent again, this request too: give it a key, e.g. `erp:{$.order_id}`, so that the receiver takes it once")
+                            .warning(),
+                    );
+                }
+            }
+        }
         Ok(Pipeline {
             name: config.name.value.clone(),
             version: config.version.clone(),

@@ -31,7 +31,14 @@ pub(super) struct HttpServer {
     routes: HashMap<String, Arc<PipelineRun>>,
     /// `SWITCHYARD_STATUS_TOKEN`: the bearer token `GET /status/...` asks for, when set.
     status_token: Option<Vec<u8>>,
+    /// Without a token the status API answers only on a loopback address.
+    status_open: bool,
 }
+
+/// How long a request's body may take to arrive.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Partners remembered by a rate limit before the idle ones are forgotten.
+const PARTNERS_KEPT: usize = 10_000;
 
 /// The setting that protects the status API with a bearer token.
 pub const STATUS_TOKEN_SETTING: &str = "SWITCHYARD_STATUS_TOKEN";
@@ -96,7 +103,11 @@ impl HttpServer {
             RunError::Http(format!("cannot listen on {addr}: {e}; choose another address with --listen (or SWITCHYARD_LISTEN)"))
         })?;
         let status_token = std::env::var(STATUS_TOKEN_SETTING).ok().filter(|t| !t.is_empty()).map(String::into_bytes);
-        Ok(Some(HttpServer { listener, routes, status_token }))
+        let status_open = status_token.is_some() || addr.ip().is_loopback();
+        if !status_open {
+            tracing::warn!(listen = %addr, "the status API is off: on an address other hosts reach it needs {STATUS_TOKEN_SETTING}");
+        }
+        Ok(Some(HttpServer { listener, routes, status_token, status_open }))
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
@@ -111,7 +122,12 @@ impl HttpServer {
                 tracing::info!(pipeline = %run.pipeline.name, url = %format!("http://{}{path}", addr.map(|a| a.to_string()).unwrap_or_default()), auth = %e.describe_auth(), "taking POST requests");
             }
         }
-        let state = Arc::new(ServerState { routes: self.routes, shared: shared.clone(), status_token: self.status_token });
+        let state = Arc::new(ServerState {
+            routes: self.routes,
+            shared: shared.clone(),
+            status_token: self.status_token,
+            status_open: self.status_open,
+        });
         let app = axum::Router::new().fallback(handle).with_state(state);
         let mut stop = shared.shutdown.clone();
         axum::serve(self.listener, app.into_make_service_with_connect_info::<SocketAddr>())
@@ -131,6 +147,7 @@ struct ServerState {
     routes: HashMap<String, Arc<PipelineRun>>,
     shared: Arc<Shared>,
     status_token: Option<Vec<u8>>,
+    status_open: bool,
 }
 
 async fn handle(
@@ -182,25 +199,29 @@ async fn take(
     if *shared.shutdown.borrow() {
         return Err(unavailable("the engine is stopping; send it again in a moment"));
     }
+    // Keys and tokens are checked before the body is read: a stranger's body is never taken in.
+    let early = (!endpoint.signs_body()).then(|| endpoint.authenticate(headers, &[]));
+    if let Some(Err(f)) = &early {
+        return Err(unauthenticated(&pipeline.name, peer, path, f));
+    }
     let body = read_body(&endpoint, headers, body).await?;
-    let partner = endpoint.authenticate(headers, &body).map_err(|f| {
-        tracing::warn!(pipeline = %pipeline.name, peer = %peer, path, why = %f.detail(), "request refused: not authenticated");
-        let kind = match f {
-            AuthFailure::Missing(_) => "credentials-missing",
-            AuthFailure::Invalid(_) => "credentials-invalid",
-        };
-        let mut r = Problem::new(StatusCode::UNAUTHORIZED, kind, "Unauthorized", f.detail()).into_response();
-        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Switchyard"));
-        r
-    })?;
-    let partner = endpoint
-        .partner_header
-        .as_ref()
-        .and_then(|h| headers.get(h))
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or(partner)
-        .unwrap_or_else(|| peer.ip().to_string());
+    let authenticated = match early {
+        Some(r) => r,
+        None => endpoint.authenticate(headers, &body),
+    };
+    let partner = authenticated.map_err(|f| unauthenticated(&pipeline.name, peer, path, &f))?;
+    let partner = match (endpoint.partner_header.as_ref().and_then(|h| headers.get(h)).and_then(|v| v.to_str().ok()), partner) {
+        // A partner's own header only splits its own allowance: it cannot pass for another.
+        (Some(h), Some(p)) => format!("{p}/{h}"),
+        (Some(h), None) => h.to_string(),
+        (None, Some(p)) => p,
+        (None, None) => peer.ip().to_string(),
+    };
+    if let Some(limiter) = &endpoint.limiter
+        && limiter.len() > PARTNERS_KEPT
+    {
+        limiter.retain_recent();
+    }
     if let Some(limiter) = &endpoint.limiter
         && let Err(not_until) = limiter.check_key(&partner)
     {
@@ -294,6 +315,15 @@ async fn status(state: &ServerState, method: &Method, headers: &HeaderMap, rest:
         r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET"));
         return r;
     }
+    if !state.status_open {
+        return Problem::new(
+            StatusCode::FORBIDDEN,
+            "status-off",
+            "Forbidden",
+            format!("the status API answers on other addresses than loopback only with {STATUS_TOKEN_SETTING} set"),
+        )
+        .into_response();
+    }
     if let Some(token) = &state.status_token {
         use subtle::ConstantTimeEq;
         let given = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()).unwrap_or_default();
@@ -344,6 +374,18 @@ async fn status(state: &ServerState, method: &Method, headers: &HeaderMap, rest:
     (StatusCode::OK, axum::Json(body)).into_response()
 }
 
+/// A request refused for its credentials: said in the log (never the credentials) and answered 401.
+fn unauthenticated(pipeline: &str, peer: SocketAddr, path: &str, f: &AuthFailure) -> Response {
+    tracing::warn!(pipeline, peer = %peer, path, why = %f.detail(), "request refused: not authenticated");
+    let kind = match f {
+        AuthFailure::Missing(_) => "credentials-missing",
+        AuthFailure::Invalid(_) => "credentials-invalid",
+    };
+    let mut r = Problem::new(StatusCode::UNAUTHORIZED, kind, "Unauthorized", f.detail()).into_response();
+    r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Switchyard"));
+    r
+}
+
 fn unavailable(detail: &str) -> Response {
     let mut p = Problem::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service Unavailable", detail);
     p.retry_after = Some(5);
@@ -365,7 +407,21 @@ async fn read_body(endpoint: &HttpEndpoint, headers: &HeaderMap, body: Body) -> 
     if declared.is_some_and(|n| n > endpoint.max_body) {
         return Err(too_large());
     }
-    axum::body::to_bytes(body, endpoint.max_body).await.map_err(|_| too_large())
+    use http_body_util::BodyExt;
+    let limited = http_body_util::Limited::new(body, endpoint.max_body);
+    match tokio::time::timeout(BODY_TIMEOUT, limited.collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
+        Ok(Err(_)) => Err(Problem::new(StatusCode::BAD_REQUEST, "body-unreadable", "Bad Request", "the body could not be read to its end")
+            .into_response()),
+        Err(_) => Err(Problem::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body-too-slow",
+            "Request Timeout",
+            format!("the body did not arrive within {} s", BODY_TIMEOUT.as_secs()),
+        )
+        .into_response()),
+    }
 }
 
 /// The request's headers as the pipeline reads them (`http.<name>`, lowercase), credentials

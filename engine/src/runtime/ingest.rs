@@ -15,7 +15,7 @@ use super::{PipelineRun, RunError, Shared};
 use crate::message::{ExceptionRecord, RawMessage};
 use crate::registry::SourceConfig;
 use crate::source::file::{FileSourceConfig, NdjsonLines, format_of, list_files, split};
-use crate::source::poll::{MAX_PAGES, PollCursor, PollPlan, advance};
+use crate::source::poll::{self, MAX_PAGES, PollCursor, PollPlan, advance};
 use crate::source::stdin::StdinSourceConfig;
 use crate::source::{Format, SourceError};
 use crate::store::{self, Checkpoint, CheckpointWrite, ExceptionRow, NewMessage, Settle, Settlement, StoreError, Target};
@@ -471,15 +471,22 @@ impl Ingester {
     async fn poll(&self, plan: &PollPlan) -> Result<(), RunError> {
         let p = &self.run.pipeline;
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
-            .timeout(plan.timeout)
-            .redirect(reqwest::redirect::Policy::limited(5))
-            .user_agent(concat!("switchyard/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| RunError::Source {
-                pipeline: p.name.clone(),
-                source: SourceError::Poll(format!("cannot start the HTTP client for GET {}: {e}", plan.shown)),
-            })?;
+        let client =
+            reqwest::Client::builder()
+                .timeout(plan.timeout)
+                // Redirects are followed on the same origin only: the credentials go with them.
+                .redirect({
+                    let origin = plan.first_url("").origin();
+                    reqwest::redirect::Policy::custom(move |a| {
+                        if a.previous().len() >= 5 || a.url().origin() != origin { a.stop() } else { a.follow() }
+                    })
+                })
+                .user_agent(concat!("switchyard/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .map_err(|e| RunError::Source {
+                    pipeline: p.name.clone(),
+                    source: SourceError::Poll(format!("cannot start the HTTP client for GET {}: {e}", plan.shown)),
+                })?;
         let mut shutdown = self.shared.shutdown.clone();
         let mut failures = 0u32;
         loop {
@@ -524,6 +531,9 @@ impl Ingester {
             .map_or_else(|| PollCursor { value: plan.start.clone(), at_value: vec![] }, |(value, at_value)| PollCursor { value, at_value });
         let mut url = plan.first_url(&cursor.value);
         let (mut messages, mut taken, mut skipped) = (Vec::new(), Vec::new(), 0);
+        // A record that shows on two pages of one poll (the list moved while paged) is taken once.
+        let mut this_poll: std::collections::HashSet<(String, String)> = std::collections::HashSet::new();
+        let mut cut = false;
         for n in 1..=MAX_PAGES {
             let (page, link) = get_page(client, plan, url.clone()).await.map_err(PollError::Source)?;
             let found = plan.records(&page, &cursor);
@@ -532,6 +542,10 @@ impl Ingester {
                 tracing::warn!(pipeline = %name, url = %plan.shown, records = found.unkeyed, "records without a cursor value or an id: taken, but the next poll may send them again");
             }
             for (body, value, id) in found.records {
+                if !id.is_empty() && !this_poll.insert((value.clone(), id.clone())) {
+                    skipped += 1;
+                    continue;
+                }
                 let mut headers = std::collections::BTreeMap::new();
                 headers.insert("http.poll_url".to_string(), plan.shown.clone());
                 messages.push(RawMessage { headers, origin: Some(format!("GET {} page {n}", plan.shown)), ..RawMessage::json(body) });
@@ -539,13 +553,20 @@ impl Ingester {
             }
             match plan.next_url(&page, link.as_deref()) {
                 Some(next) if n < MAX_PAGES => url = next,
-                Some(_) => {
-                    tracing::warn!(pipeline = %name, url = %plan.shown, pages = MAX_PAGES, "stopped after the most pages one poll reads; the next poll goes on from the cursor")
-                }
+                Some(_) => cut = true,
                 None => break,
             }
         }
-        let next = advance(&cursor, &taken);
+        // Cut short, the cursor moves only if the pages came oldest first (what was not read is
+        // newer): else unread older records would be skipped, so it stays, and the next poll
+        // reads these again (duplicates are for the idempotency keys to stop).
+        let values: Vec<&str> = taken.iter().map(|(v, _)| v.as_str()).filter(|v| !v.is_empty()).collect();
+        let ascending = values.windows(2).all(|w| poll::compare(w[0], w[1]).is_le());
+        let next = if cut && !ascending { cursor.clone() } else { advance(&cursor, &taken) };
+        if cut {
+            tracing::warn!(pipeline = %name, url = %plan.shown, pages = MAX_PAGES, cursor_moves = ascending,
+                "stopped after the most pages one poll reads; the next poll goes on from the cursor");
+        }
         let count = messages.len();
         self.wait_for_room().await.map_err(PollError::Store)?;
         let items = vec![to_inbox(&self.run, messages)];

@@ -203,10 +203,20 @@ impl HttpTarget {
     fn replied(&self, output: &Output, body: &[u8]) -> Output {
         let mut out = output.clone();
         let Some((fields, _)) = &self.reply else { return out };
-        let answer = crate::doc::Doc::parse_bytes(body).unwrap_or(crate::doc::Doc::Null);
+        let answer = crate::doc::Doc::parse_bytes(body).unwrap_or_else(|_| {
+            tracing::warn!(url = %self.url_shown, correlation_id = %output.metadata.correlation_id, bytes = body.len(),
+                "the receiver took the message, but its answer is not JSON (or over 1 MiB): the reply's fields are null");
+            crate::doc::Doc::Null
+        });
         if let crate::doc::Doc::Object(record) = &mut out.payload {
             for (name, path) in fields {
-                let value = path.first(Scope::root(&answer)).cloned().unwrap_or(crate::doc::Doc::Null);
+                let value = path.first(Scope::root(&answer)).cloned().unwrap_or_else(|| {
+                    if !answer.is_null() {
+                        tracing::warn!(url = %self.url_shown, correlation_id = %output.metadata.correlation_id, field = %name,
+                            "the receiver's answer has no value for this reply field: it is null");
+                    }
+                    crate::doc::Doc::Null
+                });
                 record.insert(name.as_str(), value);
             }
         } else {

@@ -270,14 +270,21 @@ impl OAuth2 {
             access_token: String,
             #[serde(default)]
             token_type: Option<String>,
+            /// A number, or a string of one (Azure AD v1 sends `"3599"`).
             #[serde(default)]
-            expires_in: Option<u64>,
+            expires_in: Option<serde_json::Value>,
         }
         let a: Answer = serde_json::from_slice(&body).map_err(|_| failed("the answer has no `access_token`".into(), true))?;
         if a.token_type.as_deref().is_some_and(|t| !t.eq_ignore_ascii_case("bearer")) {
             return Err(failed(format!("the token is of type `{}`, not a bearer token", a.token_type.unwrap_or_default()), false));
         }
-        let life = a.expires_in.map_or(DEFAULT_TOKEN_LIFE, Duration::from_secs);
+        let seconds = match &a.expires_in {
+            Some(serde_json::Value::Number(n)) => n.as_u64(),
+            Some(serde_json::Value::String(s)) => s.trim().parse().ok(),
+            _ => None,
+        };
+        // A day at most: a longer life is refreshed daily all the same (and never overflows).
+        let life = seconds.map_or(DEFAULT_TOKEN_LIFE, |s| Duration::from_secs(s.min(86_400)));
         let header =
             sensitive(&format!("Bearer {}", a.access_token)).ok_or_else(|| failed("the token cannot be sent in a header".into(), true))?;
         self.fetched.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

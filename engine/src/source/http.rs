@@ -219,6 +219,11 @@ impl HttpEndpoint {
         .filter(|_| path_ok)
     }
 
+    /// Whether the credentials are a signature of the body (else they are checked first).
+    pub fn signs_body(&self) -> bool {
+        matches!(self.auth, Auth::Hmac { .. })
+    }
+
     /// The headers that carry credentials: never stored with the message nor shown.
     pub fn is_credential(&self, name: &http::HeaderName) -> bool {
         let own = match &self.auth {

@@ -249,8 +249,16 @@ impl PollPlan {
                 }
                 Some(u)
             }
-            NextPage::Link => link.and_then(next_link).and_then(|l| self.url.join(&l).ok()),
+            // Only on the same origin: the credentials go with the request.
+            NextPage::Link => link.and_then(next_link).and_then(|l| self.url.join(&l).ok()).filter(|u| self.same_origin(u)),
         }
+    }
+
+    /// Whether `u` is on the polled URL's scheme, host and port.
+    pub fn same_origin(&self, u: &reqwest::Url) -> bool {
+        u.scheme() == self.url.scheme()
+            && u.host_str() == self.url.host_str()
+            && u.port_or_known_default() == self.url.port_or_known_default()
     }
 
     /// The request headers (credentials added by the caller).
