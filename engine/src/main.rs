@@ -133,6 +133,9 @@ enum Command {
         /// The share of POST requests answered 503, from 0 to 1.
         #[arg(long, default_value_t = 0.0)]
         error_rate: f64,
+        /// Also answer every n-th POST 503 (failures for certain, for tests).
+        #[arg(long, default_value_t = 0)]
+        fail_every: u64,
         /// Requests per second taken; more are answered 429 with Retry-After.
         #[arg(long)]
         rate_limit: Option<u32>,
@@ -441,7 +444,17 @@ fn main() -> ExitCode {
             cli::ops::unsubscribe(queue, pipeline, drop_messages, data_dir)
         }
         Command::Exceptions { command, data_dir, store } => cli::ops::exceptions(command, data_dir, store.filter(|s| !s.trim().is_empty())),
-        Command::Simulate { listen, latency, error_rate, rate_limit, client_id, client_secret, marketplace_token, token_ttl } => {
+        Command::Simulate {
+            listen,
+            latency,
+            error_rate,
+            fail_every,
+            rate_limit,
+            client_id,
+            client_secret,
+            marketplace_token,
+            token_ttl,
+        } => {
             if !(0.0..=1.0).contains(&error_rate) {
                 eprintln!("error: --error-rate is a share from 0 to 1, e.g. 0.05");
                 return ExitCode::from(2);
@@ -450,6 +463,7 @@ fn main() -> ExitCode {
                 listen,
                 latency,
                 error_rate,
+                fail_every,
                 rate_limit,
                 client_id,
                 client_secret,

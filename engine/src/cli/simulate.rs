@@ -22,6 +22,8 @@ pub struct Simulation {
     pub listen: std::net::SocketAddr,
     pub latency: Duration,
     pub error_rate: f64,
+    /// Every n-th POST is answered 503 (0: none), for tests that need failures for certain.
+    pub fail_every: u64,
     /// Requests per second taken (over it: 429).
     pub rate_limit: Option<u32>,
     pub client_id: String,
@@ -43,6 +45,7 @@ struct Books {
     duplicates: u64,
     errors_injected: u64,
     rate_limited: u64,
+    posts: u64,
 }
 
 struct Sim {
@@ -80,9 +83,10 @@ pub fn simulate(config: Simulation) -> ExitCode {
         eprintln!("  marketplace:   POST /marketplace/orders/{{id}}/acknowledgement, GET /marketplace/acknowledgements");
         eprintln!("  counts:        GET /stats");
         eprintln!(
-            "  latency {}, error rate {:.0} %, rate limit {}",
+            "  latency {}, error rate {:.0} %{}, rate limit {}",
             humantime::format_duration(config.latency),
             config.error_rate * 100.0,
+            if config.fail_every > 0 { format!(" and every {}th POST", config.fail_every) } else { String::new() },
             config.rate_limit.map_or("none".to_string(), |r| format!("{r}/s"))
         );
         let stop = async {
@@ -124,8 +128,14 @@ async fn faults(State(sim): State<Shared>, request: axum::extract::Request, next
         eprintln!("{method} {path} -> 429 (rate limit)");
         return problem(StatusCode::TOO_MANY_REQUESTS, "slow down");
     }
-    if method == Method::POST && fastrand::f64() < c.error_rate {
-        sim.books.lock().expect("books").errors_injected += 1;
+    let fail = method == Method::POST && {
+        let mut books = sim.books.lock().expect("books");
+        books.posts += 1;
+        let fail = fastrand::f64() < c.error_rate || (c.fail_every > 0 && books.posts.is_multiple_of(c.fail_every));
+        books.errors_injected += u64::from(fail);
+        fail
+    };
+    if fail {
         eprintln!("{method} {path} -> 503 (injected)");
         return problem(StatusCode::SERVICE_UNAVAILABLE, "the service is having a moment");
     }
