@@ -832,11 +832,13 @@ async fn settle(
         }
     }
     // With a shared store, the status events go there (before the ack; a failure is only said).
-    if state.embedded().is_none()
-        && !tracking.is_empty()
-        && let Err(e) = state.record_tracking(std::mem::take(&mut tracking)).await
-    {
-        tracing::warn!(pipeline = %p.name, error = %e, "the status events could not be recorded");
+    if state.embedded().is_none() && !tracking.is_empty() {
+        let events = std::mem::take(&mut tracking);
+        match tokio::time::timeout(std::time::Duration::from_secs(5), state.record_tracking(events)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(pipeline = %p.name, error = %e, "the status events could not be recorded"),
+            Err(_) => tracing::warn!(pipeline = %p.name, "the status events could not be recorded within 5 s"),
+        }
     }
     if !marks.is_empty() || !keys.is_empty() || !tracking.is_empty() {
         let twice = store
@@ -907,6 +909,8 @@ async fn to_exceptions(
 ) -> Result<Option<Confirm>, AmqpError> {
     item.counted = Counted::Exception(record.reason.clone());
     if item.tracked {
+        // A second try at the dead-letter queue replaces the first's event.
+        item.track.retain(|e| e.event != "failed");
         item.track.push(super::worker::failed_event(&record));
     }
     if state.embedded().is_none() {

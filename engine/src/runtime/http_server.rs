@@ -213,12 +213,14 @@ async fn take(
     let partner = match (endpoint.partner_header.as_ref().and_then(|h| headers.get(h)).and_then(|v| v.to_str().ok()), partner) {
         // A partner's own header only splits its own allowance: it cannot pass for another.
         (Some(h), Some(p)) => format!("{p}/{h}"),
-        (Some(h), None) => h.to_string(),
+        // Anonymous: the header splits the sender's address, it does not replace it.
+        (Some(h), None) => format!("{}/{h}", peer.ip()),
         (None, Some(p)) => p,
         (None, None) => peer.ip().to_string(),
     };
     if let Some(limiter) = &endpoint.limiter
         && limiter.len() > PARTNERS_KEPT
+        && endpoint.prune_due()
     {
         limiter.retain_recent();
     }
@@ -291,10 +293,14 @@ async fn take(
     }
     run.stats.ingested.fetch_add(1, Ordering::Relaxed);
     shared.store.wake(&run.input_queue);
-    if let Some(event) = later
-        && let Err(e) = shared.state.record_tracking(vec![event]).await
-    {
-        tracing::warn!(pipeline = %pipeline.name, error = %e, "stored, but the `received` event could not be recorded");
+    // In the background: the sender's answer does not wait for a slow shared store.
+    if let Some(event) = later {
+        let (state, name) = (shared.state.clone(), pipeline.name.clone());
+        tokio::spawn(async move {
+            if let Err(e) = state.record_tracking(vec![event]).await {
+                tracing::warn!(pipeline = %name, error = %e, "stored, but the `received` event could not be recorded");
+            }
+        });
     }
     let body = serde_json::json!({"status": "accepted", "message_id": message_id, "correlation_id": correlation_id});
     let mut r = (StatusCode::ACCEPTED, axum::Json(body)).into_response();

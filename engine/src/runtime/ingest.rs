@@ -562,10 +562,17 @@ impl Ingester {
         // reads these again (duplicates are for the idempotency keys to stop).
         let values: Vec<&str> = taken.iter().map(|(v, _)| v.as_str()).filter(|v| !v.is_empty()).collect();
         let ascending = values.windows(2).all(|w| poll::compare(w[0], w[1]).is_le());
-        let next = if cut && !ascending { cursor.clone() } else { advance(&cursor, &taken) };
+        if cut && !ascending {
+            // Newest first and more than a poll reads: moving the cursor would skip the older
+            // records, keeping it would read the same pages for ever. Nothing is stored.
+            return Err(PollError::Source(format!(
+                "GET {}: more than {MAX_PAGES} pages since the cursor, listed newest first: ask the API for oldest first (a sort parameter in `query:`), or poll more often",
+                plan.shown
+            )));
+        }
+        let next = advance(&cursor, &taken);
         if cut {
-            tracing::warn!(pipeline = %name, url = %plan.shown, pages = MAX_PAGES, cursor_moves = ascending,
-                "stopped after the most pages one poll reads; the next poll goes on from the cursor");
+            tracing::warn!(pipeline = %name, url = %plan.shown, pages = MAX_PAGES, "stopped after the most pages one poll reads; the next poll goes on from the cursor");
         }
         let count = messages.len();
         self.wait_for_room().await.map_err(PollError::Store)?;

@@ -30,9 +30,9 @@ struct InCommit {
     /// Messages delivered on a later delivery (by settlement index), whose exception records in
     /// a shared store are closed once the commit is done.
     superseding: Vec<(usize, String)>,
-    /// Status events for a shared state store, written once the commit is done (the embedded
-    /// store writes them in the commit).
-    tracking: Vec<store::TrackEvent>,
+    /// Status events (by settlement index) for a shared state store, written once the commit
+    /// is done (the embedded store writes them in the commit).
+    tracking: Vec<(usize, store::TrackEvent)>,
 }
 
 /// A lease on its way: where it started, and the batch with how many replays lead it.
@@ -173,7 +173,8 @@ pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<()
             } else {
                 Vec::new()
             };
-            let Processed { mut settlements, mut counted, marks, keys, versions, tracking } = process_batch(&run, &shared, batch).await?;
+            let Processed { mut settlements, mut counted, marks, keys, versions, mut tracking } =
+                process_batch(&run, &shared, batch).await?;
             let mut superseding = Vec::new();
             if shared.state.embedded().is_none() {
                 // Before the records are taken out of the settlements.
@@ -193,12 +194,18 @@ pub(super) async fn run(run: Arc<PipelineRun>, shared: Arc<Shared>) -> Result<()
                 .min()
                 .map(|at| Duration::from_micros((at - now_micros()).max(0) as u64).min(MAX_HELD_PAUSE));
             // Status events: in the commit with the embedded store, after it with a shared one.
+            // Only the messages settled now (a record the shared store did not take sends its
+            // message back to the queue: no event for it yet).
+            tracking.retain(|(k, _)| matches!(settlements[*k].outcome, Settle::Done { .. }));
             let (in_commit, shared_tracking) =
                 if shared.state.embedded().is_some() { (tracking, Vec::new()) } else { (Vec::new(), tracking) };
             pending.push_back(InCommit {
                 commit: shared.store.submit(move |c| {
                     let report = store::settle(c, &settlements, None, &marks)?;
-                    store::record_tracking(c, &in_commit)?;
+                    // Not for a message whose lease went to another engine meanwhile.
+                    let kept: Vec<store::TrackEvent> =
+                        in_commit.into_iter().filter(|(k, _)| !report.lost_leases.contains(k)).map(|(_, e)| e).collect();
+                    store::record_tracking(c, &kept)?;
                     Ok(report)
                 }),
                 tracking: shared_tracking,
@@ -287,11 +294,18 @@ async fn finish(run: &PipelineRun, shared: &Shared, pending: &mut VecDeque<InCom
                 }
             }
         }
-        if result.is_ok()
+        if let Ok(report) = &result
             && !tracking.is_empty()
-            && let Err(e) = shared.state.record_tracking(tracking).await
         {
-            tracing::warn!(pipeline = %run.pipeline.name, error = %e, "delivered, but the status events could not be recorded");
+            // In the background: a slow shared store does not hold the pipeline up for them.
+            let events: Vec<store::TrackEvent> =
+                tracking.into_iter().filter(|(k, _)| !report.lost_leases.contains(k)).map(|(_, e)| e).collect();
+            let (state, name) = (shared.state.clone(), run.pipeline.name.clone());
+            tokio::spawn(async move {
+                if let Err(e) = state.record_tracking(events).await {
+                    tracing::warn!(pipeline = %name, error = %e, "delivered, but the status events could not be recorded");
+                }
+            });
         }
         if let Ok(report) = &result
             && !superseding.is_empty()
@@ -434,8 +448,8 @@ struct Processed {
     /// Entity versions (key, version) delivered, to record once committed, and all those held
     /// in hand by this batch.
     versions: BatchVersions,
-    /// Status events (`track: true`), written in the batch's commit.
-    tracking: Vec<store::TrackEvent>,
+    /// Status events (`track: true`) by settlement index, written with the batch's commit.
+    tracking: Vec<(usize, store::TrackEvent)>,
 }
 
 impl Processed {
@@ -813,19 +827,19 @@ fn track_events(
     counted: &[Counted],
     milestones: Vec<(usize, store::TrackEvent)>,
     routed_ids: Vec<(usize, String)>,
-) -> Vec<store::TrackEvent> {
+) -> Vec<(usize, store::TrackEvent)> {
     let mut events = Vec::new();
     for (k, s) in settlements.iter().enumerate() {
         let Settle::Done { exceptions, .. } = &s.outcome else { continue };
         if !exceptions.is_empty() {
-            events.extend(exceptions.iter().map(|row| failed_event(&row.record)));
+            events.extend(exceptions.iter().map(|row| (k, failed_event(&row.record))));
             continue;
         }
         let reached: Vec<&store::TrackEvent> = milestones.iter().filter(|(i, _)| *i == k).map(|(_, e)| e).collect();
         if !reached.is_empty() {
-            events.extend(reached.into_iter().cloned());
+            events.extend(reached.into_iter().map(|e| (k, e.clone())));
         } else if let (Some((_, id)), Counted::Routed(sinks)) = (routed_ids.iter().find(|(i, _)| *i == k), &counted[k]) {
-            events.push(delivered_event(p, id, sinks));
+            events.push((k, delivered_event(p, id, sinks)));
         }
     }
     events

@@ -165,6 +165,8 @@ pub struct HttpEndpoint {
     pub rate_described: Option<String>,
     pub partner_header: Option<http::HeaderName>,
     pub reject_invalid: bool,
+    /// When the rate limit last forgot idle partners.
+    pruned_at: std::sync::Mutex<std::time::Instant>,
 }
 
 impl HttpEndpoint {
@@ -215,8 +217,19 @@ impl HttpEndpoint {
             rate_described,
             partner_header,
             reject_invalid: c.reject_invalid.unwrap_or(false),
+            pruned_at: std::sync::Mutex::new(std::time::Instant::now()),
         })
         .filter(|_| path_ok)
+    }
+
+    /// Whether idle partners are due to be forgotten (at most once a minute).
+    pub fn prune_due(&self) -> bool {
+        let mut at = self.pruned_at.lock().expect("prune time");
+        let due = at.elapsed() > std::time::Duration::from_secs(60);
+        if due {
+            *at = std::time::Instant::now();
+        }
+        due
     }
 
     /// Whether the credentials are a signature of the body (else they are checked first).
@@ -398,6 +411,7 @@ mod tests {
             rate_described: None,
             partner_header: None,
             reject_invalid: false,
+            pruned_at: std::sync::Mutex::new(std::time::Instant::now()),
         }
     }
 
