@@ -21,8 +21,11 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// Two free ports, different (both held while the second is picked).
+fn two_free_ports() -> (u16, u16) {
+    let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    (a.local_addr().unwrap().port(), b.local_addr().unwrap().port())
 }
 
 struct Killed(Child);
@@ -78,7 +81,7 @@ fn webhook(base: &str, file: &str) -> (u16, Value) {
 #[test]
 fn a_signed_webhook_goes_to_the_erp_and_is_acknowledged_and_the_status_api_says_so() {
     let dir = tempfile::tempdir().unwrap();
-    let (sim_port, port) = (free_port(), free_port());
+    let (sim_port, port) = two_free_ports();
     let sim_log = dir.path().join("simulate.log");
     let _sim = start(
         &["simulate", "--listen", &format!("127.0.0.1:{sim_port}"), "--latency", "5ms", "--fail-every", "4", "--rate-limit", "40"],

@@ -124,31 +124,7 @@ enum Command {
     /// Serve a simulated ERP (OAuth2 token endpoint, sales orders kept once per idempotency key)
     /// and marketplace (order acknowledgements), with latency, errors and a rate limit, for demos
     /// and tests of the HTTP edges.
-    Simulate {
-        #[arg(long, default_value = "127.0.0.1:8090")]
-        listen: std::net::SocketAddr,
-        /// Mean answer time (each request waits 0.5 to 1.5 times it), e.g. `20ms`.
-        #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
-        latency: std::time::Duration,
-        /// The share of POST requests answered 503, from 0 to 1.
-        #[arg(long, default_value_t = 0.0)]
-        error_rate: f64,
-        /// Also answer every n-th POST 503 (failures for certain, for tests).
-        #[arg(long, default_value_t = 0)]
-        fail_every: u64,
-        /// Requests per second taken; more are answered 429 with Retry-After.
-        #[arg(long)]
-        rate_limit: Option<u32>,
-        #[arg(long, env = "SIM_CLIENT_ID", default_value = "switchyard-demo")]
-        client_id: String,
-        #[arg(long, env = "SIM_CLIENT_SECRET", default_value = "demo-client-secret", hide_env_values = true)]
-        client_secret: String,
-        #[arg(long, env = "SIM_MARKETPLACE_TOKEN", default_value = "demo-marketplace-token", hide_env_values = true)]
-        marketplace_token: String,
-        /// How long an ERP token lives.
-        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
-        token_ttl: std::time::Duration,
-    },
+    Simulate(cli::simulate::Simulation),
     /// Print the JSON Schema of the pipeline format (or of field maps, or of test files).
     Schema {
         #[arg(long, value_enum, default_value = "pipeline")]
@@ -444,33 +420,7 @@ fn main() -> ExitCode {
             cli::ops::unsubscribe(queue, pipeline, drop_messages, data_dir)
         }
         Command::Exceptions { command, data_dir, store } => cli::ops::exceptions(command, data_dir, store.filter(|s| !s.trim().is_empty())),
-        Command::Simulate {
-            listen,
-            latency,
-            error_rate,
-            fail_every,
-            rate_limit,
-            client_id,
-            client_secret,
-            marketplace_token,
-            token_ttl,
-        } => {
-            if !(0.0..=1.0).contains(&error_rate) {
-                eprintln!("error: --error-rate is a share from 0 to 1, e.g. 0.05");
-                return ExitCode::from(2);
-            }
-            cli::simulate::simulate(cli::simulate::Simulation {
-                listen,
-                latency,
-                error_rate,
-                fail_every,
-                rate_limit,
-                client_id,
-                client_secret,
-                marketplace_token,
-                token_ttl,
-            })
-        }
+        Command::Simulate(simulation) => cli::simulate::simulate(simulation),
         Command::Schema { kind } => {
             print!("{}", schema::render(kind));
             ExitCode::SUCCESS

@@ -16,20 +16,40 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// What the simulator is asked to be.
-#[derive(Debug, Clone)]
+/// What the simulator is asked to be (`switchyard simulate`'s options).
+#[derive(Debug, Clone, clap::Args)]
 pub struct Simulation {
+    #[arg(long, default_value = "127.0.0.1:8090")]
     pub listen: std::net::SocketAddr,
+    /// Mean answer time (each request waits 0.5 to 1.5 times it), e.g. `20ms`.
+    #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
     pub latency: Duration,
+    /// The share of POST requests answered 503, from 0 to 1.
+    #[arg(long, default_value_t = 0.0, value_parser = share)]
     pub error_rate: f64,
-    /// Every n-th POST is answered 503 (0: none), for tests that need failures for certain.
+    /// Also answer every n-th POST 503 (failures for certain, for tests).
+    #[arg(long, default_value_t = 0)]
     pub fail_every: u64,
-    /// Requests per second taken (over it: 429).
+    /// Requests per second taken; more are answered 429 with Retry-After.
+    #[arg(long)]
     pub rate_limit: Option<u32>,
+    #[arg(long, env = "SIM_CLIENT_ID", default_value = "switchyard-demo")]
     pub client_id: String,
+    #[arg(long, env = "SIM_CLIENT_SECRET", default_value = "demo-client-secret", hide_env_values = true)]
     pub client_secret: String,
+    #[arg(long, env = "SIM_MARKETPLACE_TOKEN", default_value = "demo-marketplace-token", hide_env_values = true)]
     pub marketplace_token: String,
+    /// How long an ERP token lives.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub token_ttl: Duration,
+}
+
+/// A share from 0 to 1, e.g. `0.05`.
+fn share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if (0.0..=1.0).contains(&x) => Ok(x),
+        _ => Err("a share from 0 to 1, e.g. 0.05".to_string()),
+    }
 }
 
 #[derive(Default)]
@@ -154,7 +174,7 @@ async fn token(State(sim): State<Shared>, headers: HeaderMap, body: String) -> R
         .and_then(|v| v.strip_prefix("Basic "))
         .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
         .and_then(|b| String::from_utf8(b).ok())
-        .and_then(|pair| pair.split_once(':').map(|(i, s)| (decode(i), decode(s))));
+        .and_then(|pair| pair.split_once(':').map(|(i, s)| (form_decoded(i), form_decoded(s))));
     let (id, secret) = from_basic
         .unwrap_or_else(|| (form.get("client_id").cloned().unwrap_or_default(), form.get("client_secret").cloned().unwrap_or_default()));
     if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
@@ -168,8 +188,9 @@ async fn token(State(sim): State<Shared>, headers: HeaderMap, body: String) -> R
     Json(json!({"access_token": token, "token_type": "Bearer", "expires_in": sim.config.token_ttl.as_secs()})).into_response()
 }
 
-fn decode(s: &str) -> String {
-    form_urlencoded::parse(format!("x={s}").as_bytes()).next().map(|(_, v)| v.into_owned()).unwrap_or_default()
+/// A form-encoded value decoded (RFC 6749 §2.3.1 encodes the basic credentials so).
+fn form_decoded(s: &str) -> String {
+    form_urlencoded::parse(s.as_bytes()).next().map(|(k, _)| k.into_owned()).unwrap_or_default()
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {

@@ -598,9 +598,8 @@ async fn process_batch(
                 // sinks replies go on to included).
                 let replies_to = sinks.iter().filter_map(|&i| p.reply_to.get(i).copied().flatten());
                 item.held = sinks.iter().copied().chain(replies_to).filter_map(|i| run.delivery(i).would_hold()).max();
-                let mut todo: std::collections::VecDeque<(usize, Option<crate::message::Output>)> =
-                    if item.held.is_none() { sinks.iter().map(|&i| (i, None)).collect() } else { Default::default() };
-                while let Some((i, reply)) = todo.pop_front() {
+                let mut deliveries = super::Deliveries::new(&sinks, item.held.is_some());
+                while let Some((i, reply)) = deliveries.next() {
                     let output = reply.as_ref().unwrap_or(&output);
                     let RuntimeSink::External(sink) = &run.sinks[i] else {
                         item.failed =
@@ -630,7 +629,7 @@ async fn process_batch(
                                 if let Counted::Routed(counted) = &mut item.counted {
                                     counted.push(to);
                                 }
-                                todo.push_back((to, Some(r)));
+                                deliveries.reply(to, r);
                             }
                         }),
                     };

@@ -333,7 +333,7 @@ async fn status(state: &ServerState, method: &Method, headers: &HeaderMap, rest:
     if let Some(token) = &state.status_token {
         use subtle::ConstantTimeEq;
         let given = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()).unwrap_or_default();
-        let ok = given.len() > 7 && given[..7].eq_ignore_ascii_case(b"bearer ") && bool::from(given[7..].trim_ascii().ct_eq(token));
+        let ok = crate::source::http::bearer_token(given).is_some_and(|t| bool::from(t.ct_eq(token)));
         if !ok {
             let mut r =
                 Problem::new(StatusCode::UNAUTHORIZED, "credentials-invalid", "Unauthorized", "the status API needs its bearer token")

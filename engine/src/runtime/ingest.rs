@@ -476,12 +476,12 @@ impl Ingester {
                 .timeout(plan.timeout)
                 // Redirects are followed on the same origin only: the credentials go with them.
                 .redirect({
-                    let origin = plan.first_url("").origin();
+                    let origin = plan.base_url().origin();
                     reqwest::redirect::Policy::custom(move |a| {
                         if a.previous().len() >= 5 || a.url().origin() != origin { a.stop() } else { a.follow() }
                     })
                 })
-                .user_agent(concat!("switchyard/", env!("CARGO_PKG_VERSION")))
+                .user_agent(crate::sink::http::USER_AGENT)
                 .build()
                 .map_err(|e| RunError::Source {
                     pipeline: p.name.clone(),
@@ -611,32 +611,11 @@ enum PollError {
 /// One page: GET with the source's headers and credentials (a 401 with OAuth2 fetches a new
 /// token and asks once more), the body as JSON and the `Link` header.
 async fn get_page(client: &reqwest::Client, plan: &PollPlan, url: reqwest::Url) -> Result<(crate::doc::Doc, Option<String>), String> {
-    let mut tries_left = 2;
-    let response = loop {
-        tries_left -= 1;
-        let mut headers = plan.headers();
-        let credentials = match &plan.auth {
-            Some(a) => {
-                let v = a.header(client).await.map_err(|e| e.to_string())?;
-                headers.insert(reqwest::header::AUTHORIZATION, v.clone());
-                Some(v)
-            }
-            None => None,
-        };
-        let r = client
-            .get(url.clone())
-            .headers(headers)
-            .send()
-            .await
-            .map_err(|e| format!("GET {}: the request failed ({})", plan.shown, e.without_url()))?;
-        if r.status() == reqwest::StatusCode::UNAUTHORIZED
-            && tries_left > 0
-            && let (Some(a), Some(used)) = (&plan.auth, &credentials)
-            && a.rejected(used).await
-        {
-            continue;
-        }
-        break r;
+    use crate::sink::http_auth::{Sent, send_authorized};
+    let response = match send_authorized(plan.auth.as_ref(), client, || client.get(url.clone()).headers(plan.headers())).await {
+        Sent::Answer(r) => r,
+        Sent::Credentials(e) => return Err(e.to_string()),
+        Sent::Send(e) => return Err(format!("GET {}: the request failed ({})", plan.shown, e.without_url())),
     };
     let status = response.status();
     let link = response.headers().get(reqwest::header::LINK).and_then(|v| v.to_str().ok()).map(str::to_string);

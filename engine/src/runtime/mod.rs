@@ -216,6 +216,33 @@ pub(crate) struct PipelineRun {
     versions_in_hand: Mutex<std::collections::HashMap<String, Vec<String>>>,
 }
 
+/// The sinks a routed message is written to, in order, then the sinks replies go on to
+/// (`reply.to` of an http sink) with the record the receiver's answer completed. Nothing is
+/// allocated unless there is a reply.
+pub(crate) struct Deliveries<'a> {
+    routed: std::slice::Iter<'a, usize>,
+    replies: std::collections::VecDeque<(usize, crate::message::Output)>,
+}
+
+impl<'a> Deliveries<'a> {
+    /// The deliveries to `sinks`; none when the message is held back.
+    pub fn new(sinks: &'a [usize], held: bool) -> Deliveries<'a> {
+        Deliveries { routed: if held { [].iter() } else { sinks.iter() }, replies: Default::default() }
+    }
+
+    /// The next sink, with the record to write when it is a reply's.
+    pub fn next(&mut self) -> Option<(usize, Option<crate::message::Output>)> {
+        match self.routed.next() {
+            Some(&i) => Some((i, None)),
+            None => self.replies.pop_front().map(|(i, r)| (i, Some(r))),
+        }
+    }
+
+    pub fn reply(&mut self, to: usize, record: crate::message::Output) {
+        self.replies.push_back((to, record));
+    }
+}
+
 /// A sink that did not take a message.
 #[derive(Debug, Clone)]
 pub(crate) struct SinkFailure {

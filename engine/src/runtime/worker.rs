@@ -647,12 +647,9 @@ async fn process_batch(run: &PipelineRun, shared: &Shared, batch: Vec<Leased>) -
                 let replies_to = sinks.iter().filter_map(|&i| p.reply_to.get(i).copied().flatten());
                 let mut held = sinks.iter().copied().chain(replies_to).filter(external).filter_map(|i| run.delivery(i).would_hold()).max();
                 let mut wrote_one = false;
-                // The routed sinks, then the sinks replies go on to (`reply.to` of an http sink),
-                // each with the record the receiver's answer completed.
-                let mut todo: VecDeque<(usize, Option<crate::message::Output>)> =
-                    if held.is_none() { sinks.iter().map(|&i| (i, None)).collect() } else { VecDeque::new() };
+                let mut deliveries = super::Deliveries::new(&sinks, held.is_some());
                 let mut replied = Vec::new();
-                while let Some((i, reply)) = todo.pop_front() {
+                while let Some((i, reply)) = deliveries.next() {
                     let output = reply.as_ref().unwrap_or(&output);
                     if external(&i) {
                         // Once one sink has it, the others' rate limits are waited out here.
@@ -689,7 +686,7 @@ async fn process_batch(run: &PipelineRun, shared: &Shared, batch: Vec<Leased>) -
                                     }
                                     if let (Some(r), Some(to)) = (reply, p.reply_to.get(i).copied().flatten()) {
                                         replied.push(to);
-                                        todo.push_back((to, Some(r)));
+                                        deliveries.reply(to, r);
                                     }
                                 }
                                 Err(f) => {

@@ -42,7 +42,7 @@ pub const EXCERPT_CHARS: usize = 300;
 const DRAIN_BYTES: usize = 64 * 1024;
 /// The most of a successful answer's body a `reply:` reads.
 const REPLY_BYTES: usize = 1024 * 1024;
-const USER_AGENT: &str = concat!("switchyard/", env!("CARGO_PKG_VERSION"));
+pub const USER_AGENT: &str = concat!("switchyard/", env!("CARGO_PKG_VERSION"));
 /// Headers the HTTP client owns.
 const MANAGED_HEADERS: &[&str] = &["host", "content-length", "transfer-encoding", "connection"];
 /// What a placeholder value is percent-encoded with: all but RFC 3986's unreserved characters, so
@@ -612,36 +612,14 @@ impl HttpSink {
     async fn send(&self, output: &Output) -> Result<Option<Output>, SinkError> {
         let t = &*self.target;
         let url = t.url_for(output)?;
-        let mut headers = t.headers_for(output)?;
+        let headers = t.headers_for(output)?;
         let shown = without_secrets(url.as_str());
         let body = t.format.render(output);
-        // With OAuth2, a 401 may mean the token was revoked or expired early: one more try with
-        // a new token.
-        let mut tries_left = 2;
-        let mut response = loop {
-            tries_left -= 1;
-            let credentials = match &t.auth {
-                Some(a) => {
-                    let v = a.header(&self.client).await?;
-                    headers.insert(reqwest::header::AUTHORIZATION, v.clone());
-                    Some(v)
-                }
-                None => None,
-            };
-            let sent = self.client.request(t.method.to_reqwest(), url.clone()).headers(headers.clone()).body(body.clone()).send().await;
-            let response = match sent {
-                Ok(r) => r,
-                Err(e) => return Err(t.transport_error(&shown, e)),
-            };
-            if response.status() == StatusCode::UNAUTHORIZED
-                && tries_left > 0
-                && let (Some(a), Some(used)) = (&t.auth, &credentials)
-                && a.rejected(used).await
-            {
-                tracing::info!(url = %shown, "the receiver answered 401: fetching a new OAuth2 token and sending again");
-                continue;
-            }
-            break response;
+        let request = || self.client.request(t.method.to_reqwest(), url.clone()).headers(headers.clone()).body(body.clone());
+        let mut response = match super::http_auth::send_authorized(t.auth.as_ref(), &self.client, request).await {
+            super::http_auth::Sent::Answer(r) => r,
+            super::http_auth::Sent::Credentials(e) => return Err(e),
+            super::http_auth::Sent::Send(e) => return Err(t.transport_error(&shown, e)),
         };
         let status = response.status();
         if status.is_success() {

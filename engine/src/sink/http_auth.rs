@@ -208,6 +208,48 @@ impl SinkAuth {
     }
 }
 
+/// How a request with credentials went: `Credentials` when none could be had (the OAuth2 token
+/// endpoint failed), `Send` when the request itself failed.
+pub enum Sent {
+    Answer(reqwest::Response),
+    Credentials(SinkError),
+    Send(reqwest::Error),
+}
+
+/// Sends `request()` with `auth`'s credentials. With OAuth2, a 401 may mean the token was revoked
+/// or expired early: the token is dropped and the request sent once more with a new one.
+pub async fn send_authorized(auth: Option<&SinkAuth>, client: &reqwest::Client, request: impl Fn() -> reqwest::RequestBuilder) -> Sent {
+    let mut tries_left = 2;
+    loop {
+        tries_left -= 1;
+        let credentials = match auth {
+            Some(a) => match a.header(client).await {
+                Ok(v) => Some(v),
+                Err(e) => return Sent::Credentials(e),
+            },
+            None => None,
+        };
+        let mut r = request();
+        if let Some(v) = &credentials {
+            // `headers` replaces: the credentials win over an Authorization header given too.
+            r = r.headers(reqwest::header::HeaderMap::from_iter([(reqwest::header::AUTHORIZATION, v.clone())]));
+        }
+        let response = match r.send().await {
+            Ok(r) => r,
+            Err(e) => return Sent::Send(e),
+        };
+        if response.status() == reqwest::StatusCode::UNAUTHORIZED
+            && tries_left > 0
+            && let (Some(a), Some(used)) = (auth, &credentials)
+            && a.rejected(used).await
+        {
+            tracing::info!("the receiver answered 401: fetching a new OAuth2 token and sending again");
+            continue;
+        }
+        return Sent::Answer(response);
+    }
+}
+
 impl OAuth2 {
     fn shown_url(&self) -> String {
         super::http::without_secrets(self.token_url.as_str())

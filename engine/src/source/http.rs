@@ -286,10 +286,8 @@ impl HttpEndpoint {
                 };
                 let value = given.as_bytes();
                 let value = if *bearer {
-                    match value.get(..7) {
-                        Some(scheme) if scheme.eq_ignore_ascii_case(b"bearer ") => value[7..].trim_ascii(),
-                        _ => return Err(AuthFailure::Invalid("the `Authorization` header is not `Bearer <token>`".to_string())),
-                    }
+                    bearer_token(value)
+                        .ok_or_else(|| AuthFailure::Invalid("the `Authorization` header is not `Bearer <token>`".to_string()))?
                 } else {
                     value.trim_ascii()
                 };
@@ -313,6 +311,11 @@ impl HttpEndpoint {
     pub fn describe_auth(&self) -> String {
         format!("{:?}", self.auth)
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` value (the scheme in any case).
+pub fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    value.get(..7).filter(|scheme| scheme.eq_ignore_ascii_case(b"bearer ")).map(|_| value[7..].trim_ascii())
 }
 
 fn header_name(h: &Spanned<String>, at: &str, cx: &BuildContext, diags: &mut Diags) -> Option<http::HeaderName> {

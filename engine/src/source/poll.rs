@@ -220,17 +220,16 @@ impl PollPlan {
         })
     }
 
+    /// The polled URL with the `query:` parameters and one more.
+    fn url_with(&self, param: &str, value: &str) -> reqwest::Url {
+        let mut u = self.url.clone();
+        u.query_pairs_mut().extend_pairs(&self.query).append_pair(param, value);
+        u
+    }
+
     /// The URL of the first page for a cursor.
     pub fn first_url(&self, cursor: &str) -> reqwest::Url {
-        let mut u = self.url.clone();
-        {
-            let mut q = u.query_pairs_mut();
-            for (k, v) in &self.query {
-                q.append_pair(k, v);
-            }
-            q.append_pair(&self.cursor_param, cursor);
-        }
-        u
+        self.url_with(&self.cursor_param, cursor)
     }
 
     /// The next page's URL, from a page and its `Link` header.
@@ -239,26 +238,21 @@ impl PollPlan {
             NextPage::None => None,
             NextPage::Token { path, param } => {
                 let token = path.first(Scope::root(page)).and_then(Doc::as_str).filter(|t| !t.is_empty())?;
-                let mut u = self.url.clone();
-                {
-                    let mut q = u.query_pairs_mut();
-                    for (k, v) in &self.query {
-                        q.append_pair(k, v);
-                    }
-                    q.append_pair(param, token);
-                }
-                Some(u)
+                Some(self.url_with(param, token))
             }
             // Only on the same origin: the credentials go with the request.
             NextPage::Link => link.and_then(next_link).and_then(|l| self.url.join(&l).ok()).filter(|u| self.same_origin(u)),
         }
     }
 
+    /// The polled URL, without `query:` or cursor.
+    pub fn base_url(&self) -> &reqwest::Url {
+        &self.url
+    }
+
     /// Whether `u` is on the polled URL's scheme, host and port.
     pub fn same_origin(&self, u: &reqwest::Url) -> bool {
-        u.scheme() == self.url.scheme()
-            && u.host_str() == self.url.host_str()
-            && u.port_or_known_default() == self.url.port_or_known_default()
+        u.origin() == self.url.origin()
     }
 
     /// The request headers (credentials added by the caller).

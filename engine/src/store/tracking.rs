@@ -34,6 +34,10 @@ impl TrackEvent {
 }
 
 pub fn record_tracking(conn: &Connection, events: &[TrackEvent]) -> StoreResult<()> {
+    // Called in every settle commit: nothing prepared when there is nothing to write.
+    if events.is_empty() {
+        return Ok(());
+    }
     let mut insert =
         conn.prepare_cached("INSERT INTO tracking (correlation_id, at, pipeline, event, detail) VALUES (?1, ?2, ?3, ?4, ?5)")?;
     for e in events {
