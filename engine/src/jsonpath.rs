@@ -14,6 +14,7 @@ use jsonpath_rust::parser::parse_json_path;
 use regex::Regex;
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 /// A JSONPath that failed to compile, with the 1-based column of the problem in the path text.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -25,9 +26,28 @@ pub struct PathError {
 
 #[derive(Debug, Clone)]
 enum Step {
-    Name(String),
+    Name(Name),
     Index(i64),
     Wildcard,
+}
+
+/// A member name and the position it was last found at (see [`Object::get_hinted`]).
+#[derive(Debug)]
+struct Name {
+    text: String,
+    hint: AtomicU32,
+}
+
+impl Clone for Name {
+    fn clone(&self) -> Name {
+        Name { text: self.text.clone(), hint: AtomicU32::new(self.hint.load(Ordering::Relaxed)) }
+    }
+}
+
+impl Name {
+    fn in_object<'a>(&self, doc: &'a Doc) -> Option<&'a Doc> {
+        doc.as_object()?.get_hinted(&self.text, &self.hint)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -103,7 +123,7 @@ impl CompiledPath {
             .segments
             .iter()
             .map(|s| match s {
-                Segment::Selector(Selector::Name(n)) => Some(Step::Name(n.clone())),
+                Segment::Selector(Selector::Name(n)) => Some(Step::Name(Name { text: n.clone(), hint: AtomicU32::new(0) })),
                 Segment::Selector(Selector::Index(i)) => Some(Step::Index(*i)),
                 Segment::Selector(Selector::Wildcard) => Some(Step::Wildcard),
                 _ => None,
@@ -140,7 +160,7 @@ impl CompiledPath {
                 let mut cur = start;
                 for s in steps {
                     cur = match s {
-                        Step::Name(n) => cur.as_object()?.get(n)?,
+                        Step::Name(n) => n.in_object(cur)?,
                         Step::Index(i) => index(cur.as_array()?, *i)?,
                         Step::Wildcard => unreachable!("singular"),
                     };
@@ -192,7 +212,7 @@ impl CompiledPath {
                     match s {
                         Step::Name(n) => {
                             p.push('/');
-                            p.push_str(&escape_pointer_token(n));
+                            p.push_str(&escape_pointer_token(&n.text));
                         }
                         Step::Index(i) => p.push_str(&format!("/{i}")),
                         Step::Wildcard => p.push_str("/*"),
@@ -222,7 +242,7 @@ fn walk<'a>(cur: &'a Doc, steps: &[Step], out: &mut Vec<&'a Doc>) {
     };
     match step {
         Step::Name(n) => {
-            if let Some(v) = cur.as_object().and_then(|o| o.get(n)) {
+            if let Some(v) = n.in_object(cur) {
                 walk(v, rest, out)
             }
         }
@@ -246,8 +266,8 @@ fn walk_with_pointer<'a>(cur: &'a Doc, steps: &[Step], ptr: String, out: &mut Ve
     };
     match step {
         Step::Name(n) => {
-            if let Some(v) = cur.as_object().and_then(|o| o.get(n)) {
-                walk_with_pointer(v, rest, format!("{ptr}/{}", escape_pointer_token(n)), out)
+            if let Some(v) = n.in_object(cur) {
+                walk_with_pointer(v, rest, format!("{ptr}/{}", escape_pointer_token(&n.text)), out)
             }
         }
         Step::Index(i) => {
@@ -694,6 +714,30 @@ mod tests {
 
     fn doc() -> Doc {
         doc!({"id": 7, "currency": "USD", "lines": [{"sku": "A", "qty": 1, "tax": [{"p": "1.00"}, {"p": "2.00"}]}, {"sku": "B", "qty": 2, "tax": []}], "ship": {"country": "US"}, "n": null, "a/b": 1})
+    }
+
+    #[test]
+    fn a_remembered_position_never_finds_the_wrong_member() {
+        // The position cache is tried first: documents with other key orders, fewer keys, or
+        // the key missing must still find exactly the right member.
+        let p = CompiledPath::compile("$.b.c").unwrap();
+        let docs = [
+            (doc!({"a": 1, "b": {"c": 2}}), Some(2)),
+            (doc!({"b": {"x": 0, "c": 3}, "a": 4}), Some(3)),
+            (doc!({"a": 5}), None),
+            (doc!({}), None),
+            (doc!({"x": 0, "y": 0, "b": {"c": 6}}), Some(6)),
+            (doc!({"x": 0, "y": 0, "bb": {"c": 7}}), None),
+            (doc!([{"b": {"c": 8}}]), None),
+            (doc!({"x": 0, "y": 0, "b": {"c": 9}}), Some(9)),
+        ];
+        for (d, want) in docs {
+            let scope = Scope { current: &d, root: &d };
+            assert_eq!(p.first(scope).and_then(Doc::as_i64), want, "{d}");
+            let mut all = Vec::new();
+            p.all(scope, &mut all);
+            assert_eq!(all.first().and_then(|v| v.as_i64()), want, "{d}");
+        }
     }
 
     #[test]

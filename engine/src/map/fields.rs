@@ -993,9 +993,9 @@ fn convert_value(f: &Field, conv: Convert, v: &Doc, scope: Scope<'_>) -> Result<
         Convert::String => convert::string_from(v),
         Convert::Integer => convert::integer_from(v),
         Convert::Number => convert::number_from(v),
-        Convert::Decimal => convert::decimal_from(v).map(|d| Doc::String(convert::decimal_str(&d))),
+        Convert::Decimal => convert::decimal_doc(v),
         Convert::Boolean => convert::boolean_from(v),
-        Convert::Money => convert::money_from(v, currency_of(f, scope), f.minor_units, f.precision).map(|m| m.to_doc()),
+        Convert::Money => convert::money_doc(v, currency_of(f, scope), f.minor_units, f.precision),
         Convert::Datetime | Convert::Date => {
             let per_message;
             let dates = match &f.timezone_from {
