@@ -376,7 +376,8 @@ async fn status(state: &ServerState, method: &Method, headers: &HeaderMap, rest:
             v
         })
         .collect();
-    let body = serde_json::json!({"correlation_id": id, "state": last.event, "updated_at": time(last.at), "events": list});
+    let state = state_of(events.iter().map(|e| e.event.as_str()));
+    let body = serde_json::json!({"correlation_id": id, "state": state, "updated_at": time(last.at), "events": list});
     (StatusCode::OK, axum::Json(body)).into_response()
 }
 
@@ -445,4 +446,33 @@ fn kept_headers(endpoint: &HttpEndpoint, headers: &HeaderMap, path: &str, partne
     kept.insert("http.path".to_string(), path.to_string());
     kept.insert("http.partner".to_string(), partner.to_string());
     kept
+}
+
+/// Where an order is, from its events in order. A channel re-sending an order already delivered
+/// onward (a webhook retry, dropped as a duplicate) is recorded as `received` but does not move
+/// the order back: it stays where its delivery got to. After a failure a new `received` counts.
+fn state_of<'a>(events: impl Iterator<Item = &'a str>) -> &'a str {
+    let mut state = "received";
+    for e in events {
+        if e != "received" || state == "failed" {
+            state = e;
+        }
+    }
+    state
+}
+
+#[cfg(test)]
+mod tests {
+    use super::state_of;
+
+    #[test]
+    fn a_repeat_of_a_delivered_order_does_not_move_it_back() {
+        let s = |e: &[&'static str]| state_of(e.iter().copied());
+        assert_eq!(s(&["received"]), "received");
+        assert_eq!(s(&["received", "posted_to_erp", "acknowledged_to_channel", "received"]), "acknowledged_to_channel");
+        assert_eq!(s(&["received", "delivered", "received", "posted_to_erp"]), "posted_to_erp");
+        assert_eq!(s(&["received", "failed"]), "failed");
+        assert_eq!(s(&["received", "failed", "received"]), "received", "a new try after a failure counts");
+        assert_eq!(s(&["received", "failed", "received", "delivered"]), "delivered");
+    }
 }
