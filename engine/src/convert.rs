@@ -153,10 +153,7 @@ const CURRENCY: Str = Str::from_static("currency");
 
 impl Money {
     pub fn to_doc(&self) -> Doc {
-        let mut m = Object::with_capacity(2);
-        m.push_unique(AMOUNT, Doc::String(decimal_str(&self.amount)));
-        m.push_unique(CURRENCY, Doc::String(self.currency.clone()));
-        Doc::Object(m)
+        money_object(Doc::String(decimal_str(&self.amount)), self.currency.clone())
     }
 
     /// Reads canonical money `{amount, currency}`.
@@ -187,12 +184,17 @@ pub fn money_doc(v: &Doc, currency: Option<&str>, minor_units: bool, precision: 
         && int <= 15
         && currency_exponent(code).is_ok_and(|e| e as usize == frac)
     {
-        let mut m = Object::with_capacity(2);
-        m.push_unique(AMOUNT, v.clone());
-        m.push_unique(CURRENCY, Doc::String(Str::new(code)));
-        return Ok(Doc::Object(m));
+        return Ok(money_object(v.clone(), Str::new(code)));
     }
     money_from(v, currency, minor_units, precision).map(|m| m.to_doc())
+}
+
+/// Canonical money: `{"amount": "12.50", "currency": "USD"}`.
+fn money_object(amount: Doc, currency: Str) -> Doc {
+    let mut m = Object::with_capacity(2);
+    m.push_unique(AMOUNT, amount);
+    m.push_unique(CURRENCY, Doc::String(currency));
+    Doc::Object(m)
 }
 
 /// The integer and fraction digit counts of a decimal written as `decimal_str` writes one:

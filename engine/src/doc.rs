@@ -185,7 +185,13 @@ impl Object {
 
     #[inline]
     pub fn get(&self, key: &str) -> Option<&Doc> {
-        self.0.iter().find(|(k, _)| k.len() == key.len() && k.as_str() == key).map(|(_, v)| v)
+        self.position(key).map(|i| &self.0[i].1)
+    }
+
+    /// Where `key` is. Lengths are compared first: cheaper than building both texts.
+    #[inline]
+    fn position(&self, key: &str) -> Option<usize> {
+        self.0.iter().position(|(k, _)| k.len() == key.len() && k.as_str() == key)
     }
 
     /// [`Self::get`], trying first the position `hint` holds and remembering where the key was
@@ -199,13 +205,13 @@ impl Object {
         {
             return Some(v);
         }
-        let i = self.0.iter().position(|(k, _)| k.len() == key.len() && k.as_str() == key)?;
+        let i = self.position(key)?;
         hint.store(i as u32, Relaxed);
         Some(&self.0[i].1)
     }
 
     pub fn get_mut(&mut self, key: &str) -> Option<&mut Doc> {
-        self.0.iter_mut().find(|(k, _)| k.len() == key.len() && k.as_str() == key).map(|(_, v)| v)
+        self.position(key).map(|i| &mut self.0[i].1)
     }
 
     pub fn contains_key(&self, key: &str) -> bool {
@@ -228,7 +234,7 @@ impl Object {
     }
 
     pub fn remove(&mut self, key: &str) -> Option<Doc> {
-        let i = self.0.iter().position(|(k, _)| k.as_str() == key)?;
+        let i = self.position(key)?;
         Some(self.0.remove(i).1)
     }
 
@@ -246,7 +252,7 @@ impl Object {
 
     /// The value of `key`, or a new one made by `make`.
     pub fn entry_or_insert_with(&mut self, key: &str, make: impl FnOnce() -> Doc) -> &mut Doc {
-        let i = match self.0.iter().position(|(k, _)| k.as_str() == key) {
+        let i = match self.position(key) {
             Some(i) => i,
             None => {
                 self.0.push((Str::new(key), make()));
@@ -756,7 +762,8 @@ impl<'de> Visitor<'de> for DocSeed<'_> {
             let text = key.as_str();
             let bit = 1u64 << ((text.len() ^ (text.as_bytes().last().map_or(0, |b| *b as usize) << 2)) & 63);
             // A repeated key keeps its last value, as serde_json does.
-            match (seen & bit != 0).then(|| members.iter_mut().find(|(k, _)| k.len() == key.len() && *k == key)).flatten() {
+            let repeat = if seen & bit != 0 { members.iter_mut().find(|(k, _)| *k == key) } else { None };
+            match repeat {
                 Some((_, v)) => *v = value,
                 None => members.push((key, value)),
             }
