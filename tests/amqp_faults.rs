@@ -114,15 +114,19 @@ fn depth(queues: &[String]) -> Option<u64> {
 
 /// Asks again every 300 ms for up to 30 s while the broker does not answer: on a busy machine one
 /// connection can take longer than `with_broker`'s limit, which says nothing about the queues.
-fn patiently<T>(what: &str, ask: impl Fn() -> Option<T>) -> T {
+fn within_30s<T>(ask: impl Fn() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match ask() {
-            Some(answer) => return answer,
             None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(300)),
-            None => panic!("the broker did not answer for 30 s: {what}"),
+            answer => return answer,
         }
     }
+}
+
+/// [`within_30s`], for an answer the test needs.
+fn patiently<T>(what: &str, ask: impl Fn() -> Option<T>) -> T {
+    within_30s(ask).unwrap_or_else(|| panic!("the broker did not answer for 30 s: {what}"))
 }
 
 /// One message taken from the dead-letter queue.
@@ -257,21 +261,20 @@ impl Drop for Scene {
         let mut queues = self.pending();
         queues.push(self.dlq());
         let exchange = format!("{}.x", self.prefix);
-        for _ in 0..3 {
+        // Not `patiently`: a panic in a drop while a failed test unwinds would abort the run.
+        let deleted = within_30s(|| {
             let (queues, exchange) = (queues.clone(), exchange.clone());
-            let deleted = with_broker(|ch| async move {
+            with_broker(|ch| async move {
                 for q in &queues {
                     ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await?;
                 }
                 ch.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await?;
                 Ok(())
-            });
-            if deleted.is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(500));
+            })
+        });
+        if deleted.is_none() {
+            eprintln!("could not delete the queues {queues:?}");
         }
-        eprintln!("could not delete the queues {queues:?}");
     }
 }
 
