@@ -9,7 +9,11 @@
 //!    `erp.us.<suffix>` / `erp.intl.<suffix>`, persistent and confirmed);
 //! 2. a minimal hand-written lapin relay (prefetch 1000, persistent publish with confirms, each
 //!    delivery acked after its confirm, pipelined): the broker's ceiling on this machine;
-//! 3. the same relay acking with `multiple` after in-order confirms.
+//! 3. the same relay acking with `multiple` after in-order confirms;
+//! 4. only when `BENCH_SYSTEMS` names it (`relayenveloped`): the `multiple` relay publishing each
+//!    message with the properties and headers the engine's outputs carry (message id,
+//!    correlation id, content type, timestamp; idempotency key, channel, pipeline and mapping
+//!    versions): what the broker's extra work on the engine's outputs costs.
 //!
 //! Throughput = orders / (time from the first message consumed, seen as the source queue's ready
 //! count dropping, until both output queues together hold every order). CPU per message comes from
@@ -220,7 +224,30 @@ async fn watch(
 }
 
 /// The minimal relay: consume, publish persistent with a confirm, ack after the confirm, pipelined.
-async fn relay(conn: &Connection, q: &Queues, n: usize, multiple: bool) -> Res<()> {
+/// The properties of an engine output, with values of the same lengths, for the `RelayEnveloped`
+/// system.
+fn enveloped(i: usize) -> BasicProperties {
+    let key = format!("shopify:{:013}", 5_000_000_000_000usize + i);
+    let mut h = FieldTable::default();
+    for (k, v) in [
+        ("x-switchyard-idempotency-key", key.as_str()),
+        ("x-switchyard-channel", "shopify"),
+        ("x-switchyard-pipeline", "bench-shopify-amqp@1"),
+        ("x-switchyard-mapping-versions", "shopify/order-to-canonical@1.2.0"),
+    ] {
+        h.insert(k.into(), lapin::types::AMQPValue::LongString(v.into()));
+    }
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_message_id(key.as_str().into())
+        .with_correlation_id(key.as_str().into())
+        .with_content_type("application/json".into())
+        .with_timestamp(1_790_000_000)
+        .with_headers(h)
+}
+
+async fn relay(conn: &Connection, q: &Queues, n: usize, sys: System) -> Res<()> {
+    let multiple = sys != System::Relay;
     let consume = conn.create_channel().await?;
     consume.basic_qos(1000, BasicQosOptions::default()).await?;
     let publish = conn.create_channel().await?;
@@ -249,12 +276,11 @@ async fn relay(conn: &Connection, q: &Queues, n: usize, multiple: bool) -> Res<(
         }
         Res::Ok(())
     });
-    for _ in 0..n {
+    for i in 0..n {
         let d = consumer.next().await.ok_or("consumer cancelled")??;
         let key = if is_us(&d.data) { q.us.as_str() } else { q.intl.as_str() };
-        let c = publish
-            .basic_publish("".into(), key.into(), BasicPublishOptions::default(), &d.data, BasicProperties::default().with_delivery_mode(2))
-            .await?;
+        let properties = if sys == System::RelayEnveloped { enveloped(i) } else { BasicProperties::default().with_delivery_mode(2) };
+        let c = publish.basic_publish("".into(), key.into(), BasicPublishOptions::default(), &d.data, properties).await?;
         tx.send((c, d.acker)).map_err(|_| "ack task stopped")?;
     }
     acks.await??;
@@ -336,6 +362,7 @@ enum System {
     Engine,
     Relay,
     RelayMultiple,
+    RelayEnveloped,
 }
 
 impl System {
@@ -344,6 +371,7 @@ impl System {
             System::Engine => "switchyard `run --once`, pipelines/shopify-amqp.yaml",
             System::Relay => "lapin relay, ack each after its confirm (pipelined)",
             System::RelayMultiple => "lapin relay, `ack(multiple)` after in-order confirms",
+            System::RelayEnveloped => "the `ack(multiple)` relay, outputs with the engine's properties and headers",
         }
     }
 }
@@ -441,9 +469,9 @@ async fn measure(
             );
             times
         }
-        System::Relay | System::RelayMultiple => {
+        System::Relay | System::RelayMultiple | System::RelayEnveloped => {
             let me = std::process::id().to_string();
-            let relayed = relay(conn, q, n, sys == System::RelayMultiple);
+            let relayed = relay(conn, q, n, sys);
             let watched = watch(
                 conn,
                 q,
@@ -500,11 +528,13 @@ fn main() {
     let expect = expectations(&lines);
     assert_eq!(expect.len(), n, "order ids are unique");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
-    // `BENCH_SYSTEMS=engine` measures the engine alone (no ratios then).
+    // `BENCH_SYSTEMS=engine` measures the engine alone (no ratios then); the enveloped relay runs
+    // only when named (`BENCH_SYSTEMS=engine,relaymultiple,relayenveloped`).
     let only = std::env::var("BENCH_SYSTEMS").unwrap_or_default();
-    let systems: Vec<System> = [System::Engine, System::Relay, System::RelayMultiple]
+    let named = |s: &System| only.split(',').any(|o| o.trim().eq_ignore_ascii_case(&format!("{s:?}")));
+    let systems: Vec<System> = [System::Engine, System::Relay, System::RelayMultiple, System::RelayEnveloped]
         .into_iter()
-        .filter(|s| only.is_empty() || only.split(',').any(|o| o.trim().eq_ignore_ascii_case(&format!("{s:?}"))))
+        .filter(|s| if only.is_empty() { *s != System::RelayEnveloped } else { named(s) })
         .collect();
     let mut samples: HashMap<System, Vec<Sample>> = HashMap::new();
     for run in 0..runs {

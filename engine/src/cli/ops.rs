@@ -308,7 +308,7 @@ impl Destination {
                         .with_message_id(switchyard::amqp::short_id(&m.message_id))
                         .with_content_type("application/json".into())
                         .with_delivery_mode(2);
-                    confirms.push(session.publish.publish(queue, "", true, &body, props).await.map_err(|e| e.to_string())?);
+                    confirms.push(session.publish.publish(queue, "", true, body, props).map_err(|e| e.to_string())?);
                 }
                 for c in confirms {
                     confirmed(c).await.map_err(|e| match e {

@@ -436,7 +436,7 @@ pub(super) async fn publish_replay(run: &PipelineRun, replay: &crate::store::Que
     }
     table.insert(headers::REPLAY_OF.into(), AMQPValue::LongString(LongString::from(replay.exception_id.clone())));
     let session = broker.session().await?;
-    let c = session.publish.publish("", &plan.queue, true, &replay.body, props.with_headers(table)).await?;
+    let c = session.publish.publish("", &plan.queue, true, replay.body.clone(), props.with_headers(table))?;
     confirmed(c).await
 }
 
@@ -738,7 +738,7 @@ async fn settle(
                     h.insert(headers::RECEIVED_AT.into(), AMQPValue::LongString(crate::message::rfc3339::format(&at).into()));
                 }
                 let props = item.delivery.properties.clone().with_headers(h);
-                publisher.publish("", &tier.queue, true, &item.delivery.data, props).await?
+                publisher.publish("", &tier.queue, true, item.delivery.data.clone(), props)?
             }
             None => {
                 let why_code = if item.parked {
@@ -943,7 +943,7 @@ async fn dead_letter(publisher: &Publisher, plan: &SourcePlan, d: &Delivery, rec
         .with_delivery_mode(2)
         .with_message_id(crate::amqp::short_id(&record.message_id))
         .with_correlation_id(crate::amqp::short_id(&record.correlation_id));
-    publisher.publish("", &plan.dead_letter_queue, true, &d.data, props).await
+    publisher.publish("", &plan.dead_letter_queue, true, d.data.clone(), props)
 }
 
 #[cfg(test)]
