@@ -245,15 +245,18 @@ impl Publisher {
         let (exchange_name, key_name) = (super::short_name(exchange, "exchange name")?, super::short_name(routing_key, "routing key")?);
         let channel = self.channel.clone();
         let mut publish: InFlight = Box::pin(async move {
-            let confirm =
-                channel.basic_publish(exchange_name, key_name, BasicPublishOptions { mandatory, ..Default::default() }, &body, properties);
-            confirm.await?.await
+            let options = BasicPublishOptions { mandatory, ..Default::default() };
+            let written = channel.basic_publish(exchange_name, key_name, options, &body, properties).await;
+            // lapin wrote its own copy: the body is not held until the confirm.
+            drop(body);
+            written?.await
         });
         // Held until the confirm is queued, so that the collector sees publish order.
         let _order = self.order.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut first_poll = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
         if let std::task::Poll::Ready(answer) = publish.as_mut().poll(&mut first_poll) {
-            // Refused before anything was sent (a closed channel): nothing to wait for.
+            // Answered at once: refused before anything was sent (a closed channel), or already
+            // written and confirmed.
             let answer = answer.map_err(|e| AmqpError::Lost(lapin_message(&e)))?;
             publish = Box::pin(std::future::ready(Ok(answer)));
         }
