@@ -223,7 +223,6 @@ async fn watch(
     Ok((start, end))
 }
 
-/// The minimal relay: consume, publish persistent with a confirm, ack after the confirm, pipelined.
 /// The properties of an engine output, with values of the same lengths, for the `RelayEnveloped`
 /// system.
 fn enveloped(i: usize) -> BasicProperties {
@@ -246,6 +245,7 @@ fn enveloped(i: usize) -> BasicProperties {
         .with_headers(h)
 }
 
+/// The minimal relay: consume, publish persistent with a confirm, ack after the confirm, pipelined.
 async fn relay(conn: &Connection, q: &Queues, n: usize, sys: System) -> Res<()> {
     let multiple = sys != System::Relay;
     let consume = conn.create_channel().await?;

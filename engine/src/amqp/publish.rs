@@ -253,7 +253,7 @@ impl Publisher {
         });
         // Held until the confirm is queued, so that the collector sees publish order.
         let _order = self.order.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut first_poll = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
+        let mut first_poll = std::task::Context::from_waker(std::task::Waker::noop());
         if let std::task::Poll::Ready(answer) = publish.as_mut().poll(&mut first_poll) {
             // Answered at once: refused before anything was sent (a closed channel), or already
             // written and confirmed.

@@ -916,11 +916,11 @@ async fn to_exceptions(
         item.exception = Some(exception_row(record, &item.delivery));
         return Ok(None);
     }
-    dead_letter(publisher, plan, &item.delivery, &record).await.map(Some)
+    dead_letter(publisher, plan, &item.delivery, &record).map(Some)
 }
 
 /// Publishes the original message to the dead-letter queue, with why it failed in its headers.
-async fn dead_letter(publisher: &Publisher, plan: &SourcePlan, d: &Delivery, record: &ExceptionRecord) -> Result<Confirm, AmqpError> {
+fn dead_letter(publisher: &Publisher, plan: &SourcePlan, d: &Delivery, record: &ExceptionRecord) -> Result<Confirm, AmqpError> {
     let mut table = d.properties.headers().clone().unwrap_or_default();
     let mut put = |k: &str, v: String| {
         table.insert(k.into(), AMQPValue::LongString(LongString::from(v)));
