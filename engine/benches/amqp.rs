@@ -24,7 +24,8 @@
 //! the end of each run.
 //!
 //! `BENCH_ORDERS` (default 100000), `BENCH_RUNS` (default 3) and `SWITCHYARD_AMQP_URL` narrow or
-//! redirect a run.
+//! redirect a run. `BENCH_OUTPUT_QUEUES=quorum` declares the two output queues of every system as
+//! quorum queues instead of classic ones (the input queue stays classic, as WORKLOAD.md says).
 
 mod common;
 use common::{bin, repo, workload};
@@ -134,8 +135,18 @@ impl Queues {
     }
 }
 
-async fn declare(ch: &Channel, q: &str) -> Res<()> {
-    ch.queue_declare(q.into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default()).await?;
+/// `BENCH_OUTPUT_QUEUES=quorum` makes the two output queues quorum queues (default classic); the
+/// input queue stays the durable classic queue WORKLOAD.md names.
+fn output_queue_type() -> String {
+    std::env::var("BENCH_OUTPUT_QUEUES").unwrap_or_else(|_| "classic".into())
+}
+
+async fn declare(ch: &Channel, q: &str, kind: &str) -> Res<()> {
+    let mut args = FieldTable::default();
+    if kind != "classic" {
+        args.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString(kind.into()));
+    }
+    ch.queue_declare(q.into(), QueueDeclareOptions { durable: true, ..Default::default() }, args).await?;
     Ok(())
 }
 
@@ -150,8 +161,9 @@ async fn depth(ch: &Channel, q: &str) -> Res<u32> {
 async fn preload(conn: &Connection, q: &Queues, lines: &[Vec<u8>]) -> Res<()> {
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    for q in [&q.input, &q.us, &q.intl] {
-        declare(&ch, q).await?;
+    declare(&ch, &q.input, "classic").await?;
+    for q in [&q.us, &q.intl] {
+        declare(&ch, q, &output_queue_type()).await?;
     }
     let mut window = std::collections::VecDeque::new();
     for l in lines {
@@ -433,6 +445,7 @@ async fn measure(
                 .arg(data.path())
                 .current_dir(repo())
                 .env("BENCH_SUFFIX", suffix)
+                .env("BENCH_OUTPUT_QUEUES", output_queue_type())
                 .env("SWITCHYARD_AMQP_URL", url())
                 .stdout(out)
                 .stderr(log)

@@ -168,6 +168,15 @@ impl Money {
 pub fn decimal_doc(v: &Doc) -> Result<Doc, String> {
     match v {
         Doc::String(s) if plain_decimal(s).is_some_and(|(int, frac)| int + frac <= 27) => Ok(v.clone()),
+        // A fraction such as a tax rate (0.06): its shortest text, as `decimal_from` reads it,
+        // already is the decimal's text when it is plain and within 15 digits.
+        Doc::Number(n) if n.is_f64() => {
+            let mut text = ryu::Buffer::new();
+            match n.as_f64().filter(|f| f.is_finite()).map(|f| text.format_finite(f)) {
+                Some(t) if plain_decimal(t).is_some_and(|(int, frac)| int + frac <= 15) => Ok(Doc::String(Str::new(t))),
+                _ => decimal_from(v).map(|d| Doc::String(decimal_str(&d))),
+            }
+        }
         _ => decimal_from(v).map(|d| Doc::String(decimal_str(&d))),
     }
 }
@@ -526,6 +535,15 @@ mod tests {
             let v = Doc::from(text);
             assert_eq!(decimal_doc(&v), decimal_from(&v).map(|d| Doc::String(decimal_str(&d))), "{text:?}");
         }
+        // JSON numbers: the fast path for plain fractions gives what parsing and printing gives,
+        // and the rest (exponents, too many digits, whole numbers) still go the long way.
+        let numbers = [0.06, 0.0725, 1.0, -2.5, -0.0, 0.1 + 0.2, 123456789012.345, 1e-7, 1.5e300, 12345678901234567.0, 0.000001];
+        for f in numbers {
+            let v = Doc::from(&serde_json::json!(f));
+            assert_eq!(decimal_doc(&v), decimal_from(&v).map(|d| Doc::String(decimal_str(&d))), "{f:?}");
+        }
+        assert_eq!(decimal_doc(&doc!(0.06)).unwrap(), doc!("0.06"));
+        assert!(decimal_doc(&doc!(0.30000000000000004)).unwrap_err().contains("more digits"));
         assert_eq!(string_from(&doc!(5000000000018u64)).unwrap(), doc!("5000000000018"));
         assert_eq!(string_from(&doc!(-7)).unwrap(), doc!("-7"));
         assert_eq!(string_from(&doc!(1.5)).unwrap(), doc!("1.5"));
