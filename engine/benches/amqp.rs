@@ -138,7 +138,9 @@ impl Queues {
 /// `BENCH_OUTPUT_QUEUES=quorum` makes the two output queues quorum queues (default classic); the
 /// input queue stays the durable classic queue WORKLOAD.md names.
 fn output_queue_type() -> String {
-    std::env::var("BENCH_OUTPUT_QUEUES").unwrap_or_else(|_| "classic".into())
+    let kind = std::env::var("BENCH_OUTPUT_QUEUES").unwrap_or_else(|_| "classic".into());
+    assert!(kind == "classic" || kind == "quorum", "BENCH_OUTPUT_QUEUES is `{kind}`: expected classic or quorum");
+    kind
 }
 
 async fn declare(ch: &Channel, q: &str, kind: &str) -> Res<()> {

@@ -29,26 +29,31 @@ pub fn decimal_from(v: &Doc) -> Result<Decimal, String> {
             } else if let Some(u) = n.as_u64() {
                 Ok(Decimal::from(u))
             } else {
-                let text = n.to_string();
-                // A JSON number with a fraction is a binary float: its shortest text is exact up to
-                // 15 significant digits. Beyond that the sender's digits may already be lost.
-                let significant = text
-                    .trim_start_matches('-')
-                    .split(['e', 'E'])
-                    .next()
-                    .unwrap_or("")
-                    .trim_start_matches(['0', '.'])
-                    .chars()
-                    .filter(char::is_ascii_digit)
-                    .count();
-                if significant > 15 {
-                    return Err(format!("number {text} has more digits than a JSON number keeps exactly; send it as a decimal string"));
-                }
-                parse_decimal(&text)
+                parse_decimal(float_text(n, &mut zmij::Buffer::new())?)
             }
         }
         other => Err(format!("expected a decimal number, found {}", describe(other))),
     }
+}
+
+/// A JSON number with a fraction as its shortest text, as serde_json prints it. A binary float's
+/// shortest text is exact up to 15 significant digits; beyond that the sender's digits may
+/// already be lost, which is an error.
+fn float_text<'b>(n: &Number, buf: &'b mut zmij::Buffer) -> Result<&'b str, String> {
+    let text = buf.format_finite(n.as_f64().unwrap_or_default());
+    let significant = text
+        .trim_start_matches('-')
+        .split(['e', 'E'])
+        .next()
+        .unwrap_or("")
+        .trim_start_matches(['0', '.'])
+        .chars()
+        .filter(char::is_ascii_digit)
+        .count();
+    if significant > 15 {
+        return Err(format!("number {text} has more digits than a JSON number keeps exactly; send it as a decimal string"));
+    }
+    Ok(text)
 }
 
 pub fn parse_decimal(s: &str) -> Result<Decimal, String> {
@@ -164,19 +169,17 @@ impl Money {
 }
 
 /// A decimal as its text: `decimal_from` then `decimal_str`, except that text already written
-/// as `decimal_str` writes it ("0.06") is kept as it is, not parsed and printed again.
+/// as `decimal_str` writes it ("0.06"), given as a string or as a JSON number's shortest text, is
+/// kept as it is, not parsed and printed again.
 pub fn decimal_doc(v: &Doc) -> Result<Doc, String> {
     match v {
         Doc::String(s) if plain_decimal(s).is_some_and(|(int, frac)| int + frac <= 27) => Ok(v.clone()),
-        // A fraction such as a tax rate (0.06): its shortest text, as `decimal_from` reads it,
-        // already is the decimal's text when it is plain and within 15 digits.
-        Doc::Number(n) if n.is_f64() => {
-            let mut text = ryu::Buffer::new();
-            match n.as_f64().filter(|f| f.is_finite()).map(|f| text.format_finite(f)) {
-                Some(t) if plain_decimal(t).is_some_and(|(int, frac)| int + frac <= 15) => Ok(Doc::String(Str::new(t))),
-                _ => decimal_from(v).map(|d| Doc::String(decimal_str(&d))),
-            }
-        }
+        // A fraction such as a tax rate (0.06): the text `decimal_from` reads already is the
+        // decimal's text when it is plain and within 15 digits.
+        Doc::Number(n) if n.is_f64() => match float_text(n, &mut zmij::Buffer::new()) {
+            Ok(t) if plain_decimal(t).is_some_and(|(int, frac)| int + frac <= 15) => Ok(Doc::String(Str::new(t))),
+            _ => decimal_from(v).map(|d| Doc::String(decimal_str(&d))),
+        },
         _ => decimal_from(v).map(|d| Doc::String(decimal_str(&d))),
     }
 }
@@ -535,8 +538,8 @@ mod tests {
             let v = Doc::from(text);
             assert_eq!(decimal_doc(&v), decimal_from(&v).map(|d| Doc::String(decimal_str(&d))), "{text:?}");
         }
-        // JSON numbers: the fast path for plain fractions gives what parsing and printing gives,
-        // and the rest (exponents, too many digits, whole numbers) still go the long way.
+        // JSON numbers: the shortcut for plain texts gives what parsing and printing gives, and the
+        // rest (exponents, negative zero, more than 15 digits) still go the long way.
         let numbers = [0.06, 0.0725, 1.0, -2.5, -0.0, 0.1 + 0.2, 123456789012.345, 1e-7, 1.5e300, 12345678901234567.0, 0.000001];
         for f in numbers {
             let v = Doc::from(&serde_json::json!(f));
