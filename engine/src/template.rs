@@ -104,12 +104,16 @@ impl Template {
     /// Renders the template, each placeholder's value written by `put` (literal text as is): for
     /// values that need escaping where they land, such as a URL path.
     pub fn render_with(&self, scope: Scope<'_>, vars: &dyn Vars, mut put: impl FnMut(&str, &mut String)) -> Option<String> {
-        let mut out = String::new();
+        // Ids and keys ("shopify:5000000000004") fit: no regrowth while they are written.
+        let mut out = String::with_capacity(48);
         for p in &self.parts {
             match p {
                 Part::Text(t) => out.push_str(t),
                 Part::Path(path) => match path.first(scope)? {
                     Doc::String(s) => put(s, &mut out),
+                    // Numeric ids, through a stack buffer rather than an allocated string.
+                    Doc::Number(n) if n.is_u64() => put(itoa::Buffer::new().format(n.as_u64().unwrap_or_default()), &mut out),
+                    Doc::Number(n) if n.is_i64() => put(itoa::Buffer::new().format(n.as_i64().unwrap_or_default()), &mut out),
                     Doc::Number(n) => put(&n.to_string(), &mut out),
                     Doc::Bool(b) => put(if *b { "true" } else { "false" }, &mut out),
                     other => put(&other.to_string(), &mut out),
@@ -175,6 +179,13 @@ mod tests {
         assert_eq!(t.render(Scope::root(&d), &V).unwrap(), "shopify:820982911946154508 {#1001} a}b");
         assert_eq!(Template::compile("{$.missing}-x").unwrap().render(Scope::root(&d), &V), None);
         assert_eq!(Template::compile("$.x.k").unwrap().render(Scope::root(&d), &V).unwrap(), "a}b");
+        // Every kind of number is written as JSON writes it, and long texts still fit.
+        let d = doc!({"max": u64::MAX, "neg": -42, "min": i64::MIN, "f": 12.5, "t": true, "long": "x".repeat(100)});
+        let t = Template::compile("{$.max}/{$.neg}/{$.min}/{$.f}/{$.t}/{$.long}").unwrap();
+        assert_eq!(
+            t.render(Scope::root(&d), &V).unwrap(),
+            format!("18446744073709551615/-42/-9223372036854775808/12.5/true/{}", "x".repeat(100))
+        );
     }
 
     #[test]
