@@ -176,10 +176,15 @@ pub fn decimal_doc(v: &Doc) -> Result<Doc, String> {
         Doc::String(s) if plain_decimal(s).is_some_and(|(int, frac)| int + frac <= 27) => Ok(v.clone()),
         // A fraction such as a tax rate (0.06): the text `decimal_from` reads already is the
         // decimal's text when it is plain and within 15 digits.
-        Doc::Number(n) if n.is_f64() => match float_text(n, &mut zmij::Buffer::new()) {
-            Ok(t) if plain_decimal(t).is_some_and(|(int, frac)| int + frac <= 15) => Ok(Doc::String(Str::new(t))),
-            _ => decimal_from(v).map(|d| Doc::String(decimal_str(&d))),
-        },
+        Doc::Number(n) if n.is_f64() => {
+            let mut buf = zmij::Buffer::new();
+            let text = float_text(n, &mut buf)?;
+            if plain_decimal(text).is_some_and(|(int, frac)| int + frac <= 15) {
+                Ok(Doc::String(Str::new(text)))
+            } else {
+                parse_decimal(text).map(|d| Doc::String(decimal_str(&d)))
+            }
+        }
         _ => decimal_from(v).map(|d| Doc::String(decimal_str(&d))),
     }
 }
@@ -328,15 +333,21 @@ pub fn decimal_to_number(d: Decimal) -> Result<Doc, String> {
     }
 }
 
+/// A number's JSON text handed to `f`: integers (ids, every digit kept) through a stack buffer,
+/// not an allocated string.
+pub fn with_number_text<R>(n: &Number, f: impl FnOnce(&str) -> R) -> R {
+    match (n.as_u64(), n.as_i64()) {
+        (Some(u), _) => f(itoa::Buffer::new().format(u)),
+        (_, Some(i)) => f(itoa::Buffer::new().format(i)),
+        _ => f(&n.to_string()),
+    }
+}
+
 /// A string from a string, number or boolean (integer ids keep every digit).
 pub fn string_from(v: &Doc) -> Result<Doc, String> {
     match v {
         Doc::String(_) => Ok(v.clone()),
-        Doc::Number(n) => Ok(match (n.as_u64(), n.as_i64()) {
-            (Some(u), _) => Doc::from(itoa::Buffer::new().format(u)),
-            (_, Some(i)) => Doc::from(itoa::Buffer::new().format(i)),
-            _ => Doc::from(n.to_string()),
-        }),
+        Doc::Number(n) => Ok(with_number_text(n, |text| Doc::from(text))),
         Doc::Bool(b) => Ok(Doc::from(if *b { "true" } else { "false" })),
         other => Err(format!("expected text, found {}", describe(other))),
     }

@@ -111,10 +111,7 @@ impl Template {
                 Part::Text(t) => out.push_str(t),
                 Part::Path(path) => match path.first(scope)? {
                     Doc::String(s) => put(s, &mut out),
-                    // Numeric ids, through a stack buffer rather than an allocated string.
-                    Doc::Number(n) if n.is_u64() => put(itoa::Buffer::new().format(n.as_u64().unwrap_or_default()), &mut out),
-                    Doc::Number(n) if n.is_i64() => put(itoa::Buffer::new().format(n.as_i64().unwrap_or_default()), &mut out),
-                    Doc::Number(n) => put(&n.to_string(), &mut out),
+                    Doc::Number(n) => crate::convert::with_number_text(n, |text| put(text, &mut out)),
                     Doc::Bool(b) => put(if *b { "true" } else { "false" }, &mut out),
                     other => put(&other.to_string(), &mut out),
                 },
