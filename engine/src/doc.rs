@@ -430,6 +430,7 @@ impl Doc {
 
     /// Parses JSON. Unescaped strings and keys stay slices of `text`; nothing is copied twice.
     /// The tokenizer is sonic-rs (SIMD); it was a third of the parse time with serde_json's.
+    /// simd-json's tape was tried instead and was slower in release builds (BENCHMARKS.md).
     pub fn parse(text: Arc<str>) -> Result<Doc, ParseError> {
         if text.len() > MAX_MESSAGE {
             return Err(ParseError {
@@ -439,7 +440,7 @@ impl Doc {
             });
         }
         let mut de = sonic_rs::Deserializer::from_str(&text);
-        let doc = DocSeed { source: &text }.deserialize(&mut de).map_err(ParseError::from)?;
+        let doc = DocSeed { source: &text, depth: 0 }.deserialize(&mut de).map_err(ParseError::from)?;
         de.end().map_err(ParseError::from)?;
         Ok(doc)
     }
@@ -689,6 +690,22 @@ impl<'de> serde::Deserialize<'de> for Doc {
 #[derive(Clone, Copy)]
 struct DocSeed<'s> {
     source: &'s Arc<str>,
+    /// Arrays and objects this value is inside of.
+    depth: u32,
+}
+
+/// The deepest nesting parsed, as serde_json allows: building a document recurses once per level,
+/// and a message of thousands of `[` would otherwise overflow the stack and abort the process.
+pub const MAX_DEPTH: u32 = 128;
+
+impl DocSeed<'_> {
+    /// The seed for the members of an array or object.
+    fn inside<E: de::Error>(self) -> Result<Self, E> {
+        if self.depth >= MAX_DEPTH {
+            return Err(E::custom(format_args!("the JSON is nested more than {MAX_DEPTH} levels deep")));
+        }
+        Ok(DocSeed { depth: self.depth + 1, ..self })
+    }
 }
 
 /// A string the parser borrowed from `source`: written without escapes.
@@ -746,8 +763,9 @@ impl<'de> Visitor<'de> for DocSeed<'_> {
         Ok(Doc::String(Str::from(s)))
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Doc, A::Error> {
+        let inner = self.inside()?;
         let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0));
-        while let Some(v) = seq.next_element_seed(self)? {
+        while let Some(v) = seq.next_element_seed(inner)? {
             items.push(v);
         }
         Ok(Doc::Array(items))
@@ -757,8 +775,9 @@ impl<'de> Visitor<'de> for DocSeed<'_> {
         // One bit per (length, last byte) seen: a key whose bit is clear cannot be a repeat, so
         // the scan for repeats (quadratic in a 60-member order) runs only on a collision.
         let mut seen = 0u64;
+        let inner = self.inside()?;
         while let Some(key) = map.next_key_seed(KeySeed { source: self.source })? {
-            let value = map.next_value_seed(self)?;
+            let value = map.next_value_seed(inner)?;
             let text = key.as_str();
             let bit = 1u64 << ((text.len() ^ (text.as_bytes().last().map_or(0, |b| *b as usize) << 2)) & 63);
             // A repeated key keeps its last value, as serde_json does.
@@ -825,12 +844,67 @@ mod tests {
             json!({"b": 2, "a": {"long key that is not inline": "a long value that is not inline either", "esc": "é\"x"}, "n": [1.5, -2, 18446744073709551615u64, null, true]})
         );
         assert_eq!(Doc::from(&back), d);
-        let e = Doc::parse(Arc::from("{\"a\": }")).unwrap_err();
-        assert_eq!((e.line, e.column), (1, 7), "{e}");
-        assert!(!e.to_string().contains('\n'), "one line: {e}");
         let e = Doc::parse_bytes(b"{\"a\":\n \"\xff\"}").unwrap_err();
         assert_eq!((e.line, e.column, e.message.as_str()), (2, 3, "the input is not valid UTF-8"));
-        assert!(Doc::parse(Arc::from("{} x")).is_err(), "trailing characters are an error");
+    }
+
+    #[test]
+    fn parses_what_serde_json_parses_to_the_same_values() {
+        let cases = [
+            r#"{"a": "x\u00e9\ud83d\ude00y", "b": "tab\tand \\ backslash", "c": "\\\\\\\\ends in backslashes\\\\", "d": "/\/"}"#,
+            r#"[0.1, 0.2, 0.30000000000000004, 1397.3, 2.5e-7, 1.7976931348623157e308, 5e-324, -0.0, -0, 1E2, 123456789012345678901234567890]"#,
+            r#"[9223372036854775807, -9223372036854775808, 18446744073709551615, 18446744073709551616, -9223372036854775809]"#,
+            r#"{"nested": {"deeper": [[], {}, [{"k": null}], true, false]}, "empty": "", "long key without any escapes in it at all": 1}"#,
+            r#"  "a top-level string that is long enough to be a slice"  "#,
+            "42",
+            "{\"multi\":\n  [1,\n   2]\n}\n",
+        ];
+        for text in cases {
+            let ours = Doc::parse(Arc::from(text)).unwrap_or_else(|e| panic!("{text}: {e}"));
+            let theirs: serde_json::Value = serde_json::from_str(text).unwrap();
+            assert_eq!(ours.to_json(), theirs, "{text}");
+            let written: serde_json::Value = serde_json::from_slice(&ours.to_json_bytes()).unwrap();
+            assert_eq!(written, theirs, "written back: {text}");
+        }
+        let d = Doc::parse(Arc::from(r#"["ab\\\\ and a tail long enough to be no inline string", "\\\\"]"#)).unwrap();
+        assert_eq!(d[0].as_str(), Some(r"ab\\ and a tail long enough to be no inline string"));
+        assert_eq!(d[1].as_str(), Some(r"\\"));
+        assert_eq!(String::from_utf8(d.to_json_bytes()).unwrap(), r#"["ab\\\\ and a tail long enough to be no inline string","\\\\"]"#);
+    }
+
+    #[test]
+    fn parse_errors_name_what_and_where() {
+        let cases: [(&str, (usize, usize), &str); 10] = [
+            ("{\"a\": }", (1, 7), "Invalid JSON value"),
+            ("{\"a\": 1,\n \"b\" 2}", (2, 6), "to be a ':'"),
+            ("[1, 2", (1, 5), "EOF while parsing"),
+            ("{} x", (1, 4), "trailing characters"),
+            ("{\"a\": \"unterminated}", (1, 20), "EOF while parsing"),
+            ("{\"a\": 1.}", (1, 8), "Invalid number"),
+            ("{\"a\": \"bad \\x escape\"}", (1, 13), "Invalid escape"),
+            ("[\"a\u{1}b\"]", (1, 3), "Control character"),
+            ("{\"a\":1,}", (1, 8), "comma after the last value"),
+            ("", (1, 1), "EOF while parsing"),
+        ];
+        for (text, at, says) in cases {
+            let e = Doc::parse(Arc::from(text)).expect_err(text);
+            assert!(e.message.contains(says), "{text:?}: {e}");
+            assert_eq!((e.line, e.column), at, "{text:?}: {e}");
+            assert!(!e.to_string().contains('\n'), "one line: {e}");
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        let nested = |levels: usize| Arc::from(format!("{}{}", "[".repeat(levels), "]".repeat(levels)).as_str());
+        assert!(Doc::parse(nested(MAX_DEPTH as usize)).is_ok());
+        let e = Doc::parse(nested(MAX_DEPTH as usize + 1)).unwrap_err();
+        assert_eq!((e.line, e.column, e.message.as_str()), (1, 130, "the JSON is nested more than 128 levels deep"));
+        // Far deeper than a thread's stack would take: refused at the same level.
+        let e = Doc::parse(nested(100_000)).unwrap_err();
+        assert_eq!(e.column, 130, "{e}");
+        let objects = format!("{}1{}", "{\"a\":".repeat(200), "}".repeat(200));
+        assert!(Doc::parse(Arc::from(objects.as_str())).unwrap_err().message.contains("nested more than 128"));
     }
 
     #[test]
