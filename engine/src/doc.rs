@@ -696,7 +696,7 @@ struct DocSeed<'s> {
 
 /// The deepest nesting parsed, as serde_json allows: building a document recurses once per level,
 /// and a message of thousands of `[` would otherwise overflow the stack and abort the process.
-pub const MAX_DEPTH: u32 = 128;
+const MAX_DEPTH: u32 = 128;
 
 impl DocSeed<'_> {
     /// The seed for the members of an array or object.
@@ -771,11 +771,11 @@ impl<'de> Visitor<'de> for DocSeed<'_> {
         Ok(Doc::Array(items))
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Doc, A::Error> {
+        let inner = self.inside()?;
         let mut members: Vec<(Str, Doc)> = Vec::with_capacity(8);
         // One bit per (length, last byte) seen: a key whose bit is clear cannot be a repeat, so
         // the scan for repeats (quadratic in a 60-member order) runs only on a collision.
         let mut seen = 0u64;
-        let inner = self.inside()?;
         while let Some(key) = map.next_key_seed(KeySeed { source: self.source })? {
             let value = map.next_value_seed(inner)?;
             let text = key.as_str();
