@@ -271,3 +271,25 @@ fn all_matches_sends_a_copy_to_every_matching_sink() {
     assert_eq!(review.len(), 1, "one order is 1000.00 or more");
     assert_eq!(review[0]["payload"]["order_id"], "shopify:5000000001002");
 }
+
+#[test]
+fn a_runaway_script_is_an_exception_and_the_engine_goes_on() {
+    let data = tempfile::tempdir().unwrap();
+    let out = switchyard(&["run", "tests/runtime/deep-script/rt-deep-script.yaml", "--once"], data.path());
+    let summary = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{summary}");
+    assert_eq!(totals(&summary), [4, 2, 2], "{summary}");
+    let passed: Vec<Value> = ndjson(&data.path().join("out/deep/orders.ndjson"));
+    assert_eq!(passed.iter().map(|o| o["id"].as_str().unwrap()).collect::<Vec<_>>(), ["o-1", "o-4"]);
+    let mut messages: Vec<String> = exported(data.path())
+        .iter()
+        .map(|r| {
+            assert_eq!(r["reason"], "script_error", "{r}");
+            format!("{}: {}", r["original_payload"].as_str().unwrap_or_default(), r["errors"][0]["message"].as_str().unwrap())
+        })
+        .collect();
+    messages.sort();
+    assert_eq!(messages.len(), 2, "{messages:?}");
+    assert!(messages[0].contains("\"deep\"") && messages[0].contains("nested more than 128 lists and maps deep"), "{messages:?}");
+    assert!(messages[1].contains("\"runaway\"") && messages[1].contains("it ran longer than 2s, its time limit"), "{messages:?}");
+}

@@ -398,6 +398,21 @@ fn cmd_run(paths: Vec<PathBuf>, once: bool, data_dir: PathBuf, state: Option<Str
 }
 
 fn main() -> ExitCode {
+    // `run --once` and `test` run pipelines on this thread too: it gets their stack.
+    let command =
+        std::thread::Builder::new().name("switchyard".into()).stack_size(switchyard::runtime::PIPELINE_THREAD_STACK).spawn(command);
+    match command.map(std::thread::JoinHandle::join) {
+        Ok(Ok(code)) => code,
+        // A panic's message is on stderr already.
+        Ok(Err(_)) => ExitCode::from(101),
+        Err(e) => {
+            eprintln!("error: cannot start: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn command() -> ExitCode {
     let cli = Cli::parse();
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log_level));

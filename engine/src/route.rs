@@ -162,7 +162,7 @@ impl Router {
                 },
                 (None, Some(s)) => {
                     let e =
-                        engine.get_or_insert_with(|| Arc::new(sandboxed_engine(Limits::default(), Arc::new(ScriptTables::new())))).clone();
+                        engine.get_or_insert_with(|| Arc::new(sandboxed_engine(&Limits::default(), Arc::new(ScriptTables::new())))).clone();
                     match e.compile_expression_with_scope(&declared_scope(), &s.value) {
                         Ok(ast) => {
                             let at = |pos: rhai::Position| cx.span_inside(s.span, pos.position().unwrap_or(1), 1);

@@ -133,7 +133,11 @@ pub fn run(pipelines: Vec<switchyard::pipeline::Pipeline>, paths: Vec<PathBuf>, 
         .iter()
         .filter_map(|p| p.http_source.as_ref().map(|e| format!("  {}: POST http://{listen}{} ({})", p.name, e.path, e.describe_auth())))
         .collect();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .thread_stack_size(switchyard::runtime::PIPELINE_THREAD_STACK)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Signals are caught before anything else: a stop asked for at any moment is a clean stop.

@@ -358,12 +358,30 @@ fn build_script(c: &ScriptStepConfig, cx: &BuildContext, key_path: &str) -> Resu
     let file = SourceFile::read(&path)
         .map_err(|e| vec![cx.diag(DiagCode::FileNotFound, c.file.span, key_path, format!("cannot read script: {e}"))])?;
     let versions = tables.values().map(|t| (t.name.clone(), t.version.clone())).collect();
-    let engine = Arc::new(script::sandboxed_engine(c.limits.unwrap_or_default(), Arc::new(tables)));
+    let limits = c.limits.clone().unwrap_or_default();
+    let max_duration = script_time_limit(&limits, cx, key_path, &mut diags);
+    let engine = Arc::new(script::sandboxed_engine(&limits, Arc::new(tables)));
     let compiled = diags.take_all(script::Script::compile(&file, engine));
     match compiled {
-        Some(script) if diags.is_empty() => Ok(Box::new(ScriptStep { script, tables: versions })),
+        Some(mut script) if diags.is_empty() => {
+            script.max_duration = max_duration;
+            Ok(Box::new(ScriptStep { script, tables: versions }))
+        }
         _ => Err(diags.0),
     }
+}
+
+/// `limits.max_duration`, checked: a duration from 1ms to `MOST_MAX_DURATION`.
+fn script_time_limit(limits: &script::Limits, cx: &BuildContext, key_path: &str, diags: &mut Diags) -> std::time::Duration {
+    let Some(v) = &limits.max_duration else { return script::DEFAULT_MAX_DURATION };
+    let most = script::MOST_MAX_DURATION;
+    let problem = match humantime::parse_duration(v.value.trim()) {
+        Ok(d) if d >= std::time::Duration::from_millis(1) && d <= most => return d,
+        Ok(_) => format!("`max_duration` must be from 1ms to {}", humantime::format_duration(most)),
+        Err(e) => format!("`max_duration` is not a duration ({e}); write it like `500ms` or `2s`"),
+    };
+    diags.push(cx.diag(DiagCode::InvalidValue, v.span, &format!("{key_path}.limits.max_duration"), problem));
+    script::DEFAULT_MAX_DURATION
 }
 
 struct LookupStep {
@@ -546,7 +564,7 @@ impl MapStep for AssertStep {
 }
 
 fn build_assert(c: &AssertStepConfig, cx: &BuildContext, key_path: &str) -> Result<Box<dyn MapStep>, Vec<Diagnostic>> {
-    let engine = Arc::new(script::sandboxed_engine(script::Limits::default(), Arc::new(script::ScriptTables::new())));
+    let engine = Arc::new(script::sandboxed_engine(&script::Limits::default(), Arc::new(script::ScriptTables::new())));
     let mut diags = Diags::default();
     let mut rules = Vec::new();
     for (i, r) in c.rules.iter().enumerate() {

@@ -1,23 +1,27 @@
 //! Rhai scripts for what a field map cannot say. Compiled once at load, run sandboxed: bounded
-//! operations, call depth, expression depth and sizes; no `eval`, no modules, no file or network
-//! access (Rhai has none unless registered). Helpers for decimal money and dates are registered.
+//! operations, time, call depth, expression depth and sizes; no `eval`, no modules, no file or
+//! network access (Rhai has none unless registered). Helpers for decimal money and dates are
+//! registered.
 //!
 //! A script sees `input` (the record so far) and `meta` (channel, pipeline, ids); its last
 //! expression is the new record. `fail(reason, message)` or `fail(reason, pointer, message)`
 //! sends the message to exceptions with that reason.
 
 use super::lookup::LookupTable;
+use crate::config::Spanned;
 use crate::config::{DiagCode, Diagnostic, SourceFile};
 use crate::convert::{self, DateOptions, Precision, Zone};
 use crate::doc::{Doc, Object};
 use crate::message::{Document, ErrorDetail, Failure, reason};
 use rhai::{AST, Dynamic, Engine, EvalAltResult, ImmutableString, Position, Scope};
 use rust_decimal::Decimal;
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Sandbox limits, per message.
-#[derive(Debug, Clone, Copy, serde::Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, serde::Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Most operations one run may take (stops runaway loops). Default 1,000,000.
@@ -32,6 +36,10 @@ pub struct Limits {
     /// Largest list or map. Default 100,000 items.
     #[serde(default = "default_items")]
     pub max_collection_size: usize,
+    /// Longest one run may take, such as `250ms` or `2s`: stops work that operations do not
+    /// count, such as copying lists nested ever deeper. Default 1s, at most 10s.
+    #[serde(default)]
+    pub max_duration: Option<Spanned<String>>,
 }
 
 fn default_ops() -> u64 {
@@ -54,7 +62,38 @@ impl Default for Limits {
             max_call_depth: default_calls(),
             max_string_size: default_string(),
             max_collection_size: default_items(),
+            max_duration: None,
         }
+    }
+}
+
+/// `limits.max_duration` when the pipeline does not set it.
+pub const DEFAULT_MAX_DURATION: Duration = Duration::from_secs(1);
+/// The longest `limits.max_duration` may be: the threads that run pipelines have stack for the
+/// nesting a script can build in that time (see `runtime::PIPELINE_THREAD_STACK`).
+pub const MOST_MAX_DURATION: Duration = Duration::from_secs(10);
+
+thread_local! {
+    /// When the script running on this thread must stop; none outside `Script::apply`.
+    static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// Operations between two looks at the clock: a look costs about as much as 50 operations.
+const CLOCK_EVERY: u64 = 64;
+
+/// `DEADLINE` for the duration of one script run, cleared however the run ends.
+struct DeadlineGuard;
+
+impl DeadlineGuard {
+    fn set(limit: Duration) -> DeadlineGuard {
+        DEADLINE.with(|d| d.set(Some(Instant::now() + limit)));
+        DeadlineGuard
+    }
+}
+
+impl Drop for DeadlineGuard {
+    fn drop(&mut self) {
+        DEADLINE.with(|d| d.set(None));
     }
 }
 
@@ -75,6 +114,28 @@ fn fail_value(reason: &str, pointer: &str, message: &str) -> Box<EvalAltResult> 
 
 /// A Rhai value as a document; decimals become decimal strings (money never turns into a float).
 pub fn dynamic_to_doc(d: &Dynamic) -> Result<Doc, String> {
+    dynamic_to_doc_within(d, 0)
+}
+
+/// `d` as a document, `depth` lists and maps deep in the value being converted. Reads each value
+/// in place: a clone of a map would copy everything under it.
+fn dynamic_to_doc_within(d: &Dynamic, depth: u32) -> Result<Doc, String> {
+    if (d.is_map() || d.is_array()) && depth >= crate::doc::MAX_DEPTH {
+        return Err(format!("the value is nested more than {} lists and maps deep", crate::doc::MAX_DEPTH));
+    }
+    if let Some(map) = d.read_lock::<rhai::Map>() {
+        let mut out = Object::with_capacity(map.len());
+        for (k, v) in map.iter() {
+            out.push_unique(k.as_str().into(), dynamic_to_doc_within(v, depth + 1)?);
+        }
+        return Ok(Doc::Object(out));
+    }
+    if let Some(arr) = d.read_lock::<rhai::Array>() {
+        return arr.iter().map(|v| dynamic_to_doc_within(v, depth + 1)).collect::<Result<Vec<_>, _>>().map(Doc::Array);
+    }
+    if let Ok(s) = d.as_immutable_string_ref() {
+        return Ok(Doc::from(s.as_str()));
+    }
     if d.is_unit() {
         return Ok(Doc::Null);
     }
@@ -84,42 +145,24 @@ pub fn dynamic_to_doc(d: &Dynamic) -> Result<Doc, String> {
     if let Ok(i) = d.as_int() {
         return Ok(Doc::from(i));
     }
+    if let Ok(dec) = d.as_decimal() {
+        return Ok(Doc::String(convert::decimal_str(&dec)));
+    }
     if let Ok(f) = d.as_float() {
         return serde_json::Number::from_f64(f).map(Doc::Number).ok_or_else(|| format!("{f} is not a finite number"));
     }
-    if let Some(dec) = d.clone().try_cast::<Decimal>() {
-        return Ok(Doc::String(convert::decimal_str(&dec)));
-    }
-    if d.is_string() {
-        return Ok(Doc::from(d.clone().into_string().unwrap_or_default()));
-    }
     if let Ok(c) = d.as_char() {
         return Ok(Doc::from(c.to_string()));
-    }
-    if d.is_map() {
-        let map = d.read_lock::<rhai::Map>().ok_or("unreadable map")?;
-        let mut out = Object::with_capacity(map.len());
-        for (k, v) in map.iter() {
-            out.push_unique(k.as_str().into(), dynamic_to_doc(v)?);
-        }
-        return Ok(Doc::Object(out));
-    }
-    if d.is_array() {
-        let arr = d.read_lock::<rhai::Array>().ok_or("unreadable list")?;
-        return arr.iter().map(dynamic_to_doc).collect::<Result<Vec<_>, _>>().map(Doc::Array);
     }
     Err(format!("a script can output text, numbers, booleans, lists and maps, not a `{}`", d.type_name()))
 }
 
 fn json_arg(d: &Dynamic) -> Result<Doc, Box<EvalAltResult>> {
-    if let Some(dec) = d.clone().try_cast::<Decimal>() {
-        return Ok(Doc::String(convert::decimal_str(&dec)));
-    }
     dynamic_to_doc(d).map_err(runtime_error)
 }
 
 fn to_decimal(d: &Dynamic) -> Result<Decimal, Box<EvalAltResult>> {
-    if let Some(dec) = d.clone().try_cast::<Decimal>() {
+    if let Ok(dec) = d.as_decimal() {
         return Ok(dec);
     }
     let v = json_arg(d)?;
@@ -148,7 +191,7 @@ fn to_utc(v: &Dynamic, opts: &DateOptions) -> Result<ImmutableString, Box<EvalAl
 pub type ScriptTables = HashMap<String, Arc<LookupTable>>;
 
 /// A sandboxed engine with Switchyard's helpers registered.
-pub fn sandboxed_engine(limits: Limits, tables: Arc<ScriptTables>) -> Engine {
+pub fn sandboxed_engine(limits: &Limits, tables: Arc<ScriptTables>) -> Engine {
     let mut e = Engine::new();
     e.set_max_operations(limits.max_operations)
         .set_max_call_levels(limits.max_call_depth)
@@ -160,6 +203,14 @@ pub fn sandboxed_engine(limits: Limits, tables: Arc<ScriptTables>) -> Engine {
         .set_max_functions(200)
         .set_strict_variables(true);
     e.disable_symbol("eval");
+    // Rhai counts an operation the same whether it copies a number or a list nested 10,000 deep,
+    // so operations alone do not bound a run's time.
+    e.on_progress(|ops| {
+        if ops % CLOCK_EVERY != 0 {
+            return None;
+        }
+        DEADLINE.with(Cell::get).is_some_and(|at| Instant::now() >= at).then_some(Dynamic::UNIT)
+    });
     e.on_print(|s| tracing::info!(target: "switchyard::script", "{s}"));
     e.on_debug(|s, _, pos| tracing::debug!(target: "switchyard::script", line = pos.line(), "{s}"));
 
@@ -191,7 +242,7 @@ pub fn sandboxed_engine(limits: Limits, tables: Arc<ScriptTables>) -> Engine {
         convert::date_from(&json_arg(&v)?, &DateOptions::default()).map(Into::into).map_err(runtime_error)
     });
     // Values.
-    e.register_fn("is_blank", |v: Dynamic| v.is_unit() || v.clone().into_string().is_ok_and(|s| s.trim().is_empty()));
+    e.register_fn("is_blank", |v: Dynamic| v.is_unit() || v.as_immutable_string_ref().is_ok_and(|s| s.trim().is_empty()));
     e.register_fn("fail", |reason: &str, message: &str| -> Result<Dynamic, Box<EvalAltResult>> { Err(fail_value(reason, "", message)) });
     e.register_fn("fail", |reason: &str, pointer: &str, message: &str| -> Result<Dynamic, Box<EvalAltResult>> {
         Err(fail_value(reason, pointer, message))
@@ -312,6 +363,15 @@ fn requested_failure(e: &EvalAltResult, document: Document) -> Option<Failure> {
     }
 }
 
+/// Where the run was when it went past its deadline, maybe inside a function the script called.
+fn out_of_time(e: &EvalAltResult) -> Option<Position> {
+    match e {
+        EvalAltResult::ErrorTerminated(_, pos) => Some(*pos),
+        EvalAltResult::ErrorInFunctionCall(_, _, inner, _) => out_of_time(inner),
+        _ => None,
+    }
+}
+
 /// `a / b` when the quotient is exact (it terminates and multiplies back to `a`), else `()`.
 fn divide_exact(a: Decimal, b: Decimal) -> Dynamic {
     match a.checked_div(b) {
@@ -331,6 +391,8 @@ pub struct Script {
     fail_reasons: Vec<String>,
     /// Some `fail` call computes its reason.
     fail_reason_computed: bool,
+    /// Longest one run may take.
+    pub max_duration: Duration,
 }
 
 impl std::fmt::Debug for Script {
@@ -364,7 +426,7 @@ impl Script {
             return Err(unknown);
         }
         let (fail_reasons, fail_reason_computed) = fail_reasons(&ast);
-        Ok(Script { name, version, engine, ast, fail_reasons, fail_reason_computed })
+        Ok(Script { name, version, engine, ast, fail_reasons, fail_reason_computed, max_duration: DEFAULT_MAX_DURATION })
     }
 
     pub fn reasons(&self, out: &mut crate::map::Reasons) {
@@ -379,7 +441,10 @@ impl Script {
         let mut scope = Scope::new();
         scope.push("input", input);
         scope.push_constant("meta", Dynamic::from_map(meta.clone()));
-        let out = self.engine.eval_ast_with_scope::<Dynamic>(&mut scope, &self.ast).map_err(|e| self.failure(*e, document))?;
+        let out = {
+            let _deadline = DeadlineGuard::set(self.max_duration);
+            self.engine.eval_ast_with_scope::<Dynamic>(&mut scope, &self.ast).map_err(|e| self.failure(*e, document))?
+        };
         if out.is_unit() {
             return Err(Failure::one(
                 reason::SCRIPT_ERROR,
@@ -390,14 +455,18 @@ impl Script {
                 },
             ));
         }
-        dynamic_to_doc(&out).map_err(|m| Failure::one(reason::SCRIPT_ERROR, ErrorDetail { pointer: String::new(), message: m, document }))
+        dynamic_to_doc(&out).map_err(|m| {
+            let message = format!("script {} output a record that cannot be written as JSON: {m}", self.name);
+            Failure::one(reason::SCRIPT_ERROR, ErrorDetail { pointer: String::new(), message, document })
+        })
     }
 
     fn failure(&self, e: EvalAltResult, document: Document) -> Failure {
         if let Some(f) = requested_failure(&e, document) {
             return f;
         }
-        let pos = e.position();
+        let stopped_at = out_of_time(&e);
+        let pos = stopped_at.unwrap_or_else(|| e.position());
         let at = match (pos.line(), pos.position()) {
             (Some(l), Some(c)) => format!(" at line {l}, column {c}"),
             (Some(l), None) => format!(" at line {l}"),
@@ -406,6 +475,12 @@ impl Script {
         let mut text = e.to_string();
         if let Some(i) = text.rfind(" (line ") {
             text.truncate(i);
+        }
+        if stopped_at.is_some() {
+            text = format!(
+                "it ran longer than {}, its time limit (raise `limits.max_duration` if the work is meant to take that long)",
+                humantime::format_duration(self.max_duration)
+            );
         }
         Failure::one(
             reason::SCRIPT_ERROR,
@@ -420,7 +495,7 @@ mod tests {
     use crate::doc;
 
     fn script(text: &str) -> Result<Script, Vec<Diagnostic>> {
-        let engine = Arc::new(sandboxed_engine(Limits::default(), Arc::new(ScriptTables::new())));
+        let engine = Arc::new(sandboxed_engine(&Limits::default(), Arc::new(ScriptTables::new())));
         Script::compile(&SourceFile::new("t.rhai", text), engine)
     }
 
@@ -488,6 +563,40 @@ mod tests {
         assert!(f.errors[0].message.to_lowercase().contains("stack overflow") || f.errors[0].message.contains("call"), "{:?}", f.errors);
         let errs = script("// version: 1\neval(\"1\")").unwrap_err();
         assert_eq!(errs[0].code, DiagCode::ScriptSyntax);
+    }
+
+    #[test]
+    fn the_time_limit_stops_what_the_operation_limit_lets_run() {
+        // A billion operations would take minutes: only the clock can stop this in time.
+        let limits = Limits { max_operations: 1_000_000_000, ..Limits::default() };
+        let engine = Arc::new(sandboxed_engine(&limits, Arc::new(ScriptTables::new())));
+        let text = "// version: 1\nlet n = 0;\nloop { n += 1; }";
+        let mut s = Script::compile(&SourceFile::new("spin.rhai", text), engine).unwrap();
+        s.max_duration = Duration::from_millis(50);
+        let f = s.apply(&doc!({}), &rhai::Map::new(), Document::Input).unwrap_err();
+        assert_eq!(f.reason, "script_error");
+        assert!(f.errors[0].message.starts_with("script spin failed at line 3"), "{:?}", f.errors);
+        assert!(f.errors[0].message.contains("it ran longer than 50ms, its time limit"), "{:?}", f.errors);
+        // The deadline ends with the run: the next run on this thread has its own.
+        s.max_duration = Duration::from_secs(10);
+        let quick = Script::compile(
+            &SourceFile::new("quick.rhai", "// version: 1\nlet n = 0;\nwhile n < 10000 { n += 1; }\n#{n: n}"),
+            s.engine.clone(),
+        )
+        .unwrap();
+        assert_eq!(quick.apply(&doc!({}), &rhai::Map::new(), Document::Input).unwrap(), doc!({"n": 10000}));
+    }
+
+    #[test]
+    fn output_nested_deeper_than_a_document_may_be_is_a_script_error() {
+        let deep = |levels: usize| run(&format!("// version: 1\nlet a = 1;\nfor i in 0..{levels} {{ a = #{{x: a}}; }}\na"), doc!({}));
+        let ok = deep(crate::doc::MAX_DEPTH as usize).unwrap();
+        assert_eq!(crate::doc::Doc::parse_bytes(&ok.to_json_bytes()).unwrap(), ok);
+        let f = deep(crate::doc::MAX_DEPTH as usize + 1).unwrap_err();
+        assert_eq!(f.reason, "script_error");
+        assert!(f.errors[0].message.contains("nested more than 128 lists and maps deep"), "{:?}", f.errors);
+        let f = run("// version: 1\nlet a = [];\nfor i in 0..300 { a = [a]; }\ninput.x = dec(a);\ninput", doc!({})).unwrap_err();
+        assert!(f.errors[0].message.contains("nested more than 128 lists and maps deep"), "{:?}", f.errors);
     }
 
     #[test]
