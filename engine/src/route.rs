@@ -6,7 +6,7 @@ use crate::build::{BuildContext, Diags};
 use crate::config::{DiagCode, Diagnostic, Spanned};
 use crate::doc::Doc;
 use crate::jsonpath::Condition;
-use crate::map::script::{Limits, ScriptTables, declared_scope, parse_error_diag, sandboxed_engine};
+use crate::map::script::{Limits, ScriptTables, declared_scope, doc_to_dynamic, parse_error_diag, sandboxed_engine};
 use crate::message::{ErrorDetail, Failure, reason};
 use rhai::{AST, Dynamic, Engine};
 use schemars::JsonSchema;
@@ -198,10 +198,8 @@ impl Router {
                 Cond::Always => true,
                 Cond::Path(c) => c.matches(crate::jsonpath::Scope::root(record)),
                 Cond::Script(engine, ast) => {
-                    let record_value = rhai::serde::to_dynamic(record)
-                        .map_err(|e| Failure::one(reason::SCRIPT_ERROR, ErrorDetail::record("", e.to_string())))?;
                     let mut scope = rhai::Scope::new();
-                    scope.push("input", record_value);
+                    scope.push("input", doc_to_dynamic(record));
                     scope.push_constant("meta", Dynamic::from_map(input.rhai_meta().clone()));
                     let v: Dynamic = engine.eval_ast_with_scope(&mut scope, ast).map_err(|e| {
                         Failure::one(reason::SCRIPT_ERROR, ErrorDetail::record("", format!("route rule `{}`: {e}", rule.name)))

@@ -529,9 +529,7 @@ struct AssertStep {
 
 impl MapStep for AssertStep {
     fn apply(&self, record: Doc, input: &StepInput) -> Result<Doc, Failure> {
-        let dynamic = rhai::serde::to_dynamic(&record).map_err(|e| {
-            Failure::one(reason::SCRIPT_ERROR, ErrorDetail { pointer: String::new(), message: e.to_string(), document: input.document })
-        })?;
+        let dynamic = script::doc_to_dynamic(&record);
         let mut failures: Vec<(String, ErrorDetail)> = Vec::new();
         for (ast, rule) in &self.rules {
             let mut scope = script::declared_scope();
