@@ -221,8 +221,8 @@ impl Object {
     /// Sets `key`, replacing an existing member in place.
     pub fn insert(&mut self, key: impl Into<Str>, value: Doc) {
         let key = key.into();
-        match self.0.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, v)) => *v = value,
+        match self.position(key.as_str()) {
+            Some(i) => self.0[i].1 = value,
             None => self.0.push((key, value)),
         }
     }

@@ -78,13 +78,14 @@ impl Check<'_> {
     }
 }
 
+/// Writes `key` when the record does not state it.
 fn set_money(obj: &mut Object, key: &str, mut amount: Decimal, currency: &str) -> Result<(), String> {
     if !obj.contains_key(key) {
         let exponent = convert::currency_exponent(currency)?;
         if amount.scale() < exponent {
             amount.rescale(exponent);
         }
-        obj.insert(key, Money { amount, currency: Str::new(currency) }.to_doc());
+        obj.push_unique(Str::new(key), Money { amount, currency: Str::new(currency) }.to_doc());
     }
     Ok(())
 }
