@@ -278,18 +278,25 @@ fn a_runaway_script_is_an_exception_and_the_engine_goes_on() {
     let out = switchyard(&["run", "tests/runtime/deep-script/rt-deep-script.yaml", "--once"], data.path());
     let summary = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{summary}");
-    assert_eq!(totals(&summary), [4, 2, 2], "{summary}");
+    assert_eq!(totals(&summary), [6, 2, 4], "{summary}");
     let passed: Vec<Value> = ndjson(&data.path().join("out/deep/orders.ndjson"));
     assert_eq!(passed.iter().map(|o| o["id"].as_str().unwrap()).collect::<Vec<_>>(), ["o-1", "o-4"]);
-    let mut messages: Vec<String> = exported(data.path())
+    let why: BTreeMap<String, String> = exported(data.path())
         .iter()
         .map(|r| {
             assert_eq!(r["reason"], "script_error", "{r}");
-            format!("{}: {}", r["original_payload"].as_str().unwrap_or_default(), r["errors"][0]["message"].as_str().unwrap())
+            let order: Value = serde_json::from_str(r["original_payload"].as_str().unwrap()).unwrap();
+            (order["trouble"].as_str().unwrap().to_string(), r["errors"][0]["message"].as_str().unwrap().to_string())
         })
         .collect();
-    messages.sort();
-    assert_eq!(messages.len(), 2, "{messages:?}");
-    assert!(messages[0].contains("\"deep\"") && messages[0].contains("nested more than 128 lists and maps deep"), "{messages:?}");
-    assert!(messages[1].contains("\"runaway\"") && messages[1].contains("it ran longer than 2s, its time limit"), "{messages:?}");
+    let expected = [
+        ("deep", "script nest output a record that cannot be written as JSON: the value is nested more than 128 lists and maps deep"),
+        ("runaway", "it ran longer than 2s, its time limit (raise `limits.max_duration`"),
+        ("slow_assert", "failed: it ran longer than 1s, its time limit"),
+        ("slow_route", "route rule `slow`: it ran longer than 1s, its time limit"),
+    ];
+    assert_eq!(why.len(), expected.len(), "{why:?}");
+    for (trouble, message) in expected {
+        assert!(why.get(trouble).is_some_and(|m| m.contains(message)), "{trouble}: {why:?}");
+    }
 }

@@ -6,7 +6,9 @@ use crate::build::{BuildContext, Diags};
 use crate::config::{DiagCode, Diagnostic, Spanned};
 use crate::doc::Doc;
 use crate::jsonpath::Condition;
-use crate::map::script::{Limits, ScriptTables, declared_scope, doc_to_dynamic, parse_error_diag, sandboxed_engine};
+use crate::map::script::{
+    DEFAULT_MAX_DURATION, Limits, ScriptTables, declared_scope, doc_to_dynamic, error_text, parse_error_diag, sandboxed_engine, within_time,
+};
 use crate::message::{ErrorDetail, Failure, reason};
 use rhai::{AST, Dynamic, Engine};
 use schemars::JsonSchema;
@@ -201,7 +203,8 @@ impl Router {
                     let mut scope = rhai::Scope::new();
                     scope.push("input", doc_to_dynamic(record));
                     scope.push_constant("meta", Dynamic::from_map(input.rhai_meta().clone()));
-                    let v: Dynamic = engine.eval_ast_with_scope(&mut scope, ast).map_err(|e| {
+                    let v: Dynamic = within_time(DEFAULT_MAX_DURATION, || engine.eval_ast_with_scope(&mut scope, ast)).map_err(|e| {
+                        let e = error_text(&e, DEFAULT_MAX_DURATION);
                         Failure::one(reason::SCRIPT_ERROR, ErrorDetail::record("", format!("route rule `{}`: {e}", rule.name)))
                     })?;
                     v.as_bool().map_err(|t| {

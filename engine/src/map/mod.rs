@@ -536,13 +536,17 @@ impl MapStep for AssertStep {
             scope.set_value("input", dynamic.clone());
             let detail =
                 |message: String| ErrorDetail { pointer: rule.pointer.clone().unwrap_or_default(), message, document: input.document };
-            match self.engine.eval_ast_with_scope::<rhai::Dynamic>(&mut scope, ast).map(|v| v.as_bool()) {
+            let limit = script::DEFAULT_MAX_DURATION;
+            match script::within_time(limit, || self.engine.eval_ast_with_scope::<rhai::Dynamic>(&mut scope, ast)).map(|v| v.as_bool()) {
                 Ok(Ok(true)) => {}
                 Ok(Ok(false)) => failures.push((rule.reason.clone(), detail(rule.message.clone()))),
                 Ok(Err(t)) => {
                     failures.push((reason::SCRIPT_ERROR.into(), detail(format!("`{}` gave a {t}, not true or false", rule.that.value))))
                 }
-                Err(e) => failures.push((reason::SCRIPT_ERROR.into(), detail(format!("`{}` failed: {e}", rule.that.value)))),
+                Err(e) => failures.push((
+                    reason::SCRIPT_ERROR.into(),
+                    detail(format!("`{}` failed: {}", rule.that.value, script::error_text(&e, limit))),
+                )),
             }
         }
         match failures.first() {

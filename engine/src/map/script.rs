@@ -74,12 +74,14 @@ pub const DEFAULT_MAX_DURATION: Duration = Duration::from_secs(1);
 pub const MOST_MAX_DURATION: Duration = Duration::from_secs(10);
 
 thread_local! {
-    /// When the script running on this thread must stop; none outside `Script::apply`.
+    /// When the Rhai evaluation running on this thread must stop; none outside `within_time`.
     static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+    /// Rhai operations run on this thread, for `CLOCK_EVERY`.
+    static TICKS: Cell<u32> = const { Cell::new(0) };
 }
 
 /// Operations between two looks at the clock: a look costs about as much as 50 operations.
-const CLOCK_EVERY: u64 = 64;
+const CLOCK_EVERY: u32 = 64;
 
 /// `DEADLINE` for the duration of one script run, cleared however the run ends.
 struct DeadlineGuard;
@@ -94,6 +96,21 @@ impl DeadlineGuard {
 impl Drop for DeadlineGuard {
     fn drop(&mut self) {
         DEADLINE.with(|d| d.set(None));
+    }
+}
+
+/// Runs a Rhai evaluation of an engine from `sandboxed_engine` that stops once it has run for
+/// `limit`.
+pub fn within_time<T>(limit: Duration, eval: impl FnOnce() -> T) -> T {
+    let _deadline = DeadlineGuard::set(limit);
+    eval()
+}
+
+/// A Rhai evaluation's error in words: a run stopped by its time limit says so.
+pub fn error_text(e: &EvalAltResult, limit: Duration) -> String {
+    match out_of_time(e) {
+        Some(_) => format!("it ran longer than {}, its time limit", humantime::format_duration(limit)),
+        None => e.to_string(),
     }
 }
 
@@ -222,8 +239,15 @@ pub fn sandboxed_engine(limits: &Limits, tables: Arc<ScriptTables>) -> Engine {
     e.disable_symbol("eval");
     // Rhai counts an operation the same whether it copies a number or a list nested 10,000 deep,
     // so operations alone do not bound a run's time.
-    e.on_progress(|ops| {
-        if ops % CLOCK_EVERY != 0 {
+    // Counted here, not by Rhai's count: a closure that `map` or `reduce` calls counts its
+    // operations from zero again.
+    e.on_progress(|_| {
+        let tick = TICKS.with(|t| {
+            let n = t.get().wrapping_add(1);
+            t.set(n);
+            n
+        });
+        if !tick.is_multiple_of(CLOCK_EVERY) {
             return None;
         }
         DEADLINE.with(Cell::get).is_some_and(|at| Instant::now() >= at).then_some(Dynamic::UNIT)
@@ -456,10 +480,8 @@ impl Script {
         let mut scope = Scope::new();
         scope.push("input", doc_to_dynamic(record));
         scope.push_constant("meta", Dynamic::from_map(meta.clone()));
-        let out = {
-            let _deadline = DeadlineGuard::set(self.max_duration);
-            self.engine.eval_ast_with_scope::<Dynamic>(&mut scope, &self.ast).map_err(|e| self.failure(*e, document))?
-        };
+        let out = within_time(self.max_duration, || self.engine.eval_ast_with_scope::<Dynamic>(&mut scope, &self.ast))
+            .map_err(|e| self.failure(*e, document))?;
         if out.is_unit() {
             return Err(Failure::one(
                 reason::SCRIPT_ERROR,
@@ -487,15 +509,12 @@ impl Script {
             (Some(l), None) => format!(" at line {l}"),
             _ => String::new(),
         };
-        let mut text = e.to_string();
+        let mut text = error_text(&e, self.max_duration);
         if let Some(i) = text.rfind(" (line ") {
             text.truncate(i);
         }
         if stopped_at.is_some() {
-            text = format!(
-                "it ran longer than {}, its time limit (raise `limits.max_duration` if the work is meant to take that long)",
-                humantime::format_duration(self.max_duration)
-            );
+            text.push_str(" (raise `limits.max_duration` if the work is meant to take that long)");
         }
         Failure::one(
             reason::SCRIPT_ERROR,
