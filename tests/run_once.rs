@@ -278,9 +278,10 @@ fn a_runaway_script_is_an_exception_and_the_engine_goes_on() {
     let out = switchyard(&["run", "tests/runtime/deep-script/rt-deep-script.yaml", "--once"], data.path());
     let summary = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{summary}");
-    assert_eq!(totals(&summary), [6, 2, 4], "{summary}");
+    assert_eq!(totals(&summary), [7, 3, 4], "{summary}");
+    // o-7 nests closures deeper than a default thread stack can drop: it goes through.
     let passed: Vec<Value> = ndjson(&data.path().join("out/deep/orders.ndjson"));
-    assert_eq!(passed.iter().map(|o| o["id"].as_str().unwrap()).collect::<Vec<_>>(), ["o-1", "o-4"]);
+    assert_eq!(passed.iter().map(|o| o["id"].as_str().unwrap()).collect::<Vec<_>>(), ["o-1", "o-4", "o-7"]);
     let why: BTreeMap<String, String> = exported(data.path())
         .iter()
         .map(|r| {

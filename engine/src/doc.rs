@@ -694,9 +694,10 @@ struct DocSeed<'s> {
     depth: u32,
 }
 
-/// The deepest nesting of a document, as serde_json allows: building, writing and dropping a
-/// document recurse once per level, and a value of thousands of levels (a message of thousands of
-/// `[`, or a script's output) would otherwise overflow the stack and abort the process.
+/// The deepest nesting of a document (serde_json stops one level sooner): building, writing and
+/// dropping a document recurse once per level, and a value of thousands of levels (a message of
+/// thousands of `[`, or a script's output) would otherwise overflow the stack and abort the
+/// process.
 pub const MAX_DEPTH: u32 = 128;
 
 impl DocSeed<'_> {

@@ -398,17 +398,15 @@ fn cmd_run(paths: Vec<PathBuf>, once: bool, data_dir: PathBuf, state: Option<Str
 }
 
 fn main() -> ExitCode {
-    // `run --once` and `test` run pipelines on this thread too: it gets their stack.
-    let command =
+    // `run --once` and `test` run pipelines on this thread too: it gets their stack. Where the
+    // system refuses to reserve it, the command runs here, on the main thread's stack.
+    let spawned =
         std::thread::Builder::new().name("switchyard".into()).stack_size(switchyard::runtime::PIPELINE_THREAD_STACK).spawn(command);
-    match command.map(std::thread::JoinHandle::join) {
+    match spawned.map(std::thread::JoinHandle::join) {
         Ok(Ok(code)) => code,
         // A panic's message is on stderr already.
         Ok(Err(_)) => ExitCode::from(101),
-        Err(e) => {
-            eprintln!("error: cannot start: {e}");
-            ExitCode::from(1)
-        }
+        Err(_) => command(),
     }
 }
 

@@ -135,6 +135,9 @@ pub fn run(pipelines: Vec<switchyard::pipeline::Pipeline>, paths: Vec<PathBuf>, 
         .collect();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .thread_stack_size(switchyard::runtime::PIPELINE_THREAD_STACK)
+        // Blocking threads (file syncs) get the same stack: fewer of them than tokio's 512 keeps
+        // the address space reserved for stacks near 2 GiB.
+        .max_blocking_threads(32)
         .enable_all()
         .build()
         .expect("tokio runtime");

@@ -20,6 +20,7 @@ use lookup::LookupTable;
 use schemars::JsonSchema;
 use serde::Deserialize;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 /// What a step sees besides the record: the envelope, and which document its pointers refer to.
 pub struct StepInput<'a> {
@@ -119,7 +120,7 @@ pub struct ScriptStepConfig {
     #[serde(default)]
     pub tables: IndexMap<String, Spanned<String>>,
     #[serde(default)]
-    pub limits: Option<script::Limits>,
+    pub limits: Option<Spanned<script::Limits>>,
 }
 
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
@@ -358,8 +359,8 @@ fn build_script(c: &ScriptStepConfig, cx: &BuildContext, key_path: &str) -> Resu
     let file = SourceFile::read(&path)
         .map_err(|e| vec![cx.diag(DiagCode::FileNotFound, c.file.span, key_path, format!("cannot read script: {e}"))])?;
     let versions = tables.values().map(|t| (t.name.clone(), t.version.clone())).collect();
-    let limits = c.limits.clone().unwrap_or_default();
-    let max_duration = script_time_limit(&limits, cx, key_path, &mut diags);
+    let max_duration = check_script_limits(c.limits.as_ref(), cx, key_path, &mut diags);
+    let limits = c.limits.as_ref().map(|l| l.value.clone()).unwrap_or_default();
     let engine = Arc::new(script::sandboxed_engine(&limits, Arc::new(tables)));
     let compiled = diags.take_all(script::Script::compile(&file, engine));
     match compiled {
@@ -371,17 +372,25 @@ fn build_script(c: &ScriptStepConfig, cx: &BuildContext, key_path: &str) -> Resu
     }
 }
 
-/// `limits.max_duration`, checked: a duration from 1ms to `MOST_MAX_DURATION`.
-fn script_time_limit(limits: &script::Limits, cx: &BuildContext, key_path: &str, diags: &mut Diags) -> std::time::Duration {
-    let Some(v) = &limits.max_duration else { return script::DEFAULT_MAX_DURATION };
-    let most = script::MOST_MAX_DURATION;
-    let problem = match humantime::parse_duration(v.value.trim()) {
-        Ok(d) if d >= std::time::Duration::from_millis(1) && d <= most => return d,
-        Ok(_) => format!("`max_duration` must be from 1ms to {}", humantime::format_duration(most)),
-        Err(e) => format!("`max_duration` is not a duration ({e}); write it like `500ms` or `2s`"),
+/// The step's `limits`, checked: each within what the sandbox allows. Returns the time limit.
+fn check_script_limits(limits: Option<&Spanned<script::Limits>>, cx: &BuildContext, key_path: &str, diags: &mut Diags) -> Duration {
+    let Some(l) = limits else { return script::DEFAULT_MAX_DURATION };
+    let key = |k: &str| format!("{key_path}.limits.{k}");
+    let mut most = |k: &str, value: u64, most: u64| {
+        if !(1..=most).contains(&value) {
+            diags.push(
+                cx.diag(DiagCode::InvalidValue, l.span, &key(k), format!("`{k}` is {value}"))
+                    .expected(format!("a number from 1 to {most}")),
+            );
+        }
     };
-    diags.push(cx.diag(DiagCode::InvalidValue, v.span, &format!("{key_path}.limits.max_duration"), problem));
-    script::DEFAULT_MAX_DURATION
+    most("max_operations", l.max_operations, script::MOST_OPERATIONS);
+    most("max_call_depth", l.max_call_depth as u64, script::MOST_CALL_DEPTH as u64);
+    let Some(d) = &l.max_duration else { return script::DEFAULT_MAX_DURATION };
+    let range = Duration::from_millis(1)..=script::MOST_MAX_DURATION;
+    diags
+        .take(cx.duration(d, &key("max_duration"), range, "a duration from `1ms` to `10s`, such as `250ms` or `2s`"))
+        .unwrap_or(script::DEFAULT_MAX_DURATION)
 }
 
 struct LookupStep {

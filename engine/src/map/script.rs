@@ -24,11 +24,14 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, serde::Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
-    /// Most operations one run may take (stops runaway loops). Default 1,000,000.
+    /// Most operations one run may take (stops runaway loops). Default 1,000,000, at most
+    /// 2,000,000.
     #[serde(default = "default_ops")]
+    #[schemars(range(min = 1, max = 2_000_000))]
     pub max_operations: u64,
-    /// Deepest function call nesting. Default 32.
+    /// Deepest function call nesting. Default 32, at most 256.
     #[serde(default = "default_calls")]
+    #[schemars(range(min = 1, max = 256))]
     pub max_call_depth: usize,
     /// Longest string, in bytes. Default 1 MiB.
     #[serde(default = "default_string")]
@@ -69,9 +72,15 @@ impl Default for Limits {
 
 /// `limits.max_duration` when the pipeline does not set it.
 pub const DEFAULT_MAX_DURATION: Duration = Duration::from_secs(1);
-/// The longest `limits.max_duration` may be: the threads that run pipelines have stack for the
-/// nesting a script can build in that time (see `runtime::PIPELINE_THREAD_STACK`).
+/// The longest `limits.max_duration` may be.
 pub const MOST_MAX_DURATION: Duration = Duration::from_secs(10);
+/// The most `limits.max_operations` may allow. Rhai copies a closure in constant time, so a
+/// script can nest closures one level per few operations; every level is a native frame when
+/// the nest is dropped. In a debug build 4,000,000 operations of that fit the stack of the
+/// threads that run pipelines (`runtime::PIPELINE_THREAD_STACK`) and 8,000,000 overflow it.
+pub const MOST_OPERATIONS: u64 = 2_000_000;
+/// The deepest `limits.max_call_depth` may allow: each call level is native frames too.
+pub const MOST_CALL_DEPTH: usize = 256;
 
 thread_local! {
     /// When the Rhai evaluation running on this thread must stop; none outside `within_time`.
@@ -83,19 +92,20 @@ thread_local! {
 /// Operations between two looks at the clock: a look costs about as much as 50 operations.
 const CLOCK_EVERY: u32 = 64;
 
-/// `DEADLINE` for the duration of one script run, cleared however the run ends.
-struct DeadlineGuard;
+/// `DEADLINE` for the duration of one evaluation; the one before is back however it ends.
+struct DeadlineGuard {
+    before: Option<Instant>,
+}
 
 impl DeadlineGuard {
     fn set(limit: Duration) -> DeadlineGuard {
-        DEADLINE.with(|d| d.set(Some(Instant::now() + limit)));
-        DeadlineGuard
+        DeadlineGuard { before: DEADLINE.with(|d| d.replace(Some(Instant::now() + limit))) }
     }
 }
 
 impl Drop for DeadlineGuard {
     fn drop(&mut self) {
-        DEADLINE.with(|d| d.set(None));
+        DEADLINE.with(|d| d.set(self.before));
     }
 }
 
@@ -638,14 +648,13 @@ mod tests {
         assert_eq!(f.reason, "script_error");
         assert!(f.errors[0].message.starts_with("script spin failed at line 3"), "{:?}", f.errors);
         assert!(f.errors[0].message.contains("it ran longer than 50ms, its time limit"), "{:?}", f.errors);
-        // The deadline ends with the run: the next run on this thread has its own.
-        s.max_duration = Duration::from_secs(10);
-        let quick = Script::compile(
-            &SourceFile::new("quick.rhai", "// version: 1\nlet n = 0;\nwhile n < 10000 { n += 1; }\n#{n: n}"),
-            s.engine.clone(),
-        )
-        .unwrap();
-        assert_eq!(quick.apply(&doc!({}), &rhai::Map::new(), Document::Input).unwrap(), doc!({"n": 10000}));
+        // The deadline ends with the run: nothing evaluated later on this thread inherits it.
+        assert_eq!(DEADLINE.with(Cell::get), None);
+        let outer = within_time(Duration::from_secs(5), || {
+            let _ = s.apply(&doc!({}), &rhai::Map::new(), Document::Input);
+            DEADLINE.with(Cell::get)
+        });
+        assert!(outer.is_some_and(|at| at > Instant::now() + Duration::from_secs(4)), "the outer deadline is back: {outer:?}");
     }
 
     #[test]

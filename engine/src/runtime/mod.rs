@@ -35,13 +35,13 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 /// The stack of every thread that runs pipelines. Rhai measures, copies and drops a script's
-/// lists and maps recursively, a native frame or more per level of nesting (about 300 bytes per
-/// level of maps in a release build, 700 in a debug one), and a script may nest them deeper every
-/// operation until `limits.max_duration` stops it: a few thousand levels overflow the 2 MiB a
+/// lists, maps and closures recursively, a native frame or more per level of nesting (about 300
+/// bytes per level of maps in a release build, 700 in a debug one), and a script can nest them
+/// as deep as its operation and time limits let it: a few thousand levels overflow the 2 MiB a
 /// thread gets by default, which aborts the process (no panic to catch) and, with at-least-once
-/// delivery, aborts it again on every redelivery. Rhai's quadratic copies keep what ten seconds
-/// can build far below the 200,000 levels this holds. The memory is reserved, not used: a page
-/// costs only once a thread touches it.
+/// delivery, aborts it again on every redelivery. The script limits' maximums
+/// (`map::script::MOST_OPERATIONS`, `MOST_CALL_DEPTH`) are set to what this holds. The memory
+/// is reserved, not used: a page costs only once a thread touches it.
 pub const PIPELINE_THREAD_STACK: usize = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
