@@ -77,6 +77,14 @@ fn switchyard(args: &[&str], data: &Path) -> std::process::Output {
         .expect("switchyard runs")
 }
 
+/// `run PIPELINES --once`, which must succeed: its summary.
+fn run_once(pipelines: &str, data: &Path) -> String {
+    let out = switchyard(&["run", pipelines, "--once"], data);
+    let summary = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{summary}");
+    summary
+}
+
 /// Every exception record in the store, through the command operators use.
 fn exported(data: &Path) -> Vec<Value> {
     let out = switchyard(&["exceptions", "export"], data);
@@ -93,9 +101,7 @@ fn totals(summary: &str) -> Vec<u64> {
 #[test]
 fn every_input_ends_in_a_sink_or_the_exception_store() {
     let data = tempfile::tempdir().unwrap();
-    let out = switchyard(&["run", "pipelines", "--once"], data.path());
-    let summary = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{summary}");
+    let summary = run_once("pipelines", data.path());
     let n = totals(&summary);
     assert_eq!(n[0], n[1] + n[2], "{summary}");
     // 9 Shopify files, 3 Amazon bundles and 20 POS rows; the 9 canonical Orders the first two
@@ -181,9 +187,7 @@ fn every_input_ends_in_a_sink_or_the_exception_store() {
     }
 
     // A second run finds every file already read: nothing is processed twice.
-    let again = switchyard(&["run", "pipelines", "--once"], data.path());
-    let summary = String::from_utf8_lossy(&again.stderr);
-    assert!(again.status.success(), "{summary}");
+    let summary = run_once("pipelines", data.path());
     assert_eq!(totals(&summary), [0, 0, 0], "{summary}");
     assert_eq!(outputs.iter().map(|(_, p)| ndjson(p).len()).sum::<usize>(), files);
 }
@@ -275,9 +279,7 @@ fn all_matches_sends_a_copy_to_every_matching_sink() {
 #[test]
 fn a_runaway_script_is_an_exception_and_the_engine_goes_on() {
     let data = tempfile::tempdir().unwrap();
-    let out = switchyard(&["run", "tests/runtime/deep-script/rt-deep-script.yaml", "--once"], data.path());
-    let summary = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{summary}");
+    let summary = run_once("tests/runtime/deep-script/rt-deep-script.yaml", data.path());
     assert_eq!(totals(&summary), [7, 3, 4], "{summary}");
     // o-7 nests closures deeper than a default thread stack can drop: it goes through.
     let passed: Vec<Value> = ndjson(&data.path().join("out/deep/orders.ndjson"));

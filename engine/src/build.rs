@@ -62,6 +62,22 @@ impl<'a> BuildContext<'a> {
         Diagnostic::new(code, &self.file, span, key_path, message)
     }
 
+    /// `key` holds the number `value`, outside `range`.
+    pub fn out_of_range<T: std::fmt::Display>(
+        &self,
+        span: Span,
+        key_path: &str,
+        key: &str,
+        value: T,
+        range: std::ops::RangeInclusive<T>,
+    ) -> Diagnostic {
+        self.diag(DiagCode::InvalidValue, span, key_path, format!("`{key}` is {value}")).expected(format!(
+            "a number from {} to {}",
+            range.start(),
+            range.end()
+        ))
+    }
+
     /// The span of character `column` (1-based) inside a scalar value, skipping an opening quote.
     pub fn span_inside(&self, value: Span, column: usize, len: usize) -> Span {
         let quoted = self.file.text.get(value.offset..).and_then(|t| t.chars().next()).is_some_and(|c| c == '"' || c == '\'');

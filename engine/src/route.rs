@@ -6,9 +6,7 @@ use crate::build::{BuildContext, Diags};
 use crate::config::{DiagCode, Diagnostic, Spanned};
 use crate::doc::Doc;
 use crate::jsonpath::Condition;
-use crate::map::script::{
-    DEFAULT_MAX_DURATION, Limits, ScriptTables, declared_scope, doc_to_dynamic, error_text, parse_error_diag, sandboxed_engine, within_time,
-};
+use crate::map::script::{Limits, ScriptTables, declared_scope, doc_to_dynamic, eval_condition, parse_error_diag, sandboxed_engine};
 use crate::message::{ErrorDetail, Failure, reason};
 use rhai::{AST, Dynamic, Engine};
 use schemars::JsonSchema;
@@ -203,8 +201,7 @@ impl Router {
                     let mut scope = rhai::Scope::new();
                     scope.push("input", doc_to_dynamic(record));
                     scope.push_constant("meta", Dynamic::from_map(input.rhai_meta().clone()));
-                    let v: Dynamic = within_time(DEFAULT_MAX_DURATION, || engine.eval_ast_with_scope(&mut scope, ast)).map_err(|e| {
-                        let e = error_text(&e, DEFAULT_MAX_DURATION);
+                    let v = eval_condition(engine, &mut scope, ast).map_err(|e| {
                         Failure::one(reason::SCRIPT_ERROR, ErrorDetail::record("", format!("route rule `{}`: {e}", rule.name)))
                     })?;
                     v.as_bool().map_err(|t| {

@@ -376,16 +376,13 @@ fn build_script(c: &ScriptStepConfig, cx: &BuildContext, key_path: &str) -> Resu
 fn check_script_limits(limits: Option<&Spanned<script::Limits>>, cx: &BuildContext, key_path: &str, diags: &mut Diags) -> Duration {
     let Some(l) = limits else { return script::DEFAULT_MAX_DURATION };
     let key = |k: &str| format!("{key_path}.limits.{k}");
-    let mut most = |k: &str, value: u64, most: u64| {
+    let mut at_most = |k: &str, value: u64, most: u64| {
         if !(1..=most).contains(&value) {
-            diags.push(
-                cx.diag(DiagCode::InvalidValue, l.span, &key(k), format!("`{k}` is {value}"))
-                    .expected(format!("a number from 1 to {most}")),
-            );
+            diags.push(cx.out_of_range(l.span, &key(k), k, value, 1..=most));
         }
     };
-    most("max_operations", l.max_operations, script::MOST_OPERATIONS);
-    most("max_call_depth", l.max_call_depth as u64, script::MOST_CALL_DEPTH as u64);
+    at_most("max_operations", l.max_operations, script::MOST_OPERATIONS);
+    at_most("max_call_depth", l.max_call_depth as u64, script::MOST_CALL_DEPTH as u64);
     let Some(d) = &l.max_duration else { return script::DEFAULT_MAX_DURATION };
     let range = Duration::from_millis(1)..=script::MOST_MAX_DURATION;
     diags
@@ -545,17 +542,13 @@ impl MapStep for AssertStep {
             scope.set_value("input", dynamic.clone());
             let detail =
                 |message: String| ErrorDetail { pointer: rule.pointer.clone().unwrap_or_default(), message, document: input.document };
-            let limit = script::DEFAULT_MAX_DURATION;
-            match script::within_time(limit, || self.engine.eval_ast_with_scope::<rhai::Dynamic>(&mut scope, ast)).map(|v| v.as_bool()) {
+            match script::eval_condition(&self.engine, &mut scope, ast).map(|v| v.as_bool()) {
                 Ok(Ok(true)) => {}
                 Ok(Ok(false)) => failures.push((rule.reason.clone(), detail(rule.message.clone()))),
                 Ok(Err(t)) => {
                     failures.push((reason::SCRIPT_ERROR.into(), detail(format!("`{}` gave a {t}, not true or false", rule.that.value))))
                 }
-                Err(e) => failures.push((
-                    reason::SCRIPT_ERROR.into(),
-                    detail(format!("`{}` failed: {}", rule.that.value, script::error_text(&e, limit))),
-                )),
+                Err(e) => failures.push((reason::SCRIPT_ERROR.into(), detail(format!("`{}` failed: {e}", rule.that.value)))),
             }
         }
         match failures.first() {

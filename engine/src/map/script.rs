@@ -111,13 +111,20 @@ impl Drop for DeadlineGuard {
 
 /// Runs a Rhai evaluation of an engine from `sandboxed_engine` that stops once it has run for
 /// `limit`.
-pub fn within_time<T>(limit: Duration, eval: impl FnOnce() -> T) -> T {
+fn within_time<T>(limit: Duration, eval: impl FnOnce() -> T) -> T {
     let _deadline = DeadlineGuard::set(limit);
     eval()
 }
 
+/// Evaluates a condition (a route's `when_script`, an `assert` rule) within the default time
+/// limit; an error comes back in words.
+pub fn eval_condition(engine: &Engine, scope: &mut Scope, ast: &AST) -> Result<Dynamic, String> {
+    within_time(DEFAULT_MAX_DURATION, || engine.eval_ast_with_scope::<Dynamic>(scope, ast))
+        .map_err(|e| error_text(&e, DEFAULT_MAX_DURATION))
+}
+
 /// A Rhai evaluation's error in words: a run stopped by its time limit says so.
-pub fn error_text(e: &EvalAltResult, limit: Duration) -> String {
+fn error_text(e: &EvalAltResult, limit: Duration) -> String {
     match out_of_time(e) {
         Some(_) => format!("it ran longer than {}, its time limit", humantime::format_duration(limit)),
         None => e.to_string(),
@@ -164,18 +171,21 @@ pub fn dynamic_to_doc(d: &Dynamic) -> Result<Doc, String> {
 /// `d` as a document, `depth` lists and maps deep in the value being converted. Reads each value
 /// in place: a clone of a map would copy everything under it.
 fn dynamic_to_doc_within(d: &Dynamic, depth: u32) -> Result<Doc, String> {
-    if (d.is_map() || d.is_array()) && depth >= crate::doc::MAX_DEPTH {
-        return Err(format!("the value is nested more than {} lists and maps deep", crate::doc::MAX_DEPTH));
-    }
+    let inside = || match depth < crate::doc::MAX_DEPTH {
+        true => Ok(depth + 1),
+        false => Err(format!("the value is nested more than {} lists and maps deep", crate::doc::MAX_DEPTH)),
+    };
     if let Some(map) = d.read_lock::<rhai::Map>() {
+        let depth = inside()?;
         let mut out = Object::with_capacity(map.len());
         for (k, v) in map.iter() {
-            out.push_unique(k.as_str().into(), dynamic_to_doc_within(v, depth + 1)?);
+            out.push_unique(k.as_str().into(), dynamic_to_doc_within(v, depth)?);
         }
         return Ok(Doc::Object(out));
     }
     if let Some(arr) = d.read_lock::<rhai::Array>() {
-        return arr.iter().map(|v| dynamic_to_doc_within(v, depth + 1)).collect::<Result<Vec<_>, _>>().map(Doc::Array);
+        let depth = inside()?;
+        return arr.iter().map(|v| dynamic_to_doc_within(v, depth)).collect::<Result<Vec<_>, _>>().map(Doc::Array);
     }
     if let Ok(s) = d.as_immutable_string_ref() {
         return Ok(Doc::from(s.as_str()));
@@ -247,10 +257,9 @@ pub fn sandboxed_engine(limits: &Limits, tables: Arc<ScriptTables>) -> Engine {
         .set_max_functions(200)
         .set_strict_variables(true);
     e.disable_symbol("eval");
-    // Rhai counts an operation the same whether it copies a number or a list nested 10,000 deep,
-    // so operations alone do not bound a run's time.
-    // Counted here, not by Rhai's count: a closure that `map` or `reduce` calls counts its
-    // operations from zero again.
+    // Operations alone do not bound a run's time: Rhai counts one whether it copies a number or
+    // a list nested 10,000 deep. They are counted here, not by Rhai's count, which starts from
+    // zero again in each closure that `map` or `reduce` calls.
     e.on_progress(|_| {
         let tick = TICKS.with(|t| {
             let n = t.get().wrapping_add(1);

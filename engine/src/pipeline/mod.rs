@@ -318,10 +318,7 @@ impl RuntimeSettings {
             if range.contains(&v.value) {
                 Some(v.value)
             } else {
-                diags.push(
-                    cx.diag(DiagCode::InvalidValue, v.span, &format!("runtime.{key}"), format!("`{key}` is {}", v.value))
-                        .expected(format!("a number from {} to {}", range.start(), range.end())),
-                );
+                diags.push(cx.out_of_range(v.span, &format!("runtime.{key}"), key, v.value, range));
                 None
             }
         };
